@@ -1,0 +1,187 @@
+//! Start-up and shutdown: directories, auth, interpreters, database, runner,
+//! HTTP server — in that order — and the reverse on shutdown.
+
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::domain::{Lane, Languages, Limits};
+use crate::http::{self, AppState, Auth};
+use crate::runner::{Runner, RunnerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot prepare {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("token file {path}: {source}")]
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] crate::db::OpenError),
+    #[error("cannot recover executions of an earlier run: {0}")]
+    Recover(crate::db::WriteError),
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+fn create_dir(path: &Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(path).map_err(|source| StartError::Dir {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serves the agent on `listener` until `shutdown` completes, then stops
+/// claiming, ends running jobs, finishes pending writes and returns.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let started = Instant::now();
+    config.validate()?;
+    create_dir(&config.data_dir)?;
+    create_dir(&config.runs_dir())?;
+    let workdir = config.default_workdir();
+    create_dir(&workdir)?;
+    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    let auth = resolve_auth(&config, listener.local_addr().ok())?;
+    let languages = tokio::task::spawn_blocking(Languages::detect)
+        .await
+        .unwrap_or_default();
+
+    let stop_writer = CancellationToken::new();
+    let (db, writer_task) = Db::open(&config.db_path(), stop_writer.clone()).await?;
+    let owner = format!("boot_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let runner = Runner::new(
+        db.clone(),
+        RunnerConfig {
+            owner: owner.clone(),
+            languages: languages.clone(),
+            runs_dir: config.runs_dir(),
+            max_output_bytes: config.max_output_bytes,
+            kill_grace: config.kill_grace(),
+            poll_interval: config.poll_interval(),
+            concurrency: [
+                (Lane::Sync, config.sync_concurrency),
+                (Lane::Background, config.background_concurrency),
+                (Lane::Async, config.async_concurrency),
+            ],
+        },
+    );
+    let lost = runner.recover().await.map_err(StartError::Recover)?;
+    if lost > 0 {
+        tracing::warn!(
+            count = lost,
+            "executions left running by an earlier run were marked failed"
+        );
+    }
+    let stop = CancellationToken::new();
+    let runner_task = runner.start(stop.clone());
+
+    let state = AppState::new(http::Inner {
+        db,
+        runner,
+        limits: Limits {
+            max_code_bytes: config.max_code_bytes,
+            max_timeout: Duration::from_secs_f64(config.max_timeout_secs),
+            default_workdir: workdir,
+            languages: languages.clone(),
+        },
+        auth,
+        list_output_bytes: usize::try_from(config.list_output_bytes).unwrap_or(usize::MAX),
+        kill_grace: config.kill_grace(),
+        max_body_bytes: config.max_body_bytes,
+        max_output_bytes: config.max_output_bytes,
+        started,
+    });
+    let installed: Vec<_> = languages.iter().map(|i| i.language.as_str()).collect();
+    tracing::info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        db = %config.db_path().display(),
+        boot = %owner,
+        languages = ?installed,
+        startup_ms = started.elapsed().as_secs_f64() * 1e3,
+        "execd is serving"
+    );
+
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    let served = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    stop.cancel();
+    let _ = runner_task.await;
+    stop_writer.cancel();
+    let _ = writer_task.await;
+    tracing::info!("stopped");
+    served.map_err(StartError::Serve)
+}
+
+/// The auth mode of `config`; with no token or secret, the token kept in the
+/// data dir (generated on first start, mode 0600).
+fn resolve_auth(config: &Config, addr: Option<std::net::SocketAddr>) -> Result<Auth, StartError> {
+    if config.no_auth {
+        tracing::warn!(
+            "authentication is disabled (--no-auth): anyone who reaches this port can run code"
+        );
+        return Ok(Auth::Disabled);
+    }
+    if let Some(token) = &config.token {
+        return Ok(Auth::Token(token.clone()));
+    }
+    if let Some(secret) = &config.jwt_secret {
+        return Ok(Auth::jwt(secret));
+    }
+    let path = config.token_path();
+    let token = read_or_create_token(&path).map_err(|source| StartError::TokenFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let url = addr.map_or_else(|| "http://127.0.0.1:7070".into(), |a| format!("http://{a}"));
+    // The token itself is never printed; the line reads it from its file.
+    tracing::info!(token_file = %path.display(), "clients authenticate with the token in the token file");
+    eprintln!(
+        "\n  Try it:  curl -s -H \"Authorization: Bearer $(cat {})\" {url}/info\n",
+        path.display()
+    );
+    Ok(Auth::Token(token))
+}
+
+fn read_or_create_token(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    Ok(token)
+}

@@ -1,0 +1,260 @@
+//! One typed configuration: defaults, then environment variables, then flags,
+//! validated once at start. Secrets (`token`, `jwt_secret`) are never printed:
+//! `Debug` is written by hand to redact them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The `execd` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "execd",
+    version,
+    about = "A durable execution agent with a HopX-compatible REST API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (the default).
+    Serve(Box<Config>),
+}
+
+impl Cli {
+    /// The serve configuration, whether or not `serve` was spelled out.
+    pub fn into_config(self) -> Config {
+        match self.command {
+            Some(Command::Serve(config)) => *config,
+            None => self.serve,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the agent needs to run.
+#[derive(Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "EXECD_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// Directory for the SQLite database (`execd.db`), the token file and run directories.
+    #[arg(long, env = "EXECD_DATA_DIR", default_value = "./execd-data")]
+    pub data_dir: PathBuf,
+
+    /// Static bearer token clients must send. Compared in constant time.
+    #[arg(long, env = "EXECD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Secret for HS256 JWT bearer tokens (signature and `exp` are checked).
+    #[arg(long, env = "EXECD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Serve without authentication. Only for isolated test set-ups.
+    #[arg(long, env = "EXECD_NO_AUTH")]
+    pub no_auth: bool,
+
+    /// Concurrent runs of `POST /execute` and `POST /commands/run`.
+    #[arg(long, env = "EXECD_SYNC_CONCURRENCY", default_value_t = 16)]
+    pub sync_concurrency: usize,
+
+    /// Concurrent background processes (`/execute/background`, `/commands/background`).
+    #[arg(long, env = "EXECD_BACKGROUND_CONCURRENCY", default_value_t = 16)]
+    pub background_concurrency: usize,
+
+    /// Concurrent async executions (`/execute/async`); the rest wait in the queue.
+    #[arg(long, env = "EXECD_ASYNC_CONCURRENCY", default_value_t = 4)]
+    pub async_concurrency: usize,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "EXECD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest `code` (or command) accepted, in bytes.
+    #[arg(long, env = "EXECD_MAX_CODE_BYTES", default_value_t = 1 << 20)]
+    pub max_code_bytes: usize,
+
+    /// Output stored per stream and execution, in bytes; the rest is dropped and flagged.
+    #[arg(long, env = "EXECD_MAX_OUTPUT_BYTES", default_value_t = 10 << 20)]
+    pub max_output_bytes: u64,
+
+    /// Largest `timeout` a submission may ask for, in seconds.
+    #[arg(long, env = "EXECD_MAX_TIMEOUT", default_value_t = 86_400.0)]
+    pub max_timeout_secs: f64,
+
+    /// Seconds between SIGTERM and SIGKILL when a run is killed or times out.
+    #[arg(long, env = "EXECD_KILL_GRACE", default_value_t = 2.0)]
+    pub kill_grace_secs: f64,
+
+    /// Working directory of runs that name none. Created at start. Default: `<data-dir>/workspace`.
+    #[arg(long, env = "EXECD_WORKDIR")]
+    pub workdir: Option<PathBuf>,
+
+    /// Output shown per stream in the process list (the tail), in bytes; single-process reads show it all.
+    #[arg(long, env = "EXECD_LIST_OUTPUT_BYTES", default_value_t = 64 << 10)]
+    pub list_output_bytes: u64,
+
+    /// Seconds between safety-net polls of the queue (wake-ups are normally immediate).
+    #[arg(long, env = "EXECD_POLL_INTERVAL", default_value_t = 2.0)]
+    pub poll_interval_secs: f64,
+
+    /// Log format.
+    #[arg(long, env = "EXECD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Checks every value once, so the rest of the agent can trust them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_string()));
+        if self.token.is_some() && self.jwt_secret.is_some() {
+            return bad("give --token or --jwt-secret, not both");
+        }
+        if self.no_auth && (self.token.is_some() || self.jwt_secret.is_some()) {
+            return bad("--no-auth cannot be combined with --token or --jwt-secret");
+        }
+        if self.token.as_deref().is_some_and(str::is_empty) {
+            return bad("--token must not be empty");
+        }
+        if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return bad("--jwt-secret must be at least 16 bytes");
+        }
+        for (name, value) in [
+            ("--sync-concurrency", self.sync_concurrency),
+            ("--background-concurrency", self.background_concurrency),
+            ("--async-concurrency", self.async_concurrency),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-code-bytes", self.max_code_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be greater than 0")));
+            }
+        }
+        if self.max_code_bytes > self.max_body_bytes {
+            return bad("--max-code-bytes must not exceed --max-body-bytes");
+        }
+        for (name, value) in [
+            ("--max-timeout", self.max_timeout_secs),
+            ("--poll-interval", self.poll_interval_secs),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError(format!(
+                    "{name} must be a positive number of seconds"
+                )));
+            }
+        }
+        if !(self.kill_grace_secs.is_finite() && self.kill_grace_secs >= 0.0) {
+            return bad("--kill-grace must be zero or more seconds");
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("execd.db")
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.data_dir.join("token")
+    }
+
+    pub fn runs_dir(&self) -> PathBuf {
+        self.data_dir.join("runs")
+    }
+
+    pub fn default_workdir(&self) -> PathBuf {
+        self.workdir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("workspace"))
+    }
+
+    pub fn kill_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.kill_grace_secs)
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.poll_interval_secs)
+    }
+
+    /// A configuration for tests and embedding: defaults, a data dir, no flags read.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Cli::parse_from(["execd"]).into_config();
+        config.data_dir = data_dir.into();
+        config
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("token", &redact(&self.token))
+            .field("jwt_secret", &redact(&self.jwt_secret))
+            .field("no_auth", &self.no_auth)
+            .field("sync_concurrency", &self.sync_concurrency)
+            .field("background_concurrency", &self.background_concurrency)
+            .field("async_concurrency", &self.async_concurrency)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_code_bytes", &self.max_code_bytes)
+            .field("max_output_bytes", &self.max_output_bytes)
+            .field("max_timeout_secs", &self.max_timeout_secs)
+            .field("kill_grace_secs", &self.kill_grace_secs)
+            .field("workdir", &self.workdir)
+            .field("list_output_bytes", &self.list_output_bytes)
+            .field("poll_interval_secs", &self.poll_interval_secs)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_readme() {
+        let config = Config::for_data_dir("/tmp/x");
+        config.validate().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(config.max_output_bytes, 10 << 20);
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut config = Config::for_data_dir("/tmp/x");
+        config.token = Some("super-secret-token".into());
+        assert!(!format!("{config:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn conflicting_auth_flags_are_rejected() {
+        let mut config = Config::for_data_dir("/tmp/x");
+        config.token = Some("a".into());
+        config.no_auth = true;
+        assert!(config.validate().is_err());
+    }
+}

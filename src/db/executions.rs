@@ -1,0 +1,348 @@
+//! SQL of the `executions` table: insert, claim, fenced updates, reads.
+//!
+//! Writes take a `&mut SqliteConnection` and are run by the writer inside its
+//! group commit; reads take the read-only pool.
+
+use sqlx::{SqliteConnection, SqlitePool};
+
+use crate::domain::{ExecutionId, Lane, ProcessId, Program, Status, Submission};
+
+/// How a submission was stored.
+#[derive(Debug)]
+pub enum Inserted {
+    New,
+    /// A row with the same idempotency key exists: its id, and whether the
+    /// request that created it was the same one.
+    Existing {
+        id: String,
+        same_request: bool,
+    },
+}
+
+/// The idempotency key of a request and a hash of what was asked.
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: String,
+}
+
+#[tracing::instrument(skip_all, fields(execution_id = %id))]
+pub async fn insert(
+    conn: &mut SqliteConnection,
+    id: &ExecutionId,
+    process_id: &ProcessId,
+    submission: &Submission,
+    idempotency: Option<&Idempotency>,
+    created_at: &str,
+) -> Result<Inserted, sqlx::Error> {
+    let (code, args) = match &submission.program {
+        Program::Code { code, .. } => (code.as_str(), None),
+        Program::Command { command, args } => (
+            command.as_str(),
+            args.as_ref()
+                .map(|a| serde_json::to_string(a).expect("strings serialize")),
+        ),
+    };
+    let env = serde_json::to_string(&submission.env).expect("strings serialize");
+    let callback = submission.callback.as_ref();
+    let callback_headers =
+        callback.map(|c| serde_json::to_string(&c.headers).expect("strings serialize"));
+    let id_str = id.as_str();
+    let process_id = process_id.as_str();
+    let lane = submission.lane.as_str();
+    let language = submission.program.language_name();
+    let working_dir = submission.working_dir.to_string_lossy();
+    let timeout_ms = i64::try_from(submission.timeout.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let callback_url = callback.map(|c| c.url.as_str());
+    let callback_secret = callback.and_then(|c| c.secret.as_deref());
+    let key = idempotency.map(|i| i.key.as_str());
+    let hash = idempotency.map(|i| i.request_hash.as_str());
+    let done = sqlx::query!(
+        r#"INSERT INTO executions
+             (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
+              created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT (idempotency_key) DO NOTHING"#,
+        id_str,
+        process_id,
+        lane,
+        submission.name,
+        language,
+        code,
+        args,
+        working_dir,
+        env,
+        timeout_ms,
+        created_at,
+        callback_url,
+        callback_headers,
+        callback_secret,
+        key,
+        hash,
+    )
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok(Inserted::New);
+    }
+    let existing = sqlx::query!(
+        r#"SELECT id AS "id!", request_hash FROM executions WHERE idempotency_key = ?"#,
+        key
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Inserted::Existing {
+        id: existing.id,
+        same_request: existing.request_hash.as_deref() == hash,
+    })
+}
+
+/// A row claimed by a runner: what it needs to run the program.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub seq: i64,
+    pub id: String,
+    pub process_id: String,
+    pub language: String,
+    pub code: String,
+    pub args: Option<String>,
+    pub working_dir: String,
+    pub env: String,
+    pub timeout_ms: i64,
+    pub attempt: i64,
+}
+
+/// Claims up to `limit` of the oldest queued rows of `lane` for `owner`, in
+/// one statement: they become `running` with a new attempt number.
+#[tracing::instrument(skip_all, fields(lane = lane.as_str(), limit))]
+pub async fn claim(
+    conn: &mut SqliteConnection,
+    lane: Lane,
+    limit: i64,
+    owner: &str,
+    now: &str,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    let lane = lane.as_str();
+    let mut rows = sqlx::query_as!(
+        Claimed,
+        r#"UPDATE executions
+              SET status = 'running', owner = ?1, attempt = attempt + 1, started_at = ?2
+            WHERE seq IN (SELECT seq FROM executions
+                           WHERE status = 'queued' AND lane = ?3
+                           ORDER BY seq LIMIT ?4)
+        RETURNING seq AS "seq!", id AS "id!", process_id AS "process_id!", language AS "language!",
+                  code AS "code!", args, working_dir AS "working_dir!", env AS "env!",
+                  timeout_ms AS "timeout_ms!", attempt AS "attempt!""#,
+        owner,
+        now,
+        lane,
+        limit,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows)
+}
+
+/// Who may write to a running row: the agent that claimed it, for that attempt.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    pub id: String,
+    pub owner: String,
+    pub attempt: i64,
+}
+
+/// Records the pid of a started program. False when fenced out.
+pub async fn set_pid(
+    conn: &mut SqliteConnection,
+    fence: &Fence,
+    pid: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE executions SET pid = ? WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'",
+        pid,
+        fence.id,
+        fence.owner,
+        fence.attempt,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    pub status: Status,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    pub completed_at: String,
+}
+
+/// Moves a running row to its terminal status. False when fenced out (another
+/// owner or attempt has the row, or it is no longer running).
+#[tracing::instrument(skip_all, fields(execution_id = %fence.id, status = %finish.status))]
+pub async fn finish(
+    conn: &mut SqliteConnection,
+    fence: &Fence,
+    finish: &Finish,
+) -> Result<bool, sqlx::Error> {
+    debug_assert!(finish.status.is_terminal());
+    let status = finish.status.as_str();
+    let done = sqlx::query!(
+        r#"UPDATE executions
+              SET status = ?, exit_code = ?, error = ?, completed_at = ?
+            WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
+        status,
+        finish.exit_code,
+        finish.error,
+        finish.completed_at,
+        fence.id,
+        fence.owner,
+        fence.attempt,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Kills a row that has not started. False when it is not queued.
+pub async fn kill_queued(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"UPDATE executions
+              SET status = 'killed', completed_at = ?, error = 'killed before it started'
+            WHERE id = ? AND status = 'queued'"#,
+        now,
+        id,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// An execution as the API shows it (no code, env or secret).
+#[derive(Clone, Debug)]
+pub struct ExecutionRow {
+    pub seq: i64,
+    pub id: String,
+    pub process_id: String,
+    pub lane: String,
+    pub name: Option<String>,
+    pub language: String,
+    /// The command line, for `language = 'command'` rows only.
+    pub command: Option<String>,
+    pub status: String,
+    pub pid: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    pub timeout_ms: i64,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub callback_url: Option<String>,
+}
+
+/// One execution by its `exec_…` or `proc_…` id.
+pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<ExecutionRow>, sqlx::Error> {
+    sqlx::query_as!(
+        ExecutionRow,
+        r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
+                  CASE WHEN language = 'command' THEN code END AS "command?: String",
+                  status, pid, exit_code, error, timeout_ms, created_at, started_at, completed_at,
+                  stdout_truncated AS "stdout_truncated: bool",
+                  stderr_truncated AS "stderr_truncated: bool", callback_url
+             FROM executions WHERE id = ?1 OR process_id = ?1"#,
+        id
+    )
+    .fetch_optional(pool)
+    .await
+}
+
+/// What to list.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<Status>,
+    pub name: Option<String>,
+    /// Only rows older than this `seq` (the previous page's cursor).
+    pub before: Option<i64>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Executions, newest first.
+pub async fn list(
+    pool: &SqlitePool,
+    filter: &ListFilter,
+) -> Result<Vec<ExecutionRow>, sqlx::Error> {
+    let before = filter.before.unwrap_or(i64::MAX);
+    match filter.status {
+        // Separate statements so each uses its index: (status, seq) or the rowid.
+        Some(status) => {
+            let status = status.as_str();
+            sqlx::query_as!(
+                ExecutionRow,
+                r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
+                          CASE WHEN language = 'command' THEN code END AS "command?: String",
+                          status, pid, exit_code, error, timeout_ms, created_at, started_at, completed_at,
+                          stdout_truncated AS "stdout_truncated: bool",
+                          stderr_truncated AS "stderr_truncated: bool", callback_url
+                     FROM executions
+                    WHERE status = ?1 AND seq < ?2 AND (?3 IS NULL OR name = ?3)
+                    ORDER BY seq DESC LIMIT ?4 OFFSET ?5"#,
+                status,
+                before,
+                filter.name,
+                filter.limit,
+                filter.offset,
+            )
+            .fetch_all(pool)
+            .await
+        }
+        None => {
+            sqlx::query_as!(
+                ExecutionRow,
+                r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
+                          CASE WHEN language = 'command' THEN code END AS "command?: String",
+                          status, pid, exit_code, error, timeout_ms, created_at, started_at, completed_at,
+                          stdout_truncated AS "stdout_truncated: bool",
+                          stderr_truncated AS "stderr_truncated: bool", callback_url
+                     FROM executions
+                    WHERE seq < ?1 AND (?2 IS NULL OR name = ?2)
+                    ORDER BY seq DESC LIMIT ?3 OFFSET ?4"#,
+                before,
+                filter.name,
+                filter.limit,
+                filter.offset,
+            )
+            .fetch_all(pool)
+            .await
+        }
+    }
+}
+
+/// Fails every row left `running` (or claimed) by another boot of the agent.
+pub async fn fail_lost(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    now: &str,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"UPDATE executions
+              SET status = 'failed', completed_at = ?,
+                  error = 'the process was lost: the agent stopped while it ran'
+            WHERE status = 'running' AND owner IS NOT ?"#,
+        now,
+        owner,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,104 @@
+//! The database: connecting with the pragmas on every connection, the single
+//! writer (group commits through one connection), the read-only pool, and —
+//! in the submodules — every SQL statement of the agent, per table.
+//!
+//! Pragmas, chosen on purpose:
+//! - `journal_mode=WAL`: readers never block the writer, nor the writer readers.
+//! - `synchronous=FULL`: a commit is on disk (WAL fsynced) before it returns,
+//!   so a 200 survives power loss, not only a crash of the agent. Group commit
+//!   amortises the fsync over every write that arrived meanwhile.
+//! - `foreign_keys=ON`: output chunks cannot outlive their execution.
+//! - `busy_timeout=5s`: an operator's `sqlite3` session holding a lock briefly
+//!   delays the agent instead of failing it.
+
+pub mod executions;
+pub mod output;
+mod writer;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, SqlitePool};
+use tokio_util::sync::CancellationToken;
+
+pub use writer::{WriteError, Writer};
+
+/// The migrations in `migrations/`, embedded in the binary and run at start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Handles to the database: writes go through `writer`, reads through `readers`.
+#[derive(Clone)]
+pub struct Db {
+    pub writer: Writer,
+    pub readers: SqlitePool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open database {path}: {source}")]
+    Connect { path: String, source: sqlx::Error },
+    #[error("cannot migrate database {path}: {source}")]
+    Migrate {
+        path: String,
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+fn options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::from_str("sqlite://")
+        .expect("static URL parses")
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5))
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500))
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`, runs the migrations,
+    /// and starts the writer task, which stops when `shutdown` is cancelled and
+    /// every queued write is done.
+    pub async fn open(
+        path: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<(Db, tokio::task::JoinHandle<()>), OpenError> {
+        let shown = path.display().to_string();
+        let connect_err = |source| OpenError::Connect {
+            path: shown.clone(),
+            source,
+        };
+        let mut conn = options(path)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .map_err(connect_err)?;
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|source| OpenError::Migrate {
+                path: shown.clone(),
+                source,
+            })?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(options(path).read_only(true))
+            .await
+            .map_err(connect_err)?;
+        let (writer, task) = Writer::start(conn, shutdown);
+        Ok((Db { writer, readers }, task))
+    }
+}
+
+/// Now, as stored: RFC 3339 UTC with microseconds, so text order is time order.
+pub fn now() -> String {
+    timestamp(chrono::Utc::now())
+}
+
+pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}

@@ -1,0 +1,123 @@
+//! SQL of the `output_chunks` table: fenced appends and reads.
+
+use futures::TryStreamExt;
+use sqlx::{SqliteConnection, SqlitePool};
+
+use super::executions::Fence;
+use crate::domain::Stream;
+
+/// A piece of one stream's output, numbered in order within its stream.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub stream: Stream,
+    pub seq: i64,
+    pub data: Vec<u8>,
+    /// Output after this chunk was dropped at the cap.
+    pub truncated: bool,
+}
+
+/// Appends chunks of a running execution and counts their bytes. Nothing is
+/// written when the fence does not hold (returns false).
+#[tracing::instrument(skip_all, fields(execution_id = %fence.id, chunks = chunks.len()))]
+pub async fn append(
+    conn: &mut SqliteConnection,
+    fence: &Fence,
+    chunks: &[Chunk],
+    now: &str,
+) -> Result<bool, sqlx::Error> {
+    let total = |s: Stream| -> (i64, bool) {
+        chunks
+            .iter()
+            .filter(|c| c.stream == s)
+            .fold((0, false), |(n, t), c| {
+                (n + c.data.len() as i64, t || c.truncated)
+            })
+    };
+    let (out_bytes, out_trunc) = total(Stream::Stdout);
+    let (err_bytes, err_trunc) = total(Stream::Stderr);
+    let done = sqlx::query!(
+        r#"UPDATE executions
+              SET stdout_bytes = stdout_bytes + ?, stdout_truncated = MAX(stdout_truncated, ?),
+                  stderr_bytes = stderr_bytes + ?, stderr_truncated = MAX(stderr_truncated, ?)
+            WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
+        out_bytes,
+        out_trunc,
+        err_bytes,
+        err_trunc,
+        fence.id,
+        fence.owner,
+        fence.attempt,
+    )
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    for chunk in chunks.iter().filter(|c| !c.data.is_empty()) {
+        let stream = chunk.stream.as_str();
+        sqlx::query!(
+            "INSERT INTO output_chunks (execution_id, stream, seq, data, created_at) VALUES (?, ?, ?, ?, ?)",
+            fence.id,
+            stream,
+            chunk.seq,
+            chunk.data,
+            now,
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(true)
+}
+
+/// All stored output of one stream, in order.
+pub async fn read(
+    pool: &SqlitePool,
+    execution_id: &str,
+    stream: Stream,
+) -> Result<Vec<u8>, sqlx::Error> {
+    let stream = stream.as_str();
+    let mut rows = sqlx::query_scalar!(
+        r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks WHERE execution_id = ? AND stream = ? ORDER BY seq"#,
+        execution_id,
+        stream
+    )
+    .fetch(pool);
+    let mut out = Vec::new();
+    while let Some(data) = rows.try_next().await? {
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// The last `max` bytes of one stream, and whether earlier output was left out.
+pub async fn read_tail(
+    pool: &SqlitePool,
+    execution_id: &str,
+    stream: Stream,
+    max: usize,
+) -> Result<(Vec<u8>, bool), sqlx::Error> {
+    let stream = stream.as_str();
+    let mut rows = sqlx::query_scalar!(
+        r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks WHERE execution_id = ? AND stream = ? ORDER BY seq DESC"#,
+        execution_id,
+        stream
+    )
+    .fetch(pool);
+    let mut pieces = Vec::new();
+    let mut size = 0;
+    let mut cut = false;
+    while let Some(data) = rows.try_next().await? {
+        if size >= max {
+            cut = true;
+            break;
+        }
+        size += data.len();
+        pieces.push(data);
+    }
+    let mut out: Vec<u8> = pieces.into_iter().rev().flatten().collect();
+    if out.len() > max {
+        out.drain(..out.len() - max);
+        cut = true;
+    }
+    Ok((out, cut))
+}

@@ -1,0 +1,155 @@
+//! The single writer: one connection, one task, group commits.
+//!
+//! Every write of the agent is a job sent to this task. The task takes the
+//! first job that arrives and every other job already waiting (up to
+//! `MAX_BATCH`), runs them in one `BEGIN IMMEDIATE` transaction, each inside
+//! its own savepoint (a failing job rolls back alone), commits once, and only
+//! then answers each caller. So a caller that got `Ok` knows its write is on
+//! disk, and throughput does not depend on one fsync per write.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use sqlx::{Connection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Jobs taken into one transaction at most.
+const MAX_BATCH: usize = 512;
+/// Jobs waiting for the writer before senders wait too (backpressure).
+const QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("database error: {0}")]
+    Sql(Arc<sqlx::Error>),
+    /// The writer stopped, or could not begin a transaction (logged).
+    #[error("the database write did not complete")]
+    NotDone,
+}
+
+impl From<sqlx::Error> for WriteError {
+    fn from(e: sqlx::Error) -> Self {
+        WriteError::Sql(Arc::new(e))
+    }
+}
+
+/// Called after the batch's commit with its outcome; answers the caller.
+type Reply = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
+/// A job: runs its statements on the writer connection, says whether they
+/// succeeded (to keep or roll back its savepoint) and how to answer.
+type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bool, Reply)> + Send>;
+
+/// A handle to the writer task; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    /// Jobs for the writer task. Bounded, so a flood of writes slows its
+    /// producers instead of growing memory.
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    pub(super) fn start(
+        conn: SqliteConnection,
+        shutdown: CancellationToken,
+    ) -> (Writer, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(run(conn, rx, shutdown));
+        (Writer { jobs: tx }, task)
+    }
+
+    /// Runs `f` in the next group commit and returns its result once committed.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            Box::pin(async move {
+                let result = f(conn).await;
+                let ok = result.is_ok();
+                let reply: Reply = Box::new(move |commit| {
+                    let outcome = match (result, commit) {
+                        (Ok(value), Ok(())) => Ok(value),
+                        (Err(e), _) => Err(WriteError::from(e)),
+                        (Ok(_), Err(e)) => Err(e),
+                    };
+                    let _ = reply_tx.send(outcome);
+                });
+                (ok, reply)
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| WriteError::NotDone)?;
+        reply_rx.await.map_err(|_| WriteError::NotDone)?
+    }
+}
+
+#[tracing::instrument(name = "db_writer", skip_all)]
+async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            job = rx.recv() => job,
+            () = shutdown.cancelled() => {
+                // Take no new jobs; finish the ones already queued.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, &mut batch).await;
+    }
+    if let Err(e) = conn.close().await {
+        tracing::warn!(error = %e, "closing the writer connection failed");
+    }
+    tracing::debug!("database writer stopped");
+}
+
+async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
+    let size = batch.len();
+    let started = std::time::Instant::now();
+    let mut replies = Vec::with_capacity(size);
+    let begun = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await;
+    if let Err(e) = begun {
+        // Run nothing; dropping a job answers its caller with `NotDone`.
+        tracing::error!(error = %e, size, "cannot begin a write transaction");
+        batch.clear();
+        return;
+    }
+    for job in batch.drain(..) {
+        let _ = sqlx::query("SAVEPOINT job").execute(&mut *conn).await;
+        let (ok, reply) = job(conn).await;
+        if !ok {
+            let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
+        }
+        let _ = sqlx::query("RELEASE job").execute(&mut *conn).await;
+        replies.push(reply);
+    }
+    let outcome = match sqlx::query("COMMIT").execute(&mut *conn).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, size, "group commit failed; rolling back");
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(WriteError::from(e))
+        }
+    };
+    tracing::trace!(
+        size,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
+    for reply in replies {
+        reply(outcome.clone());
+    }
+}

@@ -1,0 +1,217 @@
+//! The language table: names and aliases, file extensions, and the
+//! interpreters resolved once at start to real paths (never a shim script).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Python,
+    Javascript,
+    Bash,
+    Go,
+}
+
+impl Language {
+    pub const ALL: [Language; 4] = [
+        Language::Python,
+        Language::Javascript,
+        Language::Bash,
+        Language::Go,
+    ];
+
+    /// The language a client's spelling names, aliases of API.md included.
+    pub fn from_alias(name: &str) -> Option<Language> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "python" | "python3" | "py" => Some(Language::Python),
+            "javascript" | "js" | "node" | "nodejs" => Some(Language::Javascript),
+            "bash" | "sh" | "shell" => Some(Language::Bash),
+            "go" | "golang" => Some(Language::Go),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Javascript => "javascript",
+            Language::Bash => "bash",
+            Language::Go => "go",
+        }
+    }
+
+    /// File name the code is written to inside the run directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Language::Python => "main.py",
+            Language::Javascript => "main.js",
+            Language::Bash => "main.sh",
+            Language::Go => "main.go",
+        }
+    }
+
+    /// Executable names looked up on PATH, in order.
+    fn candidates(self) -> &'static [&'static str] {
+        match self {
+            Language::Python => &["python3", "python"],
+            Language::Javascript => &["node", "nodejs"],
+            Language::Bash => &["bash"],
+            Language::Go => &["go"],
+        }
+    }
+
+    /// Arguments that print the real executable path, for interpreters that
+    /// are commonly reached through shims (pyenv, nvm, asdf).
+    fn self_path_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Language::Python => Some(&["-c", "import sys; print(sys.executable)"]),
+            Language::Javascript => Some(&["-p", "process.execPath"]),
+            Language::Bash | Language::Go => None,
+        }
+    }
+
+    fn version_args(self) -> &'static [&'static str] {
+        match self {
+            Language::Go => &["version"],
+            _ => &["--version"],
+        }
+    }
+
+    /// Arguments that run the code file with this interpreter.
+    pub fn run_args(self, file: &Path) -> Vec<std::ffi::OsString> {
+        let file = file.as_os_str().to_owned();
+        match self {
+            // Unbuffered, so output is visible while the program runs.
+            Language::Python => vec!["-u".into(), file],
+            Language::Go => vec!["run".into(), file],
+            Language::Javascript | Language::Bash => vec![file],
+        }
+    }
+}
+
+/// An installed interpreter, resolved once.
+#[derive(Clone, Debug, Serialize)]
+pub struct Interpreter {
+    pub language: Language,
+    pub path: PathBuf,
+    pub version: String,
+}
+
+/// The interpreters found at start.
+#[derive(Clone, Debug, Default)]
+pub struct Languages(BTreeMap<Language, Interpreter>);
+
+impl Languages {
+    /// Finds every language's interpreter on PATH, in parallel (a shim can
+    /// take a few hundred milliseconds to answer).
+    pub fn detect() -> Languages {
+        let found = std::thread::scope(|scope| {
+            let probes: Vec<_> = Language::ALL
+                .into_iter()
+                .map(|language| scope.spawn(move || resolve(language)))
+                .collect();
+            probes
+                .into_iter()
+                .filter_map(|probe| probe.join().ok().flatten())
+                .collect::<Vec<_>>()
+        });
+        Languages(found.into_iter().map(|i| (i.language, i)).collect())
+    }
+
+    pub fn get(&self, language: Language) -> Option<&Interpreter> {
+        self.0.get(&language)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Interpreter> {
+        self.0.values()
+    }
+}
+
+fn resolve(language: Language) -> Option<Interpreter> {
+    let found = language
+        .candidates()
+        .iter()
+        .find_map(|name| which::which(name).ok())?;
+    let mut path = std::fs::canonicalize(&found).unwrap_or(found);
+    if let Some(args) = language.self_path_args() {
+        let real = Command::new(&path).args(args).output().ok()?;
+        if !real.status.success() {
+            return None;
+        }
+        let printed = String::from_utf8_lossy(&real.stdout).trim().to_string();
+        if !printed.is_empty() {
+            path = std::fs::canonicalize(&printed).unwrap_or_else(|_| printed.into());
+        }
+    }
+    if language == Language::Go {
+        // `go` may be a wrapper too; the real tool lives under GOROOT.
+        if let Ok(out) = Command::new(&path).args(["env", "GOROOT"]).output() {
+            let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let go = Path::new(&root).join("bin/go");
+            if go.is_file() {
+                path = go;
+            }
+        }
+    }
+    let out = Command::new(&path)
+        .args(language.version_args())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    // Python 2 printed its version on stderr; take whichever has text.
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    let version = String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Some(Interpreter {
+        language,
+        path,
+        version,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_of_the_contract_name_their_language() {
+        for (alias, language) in [
+            ("python", Language::Python),
+            ("python3", Language::Python),
+            ("javascript", Language::Javascript),
+            ("js", Language::Javascript),
+            ("node", Language::Javascript),
+            ("nodejs", Language::Javascript),
+            ("bash", Language::Bash),
+            ("sh", Language::Bash),
+            ("shell", Language::Bash),
+            ("go", Language::Go),
+            ("Python", Language::Python),
+        ] {
+            assert_eq!(Language::from_alias(alias), Some(language), "{alias}");
+        }
+        assert_eq!(Language::from_alias("cobol"), None);
+    }
+
+    #[test]
+    fn bash_is_found_as_a_real_file() {
+        let languages = Languages::detect();
+        let bash = languages.get(Language::Bash).expect("bash is installed");
+        assert!(bash.path.is_absolute() && bash.path.is_file());
+        assert!(bash.version.contains("bash"), "{}", bash.version);
+    }
+}

@@ -1,0 +1,115 @@
+//! The status state machine of an execution.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// `queued → running → completed | failed | killed | timeout`; a queued row may
+/// also be killed (or failed) without running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Killed,
+    Timeout,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Queued,
+        Status::Running,
+        Status::Completed,
+        Status::Failed,
+        Status::Killed,
+        Status::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Killed => "killed",
+            Status::Timeout => "timeout",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Status::Queued | Status::Running)
+    }
+
+    /// Whether a row in `self` may move to `next`.
+    pub fn can_become(self, next: Status) -> bool {
+        match self {
+            Status::Queued => next != Status::Queued,
+            Status::Running => next.is_terminal(),
+            _ => false,
+        }
+    }
+
+    /// The terminal status of a program that exited on its own.
+    pub fn from_exit_code(code: i32) -> Status {
+        if code == 0 {
+            Status::Completed
+        } else {
+            Status::Failed
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unknown status {0:?}: expected one of queued, running, completed, failed, killed, timeout"
+)]
+pub struct UnknownStatus(String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip_through_text() {
+        for status in Status::ALL {
+            assert_eq!(status.as_str().parse::<Status>().unwrap(), status);
+        }
+        assert!("done".parse::<Status>().is_err());
+    }
+
+    #[test]
+    fn terminal_statuses_never_change() {
+        for from in Status::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for to in Status::ALL {
+                assert!(!from.can_become(to), "{from} -> {to}");
+            }
+        }
+        assert!(Status::Queued.can_become(Status::Running));
+        assert!(Status::Running.can_become(Status::Killed));
+        assert!(!Status::Running.can_become(Status::Queued));
+    }
+
+    #[test]
+    fn exit_code_zero_is_completed_and_anything_else_failed() {
+        assert_eq!(Status::from_exit_code(0), Status::Completed);
+        assert_eq!(Status::from_exit_code(1), Status::Failed);
+        assert_eq!(Status::from_exit_code(-1), Status::Failed);
+    }
+}

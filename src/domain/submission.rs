@@ -1,0 +1,542 @@
+//! A submission: the wire shapes clients send (`ExecuteIn`, `CommandIn`) and
+//! the validated `Submission` they become. Every rule of API.md's submission
+//! table is checked here, once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Language, Languages};
+
+/// Which runner lane a submission waits in; each lane has its own concurrency
+/// limit, so sync runs never queue behind long async jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Sync,
+    Background,
+    Async,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 3] = [Lane::Sync, Lane::Background, Lane::Async];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Sync => "sync",
+            Lane::Background => "background",
+            Lane::Async => "async",
+        }
+    }
+
+    /// The timeout a route applies when the client gives none (API.md).
+    pub fn default_timeout(self) -> Duration {
+        Duration::from_secs(match self {
+            Lane::Sync => 60,
+            Lane::Background => 300,
+            Lane::Async => 3600,
+        })
+    }
+}
+
+/// What runs: code in a language, or a command line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Program {
+    Code {
+        language: Language,
+        code: String,
+    },
+    /// With `args`, `command` is executed directly; without, under `/bin/sh -c`.
+    Command {
+        command: String,
+        args: Option<Vec<String>>,
+    },
+}
+
+impl Program {
+    /// The language column: the language's name, or `command`.
+    pub fn language_name(&self) -> &'static str {
+        match self {
+            Program::Code { language, .. } => language.as_str(),
+            Program::Command { .. } => "command",
+        }
+    }
+}
+
+/// Where and how an async execution's result is delivered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Callback {
+    pub url: String,
+    pub headers: BTreeMap<String, String>,
+    /// Never returned by the API nor logged.
+    pub secret: Option<String>,
+}
+
+/// A validated submission, ready to be stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submission {
+    pub lane: Lane,
+    pub program: Program,
+    pub name: Option<String>,
+    pub working_dir: PathBuf,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+    pub callback: Option<Callback>,
+}
+
+/// The limits and facts a submission is checked against.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_code_bytes: usize,
+    pub max_timeout: Duration,
+    pub default_workdir: PathBuf,
+    pub languages: Languages,
+}
+
+/// A rule a submission broke: a code of API.md, a sentence, and details.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct SubmissionError {
+    pub code: &'static str,
+    pub message: String,
+    pub details: serde_json::Value,
+    /// 413 for size limits, 400 for everything else.
+    pub too_large: bool,
+}
+
+impl SubmissionError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        SubmissionError {
+            code,
+            message: message.into(),
+            details: serde_json::Value::Null,
+            too_large: false,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new("INVALID_REQUEST", message)
+    }
+
+    fn missing(field: &str) -> Self {
+        let mut e = Self::new("MISSING_PARAMETER", format!("`{field}` is required"));
+        e.details = json!({ "field": field });
+        e
+    }
+
+    fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// The body of `/execute`, `/execute/background` and `/execute/async`.
+/// Every field is optional here so a missing one gets `MISSING_PARAMETER`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ExecuteIn {
+    pub code: Option<String>,
+    pub language: Option<String>,
+    pub timeout: Option<f64>,
+    pub working_dir: Option<String>,
+    pub workdir: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub name: Option<String>,
+    pub callback_url: Option<String>,
+    pub callback_headers: Option<BTreeMap<String, String>>,
+    pub callback_signature_secret: Option<String>,
+}
+
+/// The body of `/commands/run` and `/commands/background`.
+#[derive(Debug, Default, Deserialize)]
+pub struct CommandIn {
+    pub command: Option<String>,
+    pub args: Option<Vec<String>>,
+    pub timeout: Option<f64>,
+    pub working_dir: Option<String>,
+    pub workdir: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub name: Option<String>,
+}
+
+/// Headers a caller may not set on its callback: they are ours to compute.
+const RESERVED_CALLBACK_HEADERS: [&str; 8] = [
+    "content-type",
+    "content-length",
+    "host",
+    "x-hopx-signature",
+    "x-hopx-timestamp",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+const MAX_NAME_BYTES: usize = 256;
+
+/// The hopx-ai SDK sends `workdir: "/workspace"` (its sandboxes' home) unless
+/// told otherwise. Where this machine has no such directory, it means the
+/// agent's default working directory, so SDK code runs unchanged.
+const SDK_DEFAULT_WORKDIR: &str = "/workspace";
+
+impl Submission {
+    /// Validates an execute body for `lane`; `/execute/async` also needs a callback.
+    pub fn parse(
+        input: ExecuteIn,
+        lane: Lane,
+        limits: &Limits,
+    ) -> Result<Submission, SubmissionError> {
+        let code = input.code.ok_or_else(|| SubmissionError::missing("code"))?;
+        check_program_text("code", &code, limits)?;
+        let language = parse_language(input.language.as_deref(), &limits.languages)?;
+        let callback = match lane {
+            Lane::Async => Some(parse_callback(
+                input.callback_url,
+                input.callback_headers,
+                input.callback_signature_secret,
+            )?),
+            _ => None,
+        };
+        Ok(Submission {
+            lane,
+            program: Program::Code { language, code },
+            name: parse_name(input.name)?,
+            working_dir: parse_working_dir(input.working_dir, input.workdir, limits)?,
+            env: parse_env(input.env)?,
+            timeout: parse_timeout(input.timeout, lane, limits)?,
+            callback,
+        })
+    }
+
+    /// Validates a command body for the sync or background lane.
+    pub fn parse_command(
+        input: CommandIn,
+        lane: Lane,
+        limits: &Limits,
+    ) -> Result<Submission, SubmissionError> {
+        let command = input
+            .command
+            .ok_or_else(|| SubmissionError::missing("command"))?;
+        check_program_text("command", &command, limits)?;
+        if let Some(args) = &input.args {
+            if args.iter().any(|a| a.contains('\0')) {
+                return Err(SubmissionError::invalid(
+                    "`args` must not contain NUL bytes",
+                ));
+            }
+        }
+        Ok(Submission {
+            lane,
+            program: Program::Command {
+                command,
+                args: input.args.filter(|a| !a.is_empty()),
+            },
+            name: parse_name(input.name)?,
+            working_dir: parse_working_dir(input.working_dir, input.workdir, limits)?,
+            env: parse_env(input.env)?,
+            timeout: parse_timeout(input.timeout, lane, limits)?,
+            callback: None,
+        })
+    }
+}
+
+fn check_program_text(field: &str, text: &str, limits: &Limits) -> Result<(), SubmissionError> {
+    if text.trim().is_empty() {
+        return Err(SubmissionError::invalid(format!(
+            "`{field}` must not be empty"
+        )));
+    }
+    if text.contains('\0') {
+        return Err(SubmissionError::invalid(format!(
+            "`{field}` must not contain NUL bytes"
+        )));
+    }
+    if text.len() > limits.max_code_bytes {
+        let mut e = SubmissionError::new(
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "`{field}` is {} bytes; the limit is {} bytes",
+                text.len(),
+                limits.max_code_bytes
+            ),
+        )
+        .with_details(
+            json!({ "field": field, "size": text.len(), "limit": limits.max_code_bytes }),
+        );
+        e.too_large = true;
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn parse_language(name: Option<&str>, languages: &Languages) -> Result<Language, SubmissionError> {
+    let available: Vec<&str> = languages.iter().map(|i| i.language.as_str()).collect();
+    let name = name.unwrap_or("python");
+    let language = Language::from_alias(name).ok_or_else(|| {
+        SubmissionError::invalid(format!("unknown language {name:?}"))
+            .with_details(json!({ "language": name, "available": available }))
+    })?;
+    if languages.get(language).is_none() {
+        return Err(SubmissionError::invalid(format!(
+            "language {} is not installed on this agent",
+            language.as_str()
+        ))
+        .with_details(json!({ "language": name, "available": available })));
+    }
+    Ok(language)
+}
+
+fn parse_timeout(
+    timeout: Option<f64>,
+    lane: Lane,
+    limits: &Limits,
+) -> Result<Duration, SubmissionError> {
+    let Some(secs) = timeout else {
+        return Ok(lane.default_timeout().min(limits.max_timeout));
+    };
+    let max = limits.max_timeout.as_secs_f64();
+    if !(secs.is_finite() && secs > 0.0 && secs <= max) {
+        return Err(SubmissionError::invalid(format!(
+            "`timeout` must be more than 0 and at most {max} seconds"
+        ))
+        .with_details(json!({ "field": "timeout", "max": max })));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_working_dir(
+    working_dir: Option<String>,
+    workdir: Option<String>,
+    limits: &Limits,
+) -> Result<PathBuf, SubmissionError> {
+    let given = working_dir.or(workdir).filter(|d| !d.is_empty());
+    let Some(dir) = given else {
+        return Ok(limits.default_workdir.clone());
+    };
+    let path = limits.default_workdir.join(Path::new(&dir));
+    if dir == SDK_DEFAULT_WORKDIR && !path.is_dir() {
+        return Ok(limits.default_workdir.clone());
+    }
+    if !path.is_dir() {
+        return Err(SubmissionError::new(
+            "DIRECTORY_NOT_FOUND",
+            format!("working directory {dir:?} does not exist"),
+        )
+        .with_details(json!({ "working_dir": dir })));
+    }
+    Ok(path)
+}
+
+fn parse_env(
+    env: Option<BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, String>, SubmissionError> {
+    let env = env.unwrap_or_default();
+    for (name, value) in &env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(SubmissionError::invalid(format!(
+                "environment variable name {name:?} is not valid (non-empty, no '=', no NUL)"
+            ))
+            .with_details(json!({ "field": "env", "name": name })));
+        }
+        if value.contains('\0') {
+            return Err(SubmissionError::invalid(format!(
+                "the value of environment variable {name:?} contains a NUL byte"
+            ))
+            .with_details(json!({ "field": "env", "name": name })));
+        }
+    }
+    Ok(env)
+}
+
+fn parse_name(name: Option<String>) -> Result<Option<String>, SubmissionError> {
+    match name {
+        Some(n) if n.len() > MAX_NAME_BYTES => Err(SubmissionError::invalid(format!(
+            "`name` must be at most {MAX_NAME_BYTES} bytes"
+        ))),
+        Some(n) if n.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+fn parse_callback(
+    url: Option<String>,
+    headers: Option<BTreeMap<String, String>>,
+    secret: Option<String>,
+) -> Result<Callback, SubmissionError> {
+    let url = url.ok_or_else(|| SubmissionError::missing("callback_url"))?;
+    let parsed = reqwest::Url::parse(&url).map_err(|e| {
+        SubmissionError::invalid(format!("`callback_url` is not an absolute URL: {e}"))
+            .with_details(json!({ "field": "callback_url" }))
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(SubmissionError::invalid(
+            "`callback_url` must be an http or https URL with a host",
+        )
+        .with_details(json!({ "field": "callback_url" })));
+    }
+    let headers = headers.unwrap_or_default();
+    for (name, value) in &headers {
+        if RESERVED_CALLBACK_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(SubmissionError::invalid(format!(
+                "callback header {name:?} is set by execd and cannot be replaced"
+            ))
+            .with_details(json!({ "field": "callback_headers", "header": name })));
+        }
+        let valid = axum::http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+            && axum::http::HeaderValue::from_str(value).is_ok();
+        if !valid {
+            return Err(SubmissionError::invalid(format!(
+                "callback header {name:?} is not a valid HTTP header"
+            ))
+            .with_details(json!({ "field": "callback_headers", "header": name })));
+        }
+    }
+    if secret.as_deref() == Some("") {
+        return Err(SubmissionError::invalid(
+            "`callback_signature_secret` must not be empty",
+        ));
+    }
+    Ok(Callback {
+        url,
+        headers,
+        secret,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_code_bytes: 100,
+            max_timeout: Duration::from_secs(600),
+            default_workdir: std::env::temp_dir(),
+            languages: Languages::detect(),
+        }
+    }
+
+    fn bash(code: &str) -> ExecuteIn {
+        ExecuteIn {
+            code: Some(code.into()),
+            language: Some("sh".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_minimal_submission_gets_the_route_defaults() {
+        let s = Submission::parse(bash("echo hi"), Lane::Background, &limits()).unwrap();
+        assert_eq!(s.timeout, Duration::from_secs(300));
+        assert_eq!(s.working_dir, std::env::temp_dir());
+        assert_eq!(s.program.language_name(), "bash");
+    }
+
+    #[test]
+    fn each_rule_names_its_code() {
+        let l = limits();
+        let code = |input: ExecuteIn, lane| Submission::parse(input, lane, &l).unwrap_err().code;
+        assert_eq!(code(ExecuteIn::default(), Lane::Sync), "MISSING_PARAMETER");
+        assert_eq!(code(bash("  "), Lane::Sync), "INVALID_REQUEST");
+        assert_eq!(
+            code(bash(&"x".repeat(101)), Lane::Sync),
+            "PAYLOAD_TOO_LARGE"
+        );
+        let unknown = ExecuteIn {
+            language: Some("cobol".into()),
+            ..bash("x")
+        };
+        assert_eq!(code(unknown, Lane::Sync), "INVALID_REQUEST");
+        for t in [0.0, -1.0, 601.0, f64::NAN] {
+            assert_eq!(
+                code(
+                    ExecuteIn {
+                        timeout: Some(t),
+                        ..bash("x")
+                    },
+                    Lane::Sync
+                ),
+                "INVALID_REQUEST"
+            );
+        }
+        let dir = ExecuteIn {
+            workdir: Some("/no/such/dir".into()),
+            ..bash("x")
+        };
+        assert_eq!(code(dir, Lane::Sync), "DIRECTORY_NOT_FOUND");
+        for name in ["", "A=B", "A\0"] {
+            let env = ExecuteIn {
+                env: Some([(name.to_string(), "v".to_string())].into()),
+                ..bash("x")
+            };
+            assert_eq!(code(env, Lane::Sync), "INVALID_REQUEST", "{name:?}");
+        }
+        assert_eq!(code(bash("x"), Lane::Async), "MISSING_PARAMETER");
+        for url in ["not a url", "ftp://example.com/x", "/relative"] {
+            let cb = ExecuteIn {
+                callback_url: Some(url.into()),
+                ..bash("x")
+            };
+            assert_eq!(code(cb, Lane::Async), "INVALID_REQUEST", "{url}");
+        }
+        let reserved = ExecuteIn {
+            callback_url: Some("http://127.0.0.1:1/cb".into()),
+            callback_headers: Some([("X-HopX-Signature".to_string(), "x".to_string())].into()),
+            ..bash("x")
+        };
+        assert_eq!(code(reserved, Lane::Async), "INVALID_REQUEST");
+    }
+
+    #[test]
+    fn both_spellings_of_the_working_dir_are_accepted() {
+        let l = limits();
+        let tmp = std::env::temp_dir().to_string_lossy().to_string();
+        for input in [
+            ExecuteIn {
+                working_dir: Some(tmp.clone()),
+                ..bash("x")
+            },
+            ExecuteIn {
+                workdir: Some(tmp.clone()),
+                ..bash("x")
+            },
+        ] {
+            assert_eq!(
+                Submission::parse(input, Lane::Sync, &l)
+                    .unwrap()
+                    .working_dir,
+                PathBuf::from(&tmp)
+            );
+        }
+    }
+
+    #[test]
+    fn the_sdk_default_workdir_falls_back_to_ours_where_it_does_not_exist() {
+        if Path::new(SDK_DEFAULT_WORKDIR).exists() {
+            return;
+        }
+        let input = ExecuteIn {
+            workdir: Some(SDK_DEFAULT_WORKDIR.into()),
+            ..bash("x")
+        };
+        let s = Submission::parse(input, Lane::Sync, &limits()).unwrap();
+        assert_eq!(s.working_dir, std::env::temp_dir());
+    }
+
+    #[test]
+    fn a_command_without_args_keeps_args_empty() {
+        let input = CommandIn {
+            command: Some("echo hi".into()),
+            args: Some(vec![]),
+            ..Default::default()
+        };
+        let s = Submission::parse_command(input, Lane::Sync, &limits()).unwrap();
+        assert_eq!(
+            s.program,
+            Program::Command {
+                command: "echo hi".into(),
+                args: None
+            }
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! The submitting routes: `/execute`, `/execute/background`, `/execute/async`,
+//! `/commands/run`, `/commands/background`. Each stores the submission as a
+//! queued row (the 200 means it is on disk), wakes its lane, and answers; the
+//! sync ones then wait for the run to end.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::processes::{read_output, seconds_between, OutputView};
+use super::{timestamp_now, ApiError, AppState, JsonBody};
+use crate::db::executions::{self, ExecutionRow, Idempotency, Inserted};
+use crate::db::{self};
+use crate::domain::{new_ids, CommandIn, ExecuteIn, Lane, Submission};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/execute", post(execute_sync))
+        .route("/execute/background", post(execute_background))
+        .route("/execute/async", post(execute_async))
+        .route("/commands/run", post(command_sync))
+        .route("/commands/background", post(command_background))
+}
+
+/// Extra time a sync request waits past the run's timeout and kill grace
+/// (for a queued start and the final writes). The SDK gives up at timeout + 30 s.
+const SYNC_SLACK: Duration = Duration::from_secs(20);
+
+async fn execute_sync(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody<ExecuteIn>,
+) -> Result<Json<Value>, ApiError> {
+    let submission = Submission::parse(body.value, Lane::Sync, &state.limits)?;
+    run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
+}
+
+async fn command_sync(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody<CommandIn>,
+) -> Result<Json<Value>, ApiError> {
+    let submission = Submission::parse_command(body.value, Lane::Sync, &state.limits)?;
+    run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
+}
+
+async fn execute_background(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody<ExecuteIn>,
+) -> Result<Json<Value>, ApiError> {
+    let submission = Submission::parse(body.value, Lane::Background, &state.limits)?;
+    let row = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
+    Ok(Json(background_out(&row)))
+}
+
+async fn command_background(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody<CommandIn>,
+) -> Result<Json<Value>, ApiError> {
+    let submission = Submission::parse_command(body.value, Lane::Background, &state.limits)?;
+    let row = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
+    let mut out = background_out(&row);
+    out["command"] = json!(row.command);
+    Ok(Json(out))
+}
+
+async fn execute_async(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody<ExecuteIn>,
+) -> Result<Json<Value>, ApiError> {
+    let submission = Submission::parse(body.value, Lane::Async, &state.limits)?;
+    let row = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
+    Ok(Json(json!({
+        "execution_id": row.id,
+        "process_id": row.process_id,
+        "status": row.status,
+        "callback_url": row.callback_url,
+        "message": "execution queued; the result will be POSTed to callback_url",
+        "timestamp": timestamp_now(),
+    })))
+}
+
+fn background_out(row: &ExecutionRow) -> Value {
+    json!({
+        "process_id": row.process_id,
+        "execution_id": row.id,
+        "name": row.name,
+        "status": row.status,
+        "start_time": row.started_at.as_ref().unwrap_or(&row.created_at),
+        "message": "process queued; see GET /execute/processes/{id}",
+        "timestamp": timestamp_now(),
+    })
+}
+
+/// The `Idempotency-Key` header, if any, with the hash of the request body.
+fn idempotency(headers: &HeaderMap, hash: &str) -> Result<Option<Idempotency>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "INVALID_REQUEST",
+                "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    Ok(Some(Idempotency {
+        key: key.to_string(),
+        request_hash: hash.to_string(),
+    }))
+}
+
+/// Stores the submission as queued and wakes its lane; with an idempotency
+/// key seen before, returns the execution that key created instead.
+async fn submit(
+    state: &AppState,
+    submission: Submission,
+    idempotency: Option<Idempotency>,
+) -> Result<ExecutionRow, ApiError> {
+    let (id, process_id) = new_ids();
+    let lane = submission.lane;
+    let inserted = {
+        let id = id.clone();
+        state
+            .db
+            .writer
+            .write(move |c| {
+                Box::pin(async move {
+                    executions::insert(
+                        c,
+                        &id,
+                        &process_id,
+                        &submission,
+                        idempotency.as_ref(),
+                        &db::now(),
+                    )
+                    .await
+                })
+            })
+            .await?
+    };
+    let id = match inserted {
+        Inserted::New => {
+            state.runner.wake(lane);
+            tracing::info!(execution_id = %id, lane = lane.as_str(), "execution queued");
+            id.to_string()
+        }
+        Inserted::Existing {
+            id,
+            same_request: true,
+        } => id,
+        Inserted::Existing {
+            id,
+            same_request: false,
+        } => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this Idempotency-Key was used with a different request",
+            )
+            .with_details(json!({ "execution_id": id })));
+        }
+    };
+    executions::get(&state.db.readers, &id)
+        .await?
+        .ok_or_else(|| ApiError::internal(format!("execution {id} vanished after insert")))
+}
+
+/// Submits, waits for the run to end, and answers with its result: 200 for
+/// any ending of the program (`success` says how), 408 for a timeout.
+async fn run_to_end(
+    state: &AppState,
+    submission: Submission,
+    idempotency: Option<Idempotency>,
+) -> Result<Json<Value>, ApiError> {
+    let wait = submission.timeout + state.kill_grace + SYNC_SLACK;
+    let row = submit(state, submission, idempotency).await?;
+    let row = state
+        .runner
+        .wait_terminal(&row.id, wait)
+        .await?
+        .unwrap_or(row);
+    let [(stdout, stdout_truncated), (stderr, stderr_truncated)] =
+        read_output(state, &row, OutputView::Full).await?;
+    let execution_time =
+        seconds_between(row.started_at.as_deref(), row.completed_at.as_deref()).unwrap_or(0.0);
+    let mut out = json!({
+        "success": row.status == "completed",
+        "status": row.status,
+        "stdout": stdout,
+        "stderr": stderr,
+        "stdout_truncated": stdout_truncated,
+        "stderr_truncated": stderr_truncated,
+        "exit_code": row.exit_code,
+        "execution_time": execution_time,
+        "language": row.language,
+        "error": row.error,
+        "execution_id": row.id,
+        "process_id": row.process_id,
+        "timestamp": timestamp_now(),
+    });
+    if row.language == "command" {
+        out["command"] = json!(row.command);
+        out["pid"] = json!(row.pid);
+    }
+    match row.status.as_str() {
+        "timeout" => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "EXECUTION_TIMEOUT",
+            format!("execution timed out after {} s", row.timeout_ms as f64 / 1000.0),
+        )
+        .with_details(out)),
+        "queued" | "running" => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "EXECUTION_TIMEOUT",
+            format!(
+                "execution is still {} after waiting {} s; follow it with GET /execute/processes/{}",
+                row.status,
+                wait.as_secs(),
+                row.id
+            ),
+        )
+        .with_details(out)),
+        _ => Ok(Json(out)),
+    }
+}

@@ -1,0 +1,157 @@
+//! The HTTP surface: one `AppState`, one router per resource, the error
+//! envelope and auth as middleware, and the JSON body extractor.
+
+mod auth;
+mod error;
+mod execute;
+mod processes;
+mod system;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::{header, HeaderMap};
+use axum::{middleware, Router};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::db::Db;
+use crate::domain::Limits;
+use crate::runner::Runner;
+
+pub use auth::Auth;
+pub use error::{ApiError, RequestId};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub db: Db,
+    pub runner: Arc<Runner>,
+    pub limits: Limits,
+    pub auth: Auth,
+    /// Bytes of each stream shown per process in lists.
+    pub list_output_bytes: usize,
+    /// Added to a sync run's timeout while its request waits for it.
+    pub kill_grace: std::time::Duration,
+    pub max_body_bytes: usize,
+    pub max_output_bytes: u64,
+    pub started: Instant,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .merge(execute::router())
+        .merge(processes::router())
+        .merge(system::protected_router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+    Router::new()
+        .merge(system::public_router())
+        .merge(protected)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(error::envelope))
+        .with_state(state)
+}
+
+/// Now, as the API shows times: RFC 3339 UTC.
+pub fn timestamp_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A JSON body, parsed into `T`, with a hash of its bytes (for idempotency).
+/// Its rejections are our `ApiError`s, so a bad body gets the API's error body.
+pub struct JsonBody<T> {
+    pub value: T,
+    pub hash: String,
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(request.headers()) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "INVALID_REQUEST",
+                "the request body must be JSON with Content-Type: application/json",
+            ));
+        }
+        let path = request.uri().path().to_string();
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::new(
+                    rejection.status(),
+                    status_code_name(rejection.status()),
+                    rejection.body_text(),
+                )
+            })?;
+        let value = parse_json(&bytes)?;
+        let hash = hex::encode(
+            Sha256::new()
+                .chain_update(path)
+                .chain_update([0])
+                .chain_update(&bytes)
+                .finalize(),
+        );
+        Ok(JsonBody { value, hash })
+    }
+}
+
+fn status_code_name(status: axum::http::StatusCode) -> &'static str {
+    if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        "PAYLOAD_TOO_LARGE"
+    } else {
+        "INVALID_REQUEST"
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Parses a JSON body: malformed JSON is `INVALID_JSON`, a well-formed body
+/// of the wrong shape `INVALID_REQUEST`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
+                "INVALID_JSON",
+                format!("the request body is not valid JSON: {e}"),
+            ),
+            Category::Data => ApiError::bad_request(
+                "INVALID_REQUEST",
+                format!("the request body is not valid: {e}"),
+            ),
+        }
+    })
+}

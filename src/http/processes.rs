@@ -1,0 +1,293 @@
+//! The process list, one process, and the four shapes of kill.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{parse_json, timestamp_now, ApiError, AppState};
+use crate::db::executions::{self, ExecutionRow, ListFilter};
+use crate::db::output;
+use crate::domain::{Status, Stream};
+use crate::runner::KillOutcome;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/execute/processes", get(list))
+        .route("/processes", get(list))
+        .route("/execute/processes/{id}", get(one))
+        .route("/execute/kill/{id}", post(kill_path))
+        .route("/processes/{id}/kill", post(kill_path))
+        .route("/execute/kill", delete(kill_query_or_body))
+}
+
+/// A process as the API shows it (API.md, "The process object").
+#[derive(Debug, Serialize)]
+pub struct ProcessOut {
+    pub process_id: String,
+    pub execution_id: String,
+    pub name: Option<String>,
+    pub status: String,
+    pub language: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub pid: Option<i64>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub start_time: Option<String>,
+    pub end_time: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub exit_code: Option<i64>,
+    pub execution_time: Option<f64>,
+    pub duration: Option<f64>,
+    pub timeout: f64,
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
+/// How much output to show.
+#[derive(Clone, Copy)]
+pub enum OutputView {
+    /// Everything stored.
+    Full,
+    /// The last bytes of each stream.
+    Tail(usize),
+}
+
+/// Seconds between two stored timestamps (or from `from` to now).
+pub fn seconds_between(from: Option<&str>, to: Option<&str>) -> Option<f64> {
+    let parse = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    };
+    let from = parse(from?)?;
+    let to = match to {
+        Some(t) => parse(t)?,
+        None => chrono::Utc::now(),
+    };
+    Some(((to - from).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0))
+}
+
+/// The two streams of an execution as text (invalid UTF-8 replaced), with
+/// their truncation flags.
+pub async fn read_output(
+    state: &AppState,
+    row: &ExecutionRow,
+    view: OutputView,
+) -> Result<[(String, bool); 2], ApiError> {
+    let read = |stream: Stream, stored_flag: bool| async move {
+        let (bytes, cut) = match view {
+            OutputView::Full => (
+                output::read(&state.db.readers, &row.id, stream).await?,
+                false,
+            ),
+            OutputView::Tail(max) => {
+                output::read_tail(&state.db.readers, &row.id, stream, max).await?
+            }
+        };
+        Ok::<_, ApiError>((
+            String::from_utf8_lossy(&bytes).into_owned(),
+            stored_flag || cut,
+        ))
+    };
+    let (stdout, stderr) = tokio::try_join!(
+        read(Stream::Stdout, row.stdout_truncated),
+        read(Stream::Stderr, row.stderr_truncated)
+    )?;
+    Ok([stdout, stderr])
+}
+
+impl ProcessOut {
+    pub async fn load(
+        state: &AppState,
+        row: ExecutionRow,
+        view: OutputView,
+    ) -> Result<ProcessOut, ApiError> {
+        let [(stdout, stdout_truncated), (stderr, stderr_truncated)] =
+            read_output(state, &row, view).await?;
+        let running = row.completed_at.is_none();
+        let elapsed = seconds_between(row.started_at.as_deref(), row.completed_at.as_deref());
+        Ok(ProcessOut {
+            execution_time: elapsed,
+            duration: elapsed,
+            start_time: row.started_at.clone(),
+            end_time: row.completed_at.clone(),
+            process_id: row.process_id,
+            execution_id: row.id,
+            name: row.name,
+            status: row.status,
+            language: row.language,
+            command: row.command,
+            pid: row.pid,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            completed_at: row.completed_at,
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
+            exit_code: if running { None } else { row.exit_code },
+            timeout: row.timeout_ms as f64 / 1000.0,
+            error: row.error,
+            callback_url: row.callback_url,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    name: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+    cursor: Option<String>,
+}
+
+const DEFAULT_LIMIT: i64 = 100;
+const MAX_LIMIT: i64 = 1000;
+
+fn parse_count(
+    field: &str,
+    value: Option<&str>,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, ApiError> {
+    let Some(value) = value else { return Ok(None) };
+    match value.parse::<i64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(ApiError::bad_request(
+            "INVALID_REQUEST",
+            format!("`{field}` must be a whole number from {min} to {max}"),
+        )
+        .with_details(json!({ "field": field, "value": value }))),
+    }
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<Status>().map_err(|e| {
+            ApiError::bad_request("INVALID_REQUEST", e.to_string())
+                .with_details(json!({ "field": "status" }))
+        })?),
+        None => None,
+    };
+    let filter = ListFilter {
+        status,
+        name: query.name.filter(|n| !n.is_empty()),
+        before: parse_count("cursor", query.cursor.as_deref(), 1, i64::MAX)?,
+        limit: parse_count("limit", query.limit.as_deref(), 1, MAX_LIMIT)?.unwrap_or(DEFAULT_LIMIT),
+        offset: parse_count("offset", query.offset.as_deref(), 0, i64::MAX)?.unwrap_or(0),
+    };
+    let rows = executions::list(&state.db.readers, &filter).await?;
+    let next_cursor = (rows.len() as i64 == filter.limit)
+        .then(|| rows.last().map(|r| r.seq.to_string()))
+        .flatten();
+    let view = OutputView::Tail(state.list_output_bytes);
+    let processes = futures::future::try_join_all(
+        rows.into_iter()
+            .map(|row| ProcessOut::load(&state, row, view)),
+    )
+    .await?;
+    Ok(Json(json!({
+        "count": processes.len(),
+        "processes": processes,
+        "next_cursor": next_cursor,
+        "timestamp": timestamp_now(),
+    })))
+}
+
+async fn one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ProcessOut>, ApiError> {
+    let row = executions::get(&state.db.readers, &id)
+        .await?
+        .ok_or_else(|| ApiError::process_not_found(&id))?;
+    Ok(Json(ProcessOut::load(&state, row, OutputView::Full).await?))
+}
+
+async fn kill_path(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    kill(&state, &id).await
+}
+
+#[derive(Debug, Deserialize)]
+struct KillIn {
+    process_id: Option<String>,
+    execution_id: Option<String>,
+}
+
+async fn kill_query_or_body(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let from_query = query
+        .get("process_id")
+        .or_else(|| query.get("execution_id"))
+        .cloned();
+    let id = match from_query {
+        Some(id) => id,
+        None if body.iter().all(u8::is_ascii_whitespace) => None.ok_or_else(missing_process_id)?,
+        None => {
+            let input: KillIn = parse_json(&body)?;
+            input
+                .process_id
+                .or(input.execution_id)
+                .ok_or_else(missing_process_id)?
+        }
+    };
+    kill(&state, &id).await
+}
+
+fn missing_process_id() -> ApiError {
+    ApiError::bad_request(
+        "MISSING_PARAMETER",
+        "`process_id` is required, as a query parameter or in a JSON body",
+    )
+    .with_details(json!({ "field": "process_id" }))
+}
+
+async fn kill(state: &AppState, id: &str) -> Result<Json<Value>, ApiError> {
+    let (row, message) = match state.runner.kill(id).await? {
+        KillOutcome::NotFound => return Err(ApiError::process_not_found(id)),
+        KillOutcome::AlreadyFinished(row) => {
+            let message = format!(
+                "the process had already finished ({}); nothing changed",
+                row.status
+            );
+            (row, message)
+        }
+        KillOutcome::Done(row) if row.status == "killed" => (row, "process killed".to_string()),
+        KillOutcome::Done(row) => {
+            let message = format!(
+                "the process finished ({}) before it could be killed",
+                row.status
+            );
+            (row, message)
+        }
+    };
+    Ok(Json(json!({
+        "success": true,
+        "process_id": row.process_id,
+        "execution_id": row.id,
+        "status": row.status,
+        "message": message,
+        "timestamp": timestamp_now(),
+    })))
+}

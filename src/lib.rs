@@ -1,0 +1,21 @@
+//! execd: a durable execution agent with a HopX-compatible REST API.
+//!
+//! A tour, following one submission:
+//! - [`http`] parses the request into a [`domain::Submission`] at the edge and
+//!   stores it as a `queued` row through the [`db`] writer (one connection,
+//!   group commits); the 200 is sent only once the row is on disk.
+//! - [`runner`] has a claim loop per lane (sync, background, async), each with
+//!   its own concurrency limit. A loop is woken in-process by the submission,
+//!   claims queued rows in one statement, and runs each program as a child in
+//!   its own process group, streaming its output into `output_chunks`.
+//! - The terminal status is written fenced by owner (this boot) and attempt,
+//!   so a stale runner can never overwrite a newer state.
+//! - [`app`] wires it together: [`app::serve`] takes a listener and a shutdown
+//!   future, which is how `main` and the integration tests start the agent.
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod http;
+pub mod runner;

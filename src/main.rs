@@ -1,0 +1,46 @@
+//! The `execd` binary: parse the configuration, set up logging, serve until
+//! SIGINT or SIGTERM.
+
+use clap::Parser;
+use execd::config::{Cli, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = Cli::parse().into_config();
+    let filter = EnvFilter::try_from_env("EXECD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => subscriber.json().init(),
+        LogFormat::Text => subscriber.init(),
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("execd: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("execd: cannot listen on {}: {e}", config.listen);
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match execd::app::serve(config, listener, shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("execd: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
