@@ -49,13 +49,19 @@ fn create_dir(path: &Path) -> Result<(), StartError> {
 /// Serves the agent on `listener` until `shutdown` completes, then stops
 /// claiming, ends running jobs, finishes pending writes and returns.
 pub async fn serve(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let started = Instant::now();
     config.validate()?;
     create_dir(&config.data_dir)?;
+    // Absolute from here on: programs run in other working directories.
+    config.data_dir =
+        std::fs::canonicalize(&config.data_dir).map_err(|source| StartError::Dir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
     create_dir(&config.runs_dir())?;
     let workdir = config.default_workdir();
     create_dir(&workdir)?;

@@ -97,11 +97,15 @@ pub struct Config {
     pub max_output_bytes: u64,
 
     /// Largest `timeout` a submission may ask for, in seconds.
-    #[arg(long, env = "EXECD_MAX_TIMEOUT", default_value_t = 86_400.0)]
+    #[arg(
+        long = "max-timeout",
+        env = "EXECD_MAX_TIMEOUT",
+        default_value_t = 86_400.0
+    )]
     pub max_timeout_secs: f64,
 
     /// Seconds between SIGTERM and SIGKILL when a run is killed or times out.
-    #[arg(long, env = "EXECD_KILL_GRACE", default_value_t = 2.0)]
+    #[arg(long = "kill-grace", env = "EXECD_KILL_GRACE", default_value_t = 2.0)]
     pub kill_grace_secs: f64,
 
     /// Working directory of runs that name none. Created at start. Default: `<data-dir>/workspace`.
@@ -113,7 +117,11 @@ pub struct Config {
     pub list_output_bytes: u64,
 
     /// Seconds between safety-net polls of the queue (wake-ups are normally immediate).
-    #[arg(long, env = "EXECD_POLL_INTERVAL", default_value_t = 2.0)]
+    #[arg(
+        long = "poll-interval",
+        env = "EXECD_POLL_INTERVAL",
+        default_value_t = 2.0
+    )]
     pub poll_interval_secs: f64,
 
     /// Log format.

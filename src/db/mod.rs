@@ -71,18 +71,22 @@ impl Db {
             path: shown.clone(),
             source,
         };
-        let mut conn = options(path)
-            .create_if_missing(true)
-            .connect()
+        // Migrations through a one-off pool: `Migrator::run` on a bare
+        // connection makes the future not provably `Send`.
+        let migrations = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options(path).create_if_missing(true))
             .await
             .map_err(connect_err)?;
         MIGRATOR
-            .run(&mut conn)
+            .run(&migrations)
             .await
             .map_err(|source| OpenError::Migrate {
                 path: shown.clone(),
                 source,
             })?;
+        migrations.close().await;
+        let conn = options(path).connect().await.map_err(connect_err)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)

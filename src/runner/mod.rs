@@ -306,10 +306,16 @@ impl Runner {
             (Some(code), None) => Status::from_exit_code(code as i32),
             _ => Status::Failed,
         });
+        let error = error
+            .or(signal_error)
+            .or_else(|| match (status, exit_code) {
+                (Status::Failed, Some(code)) => Some(format!("exited with code {code}")),
+                _ => None,
+            });
         Finish {
             status,
             exit_code,
-            error: error.or(signal_error),
+            error,
             completed_at: db::now(),
         }
     }

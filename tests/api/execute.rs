@@ -1,0 +1,277 @@
+//! The submitting routes, end to end.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn sync_execute_returns_the_programs_output_and_exit_code() {
+    let app = spawn_app().await;
+    for (language, code) in [
+        (
+            "python",
+            "import sys; print('out'); print('err', file=sys.stderr)",
+        ),
+        ("javascript", "console.log('out'); console.error('err')"),
+        ("bash", "echo out; echo err >&2"),
+    ] {
+        let (status, out) = app
+            .post_json("/execute", json!({ "code": code, "language": language }))
+            .await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["success"], true, "{out}");
+        assert_eq!(out["stdout"], "out\n", "{language}: {out}");
+        assert_eq!(out["stderr"], "err\n", "{language}: {out}");
+        assert_eq!(out["exit_code"], 0);
+        assert_eq!(out["language"], language);
+        assert!(out["execution_time"].as_f64().unwrap() > 0.0);
+        assert!(out["execution_id"].as_str().unwrap().starts_with("exec_"));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_program_that_exits_non_zero_is_failed_not_an_http_error() {
+    let app = spawn_app().await;
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "import sys; print('partial'); sys.exit(3)" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["success"], false);
+    assert_eq!(out["status"], "failed");
+    assert_eq!(out["exit_code"], 3);
+    assert_eq!(out["stdout"], "partial\n");
+    let p = app.process(out["execution_id"].as_str().unwrap()).await;
+    assert_eq!(p["status"], "failed");
+    assert_eq!(p["exit_code"], 3);
+    assert_eq!(p["error"], "exited with code 3");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_is_408_with_the_partial_output_and_status_timeout() {
+    let app = spawn_app().await;
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "echo before; sleep 30; echo after", "language": "bash", "timeout": 1 }),
+        )
+        .await;
+    assert_eq!(status, 408, "{out}");
+    assert_eq!(out["code"], "EXECUTION_TIMEOUT");
+    assert_eq!(out["details"]["stdout"], "before\n");
+    assert_eq!(out["details"]["status"], "timeout");
+    let p = app
+        .process(out["details"]["process_id"].as_str().unwrap())
+        .await;
+    assert_eq!(p["status"], "timeout");
+    assert_eq!(p["stdout"], "before\n");
+    assert!(p["error"].as_str().unwrap().contains("timed out"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn env_and_both_spellings_of_the_working_dir_reach_the_program() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_str = std::fs::canonicalize(dir.path())
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    for field in ["working_dir", "workdir"] {
+        let (status, out) = app
+            .post_json(
+                "/execute",
+                json!({
+                    "code": "import os; print(os.getcwd()); print(os.environ['GREETING'])",
+                    field: dir_str,
+                    "env": { "GREETING": "hello there" },
+                }),
+            )
+            .await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(
+            out["stdout"],
+            format!("{dir_str}\nhello there\n"),
+            "{field}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_agents_own_settings_do_not_leak_into_programs() {
+    let app = spawn_app().await;
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "env | grep -c '^EXECD_' || true", "language": "bash", "env": {"EXECD_MINE": "1"} }),
+        )
+        .await;
+    // Only the variable the submission set itself.
+    assert_eq!(out["stdout"], "1\n", "{out}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commands_run_directly_with_args_and_under_sh_without() {
+    let app = spawn_app().await;
+    let (status, out) = app
+        .post_json(
+            "/commands/run",
+            json!({ "command": "bash", "args": ["-c", "echo $0-$1", "a", "b"] }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["stdout"], "a-b\n");
+    assert_eq!(out["command"], "bash");
+    assert!(out["pid"].as_i64().unwrap() > 0);
+    let (_, out) = app
+        .post_json(
+            "/commands/run",
+            json!({ "command": "echo one | tr a-z A-Z; exit 4" }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "ONE\n");
+    assert_eq!(out["exit_code"], 4);
+    assert_eq!(out["success"], false);
+
+    let (status, out) = app
+        .post_json(
+            "/commands/background",
+            json!({ "command": "echo bg", "name": "cmd-bg" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["command"], "echo bg");
+    let p = app
+        .wait_terminal(out["process_id"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(p["stdout"], "bg\n");
+    assert_eq!(p["name"], "cmd-bg");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_background_submission_answers_at_once_and_runs_to_the_end() {
+    let app = spawn_app().await;
+    let started = std::time::Instant::now();
+    let (status, out) = app
+        .post_json(
+            "/execute/background",
+            json!({ "code": "sleep 1; echo done", "language": "bash", "name": "data-processing" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "answered before the run ended"
+    );
+    assert!(matches!(out["status"].as_str(), Some("queued" | "running")));
+    assert_eq!(out["name"], "data-processing");
+    assert!(out["execution_id"].as_str().unwrap().starts_with("exec_"));
+    let p = app
+        .wait_terminal(out["process_id"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(p["status"], "completed");
+    assert_eq!(p["stdout"], "done\n");
+    assert_eq!(p["exit_code"], 0);
+    assert!(p["execution_time"].as_f64().unwrap() >= 1.0);
+    assert_eq!(p["start_time"], p["started_at"]);
+    assert_eq!(p["end_time"], p["completed_at"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_async_submission_is_stored_with_its_callback_and_the_secret_never_shown() {
+    let app = spawn_app().await;
+    let (status, out) = app
+        .post_json(
+            "/execute/async",
+            json!({
+                "code": "print('async')",
+                "callback_url": "http://127.0.0.1:9/hook",
+                "callback_headers": { "X-Trace": "t1" },
+                "callback_signature_secret": "very-secret-value",
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["status"], "queued");
+    assert_eq!(out["callback_url"], "http://127.0.0.1:9/hook");
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(p["stdout"], "async\n");
+    let (_, list) = app.get_json("/execute/processes").await;
+    for body in [p.to_string(), list.to_string(), out.to_string()] {
+        assert!(!body.contains("very-secret-value"));
+    }
+    // Stored for delivery, though.
+    let db = app.db_path();
+    let stored = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "SELECT callback_secret, callback_headers FROM executions WHERE id = '{id}'"
+        ))
+        .output()
+        .unwrap();
+    let stored = String::from_utf8_lossy(&stored.stdout);
+    assert!(
+        stored.contains("very-secret-value") && stored.contains("X-Trace"),
+        "{stored}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_returns_the_first_execution_without_running_again() {
+    let app = spawn_app().await;
+    let marker = tempfile::tempdir().unwrap();
+    let file = marker.path().join("runs");
+    let body =
+        json!({ "code": format!("echo x >> {}; echo ran", file.display()), "language": "bash" });
+    let send = |body: serde_json::Value| {
+        app.client
+            .post(app.path("/execute"))
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", "key-1")
+            .json(&body)
+            .send()
+    };
+    let first: serde_json::Value = send(body.clone()).await.unwrap().json().await.unwrap();
+    let second: serde_json::Value = send(body.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(first["execution_id"], second["execution_id"]);
+    assert_eq!(second["stdout"], "ran\n");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "x\n",
+        "the code ran once"
+    );
+    let other = send(json!({ "code": "echo other", "language": "bash" }))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 409);
+    let other: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(other["code"], "IDEMPOTENCY_KEY_REUSED");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn output_that_is_not_utf8_is_stored_and_shown_with_replacement_characters() {
+    let app = spawn_app().await;
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "printf 'a\\xff\\xfeb\\n'; printf '\\xe2\\x82' >&2", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["stdout"], "a\u{fffd}\u{fffd}b\n");
+    assert_eq!(out["stderr"], "\u{fffd}");
+    app.stop().await;
+}

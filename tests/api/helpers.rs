@@ -1,0 +1,204 @@
+//! The test harness: the real agent on port 0 with a fresh SQLite file in a
+//! temp dir, and a client that speaks to it.
+
+use std::time::{Duration, Instant};
+
+use execd::config::Config;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub data_dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), execd::app::StartError>>>,
+}
+
+/// The agent with the test token and short timings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// The agent with the test token, adjusted by `adjust`.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::for_data_dir(data_dir.path());
+    config.token = Some(TOKEN.into());
+    config.kill_grace_secs = 0.5;
+    adjust(&mut config);
+    start(config, data_dir).await
+}
+
+/// Starts the agent on `config` (its data dir is `data_dir`).
+pub async fn start(config: Config, data_dir: TempDir) -> TestApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(execd::app::serve(config, listener, async {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let app = TestApp {
+        url,
+        client,
+        data_dir,
+        shutdown: Some(tx),
+        task: Some(task),
+    };
+    // The listener is bound already; wait until the server answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.client.get(app.path("/health")).send().await.is_err() {
+        let task = app.task.as_ref().unwrap();
+        assert!(
+            !task.is_finished(),
+            "agent stopped at start (see its log line)"
+        );
+        assert!(Instant::now() < deadline, "agent did not come up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app
+}
+
+impl TestApp {
+    pub fn path(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.path(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.path(path))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// POSTs and returns the status with the JSON body.
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self.post(path, body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.get(path).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    /// Submits a background job and returns its process id.
+    pub async fn background(&self, body: Value) -> String {
+        let (status, out) = self.post_json("/execute/background", body).await;
+        assert_eq!(status, 200, "{out}");
+        out["process_id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn process(&self, id: &str) -> Value {
+        let (status, out) = self.get_json(&format!("/execute/processes/{id}")).await;
+        assert_eq!(status, 200, "{out}");
+        out
+    }
+
+    /// Polls the process until `done` holds (bounded by `within`).
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        within: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let p = self.process(id).await;
+            if done(&p) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition not reached within {within:?}: {p}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the process is in a terminal status.
+    pub async fn wait_terminal(&self, id: &str, within: Duration) -> Value {
+        self.wait_for(id, within, |p| {
+            !matches!(p["status"].as_str(), Some("queued") | Some("running"))
+        })
+        .await
+    }
+
+    /// Stops the agent gracefully and returns its data dir.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("agent stops within 20 s")
+                .expect("agent task")
+                .expect("agent stops cleanly");
+        }
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap())
+    }
+
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.data_dir.path().join("execd.db")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Whether a process with this pid is alive (and not a zombie).
+pub fn alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .chars()
+                .next();
+            state != Some('Z')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `condition` every 20 ms until true or `within` passes.
+pub async fn eventually(within: Duration, condition: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}

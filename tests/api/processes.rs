@@ -1,0 +1,296 @@
+//! The process list, one process, live output and kills.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn output_is_visible_while_the_job_still_runs() {
+    let app = spawn_app().await;
+    let id = app
+        .background(
+            json!({ "code": "import time\nprint('first')\ntime.sleep(30)\nprint('second')" }),
+        )
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "first\n")
+        .await;
+    assert_eq!(p["status"], "running");
+    assert!(p["pid"].as_i64().unwrap() > 0);
+    assert!(p["exit_code"].is_null());
+    assert!(p["execution_time"].as_f64().is_some());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_line_printed_by_a_running_job_shows_up_within_a_few_hundred_ms() {
+    let app = spawn_app().await;
+    let marker = tempfile::tempdir().unwrap();
+    let go = marker.path().join("go");
+    let id = app
+        .background(json!({
+            "language": "bash",
+            "code": format!("while [ ! -e {} ]; do sleep 0.01; done; echo tick; sleep 30", go.display()),
+        }))
+        .await;
+    app.wait_for(&id, Duration::from_secs(10), |p| p["status"] == "running")
+        .await;
+    std::fs::write(&go, "").unwrap();
+    let printed = Instant::now();
+    app.wait_for(&id, Duration::from_secs(5), |p| p["stdout"] == "tick\n")
+        .await;
+    // A generous bound: the flush interval is 50 ms.
+    assert!(
+        printed.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        printed.elapsed()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_list_is_newest_first_and_filters_by_status_and_name_with_a_cursor() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (_, out) = app
+            .post_json(
+                "/execute",
+                json!({ "code": format!("exit {}", i % 2), "language": "bash", "name": format!("job-{}", i % 2) }),
+            )
+            .await;
+        ids.push(out["process_id"].as_str().unwrap().to_string());
+    }
+    let (status, list) = app.get_json("/execute/processes").await;
+    assert_eq!(status, 200);
+    let listed: Vec<&str> = list["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["process_id"].as_str().unwrap())
+        .collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+    assert_eq!(list["count"], 5);
+    assert!(list["timestamp"].is_string());
+
+    let (_, failed) = app.get_json("/execute/processes?status=failed").await;
+    assert_eq!(failed["count"], 2);
+    assert!(failed["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["status"] == "failed"));
+    let (_, named) = app.get_json("/execute/processes?name=job-0").await;
+    assert_eq!(named["count"], 3);
+
+    let (_, page1) = app.get_json("/execute/processes?limit=2").await;
+    assert_eq!(page1["count"], 2);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_string();
+    let (_, page2) = app
+        .get_json(&format!("/execute/processes?limit=2&cursor={cursor}"))
+        .await;
+    let (_, page2_by_offset) = app.get_json("/execute/processes?limit=2&offset=2").await;
+    let ids_of = |v: &Value| -> Vec<String> {
+        v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["process_id"].to_string())
+            .collect()
+    };
+    assert_eq!(ids_of(&page2), ids_of(&page2_by_offset));
+    assert_eq!(
+        ids_of(&page2),
+        vec![format!("{:?}", ids[2]), format!("{:?}", ids[1])]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_is_found_by_either_id_and_an_unknown_one_is_404() {
+    let app = spawn_app().await;
+    let (_, out) = app
+        .post_json("/execute", json!({ "code": "echo x", "language": "bash" }))
+        .await;
+    let by_exec = app.process(out["execution_id"].as_str().unwrap()).await;
+    let by_proc = app.process(out["process_id"].as_str().unwrap()).await;
+    assert_eq!(by_exec["process_id"], by_proc["process_id"]);
+    let (status, err) = app.get_json("/execute/processes/proc_nope").await;
+    assert_eq!(status, 404);
+    assert_eq!(err["code"], "PROCESS_NOT_FOUND");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn output_beyond_the_cap_is_dropped_and_flagged() {
+    let app = spawn_app_with(|c| c.max_output_bytes = 1000).await;
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "import sys\nsys.stdout.write('x' * 5000)\nsys.stderr.write('short')" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["stdout"].as_str().unwrap().len(), 1000);
+    assert_eq!(out["stdout_truncated"], true);
+    assert_eq!(out["stderr"], "short");
+    assert_eq!(out["stderr_truncated"], false);
+    assert_eq!(out["success"], true, "the program itself is unaffected");
+    app.stop().await;
+}
+
+async fn kill_with(app: &TestApp, shape: &str, id: &str) -> (u16, Value) {
+    let request = match shape {
+        "post-execute-kill" => app.client.post(app.path(&format!("/execute/kill/{id}"))),
+        "delete-query" => app
+            .client
+            .delete(app.path(&format!("/execute/kill?process_id={id}"))),
+        "delete-body" => app
+            .client
+            .delete(app.path("/execute/kill"))
+            .json(&json!({ "process_id": id })),
+        "post-processes-kill" => app.client.post(app.path(&format!("/processes/{id}/kill"))),
+        _ => unreachable!(),
+    };
+    let response = request.bearer_auth(TOKEN).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+const SHAPES: [&str; 4] = [
+    "post-execute-kill",
+    "delete-query",
+    "delete-body",
+    "post-processes-kill",
+];
+
+#[tokio::test]
+async fn all_four_kill_shapes_kill_a_running_process() {
+    let app = spawn_app().await;
+    for shape in SHAPES {
+        let id = app
+            .background(json!({ "code": "echo up; sleep 60", "language": "bash" }))
+            .await;
+        app.wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+            .await;
+        let (status, out) = kill_with(&app, shape, &id).await;
+        assert_eq!(status, 200, "{shape}: {out}");
+        assert_eq!(out["status"], "killed", "{shape}");
+        assert_eq!(out["process_id"], id.as_str());
+        assert!(out["execution_id"].as_str().unwrap().starts_with("exec_"));
+        let p = app.process(&id).await;
+        assert_eq!(p["status"], "killed");
+        assert!(
+            !alive(p["pid"].as_i64().unwrap()),
+            "{shape}: the program is gone"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn killing_an_unknown_process_is_404_and_a_finished_one_changes_nothing() {
+    let app = spawn_app().await;
+    for shape in SHAPES {
+        let (status, out) = kill_with(&app, shape, "proc_unknown").await;
+        assert_eq!(status, 404, "{shape}");
+        assert_eq!(out["code"], "PROCESS_NOT_FOUND");
+    }
+    let (_, done) = app
+        .post_json("/execute", json!({ "code": "echo ok", "language": "bash" }))
+        .await;
+    let id = done["process_id"].as_str().unwrap();
+    let (status, out) = kill_with(&app, "post-execute-kill", id).await;
+    assert_eq!(status, 200);
+    assert_eq!(out["status"], "completed");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("already finished"),
+        "{out}"
+    );
+    assert_eq!(app.process(id).await["status"], "completed");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn killing_a_job_kills_the_grandchildren_it_started() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("grandchild.pid");
+    let code = format!(
+        "import subprocess, time\np = subprocess.Popen(['sleep', '300'])\nopen('{}', 'w').write(str(p.pid))\nprint('started', flush=True)\ntime.sleep(300)",
+        pidfile.display()
+    );
+    let id = app.background(json!({ "code": code })).await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "started\n")
+        .await;
+    let child: i64 = p["pid"].as_i64().unwrap();
+    let grandchild: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(child) && alive(grandchild));
+    let (status, _) = kill_with(&app, "post-execute-kill", &id).await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(child)
+            && !alive(grandchild))
+        .await
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_grandchild_left_behind_by_a_finished_job_is_cleaned_up() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("orphan.pid");
+    let code = format!(
+        "sleep 300 > /dev/null 2>&1 & echo $! > {}; echo bye",
+        pidfile.display()
+    );
+    let (status, out) = app
+        .post_json("/execute", json!({ "code": code, "language": "bash" }))
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["status"], "completed");
+    let orphan: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(orphan)).await,
+        "orphan {orphan} survived"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_queued_job_can_be_killed_before_it_starts() {
+    let app = spawn_app_with(|c| c.async_concurrency = 1).await;
+    let body = |code: &str| json!({ "code": code, "language": "bash", "callback_url": "http://127.0.0.1:9/x" });
+    let (_, first) = app.post_json("/execute/async", body("sleep 60")).await;
+    let (_, second) = app.post_json("/execute/async", body("echo never")).await;
+    let second_id = second["process_id"].as_str().unwrap();
+    app.wait_for(
+        first["process_id"].as_str().unwrap(),
+        Duration::from_secs(10),
+        |p| p["status"] == "running",
+    )
+    .await;
+    assert_eq!(app.process(second_id).await["status"], "queued");
+    let (status, out) = kill_with(&app, "delete-query", second_id).await;
+    assert_eq!(status, 200);
+    assert_eq!(out["status"], "killed");
+    let p = app.process(second_id).await;
+    assert!(p["pid"].is_null() && p["stdout"] == "", "it never ran: {p}");
+    app.stop().await;
+}

@@ -1,0 +1,176 @@
+//! The runner pool: concurrency limits, lanes, load, and restarts.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn async_body(code: &str) -> serde_json::Value {
+    json!({ "code": code, "language": "bash", "callback_url": "http://127.0.0.1:9/x" })
+}
+
+#[tokio::test]
+async fn the_concurrency_limit_queues_jobs_then_runs_them() {
+    let app = spawn_app_with(|c| c.async_concurrency = 2).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (_, out) = app.post_json("/execute/async", async_body("sleep 1")).await;
+        ids.push(out["process_id"].as_str().unwrap().to_string());
+    }
+    app.wait_for(&ids[1], Duration::from_secs(10), |p| {
+        p["status"] == "running"
+    })
+    .await;
+    let statuses: Vec<String> = {
+        let mut s = Vec::new();
+        for id in &ids {
+            s.push(
+                app.process(id).await["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        s
+    };
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "running").count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "queued").count(),
+        2,
+        "{statuses:?}"
+    );
+    for id in &ids {
+        let p = app.wait_terminal(id, Duration::from_secs(20)).await;
+        assert_eq!(p["status"], "completed");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sync_runs_do_not_wait_behind_a_queue_of_async_jobs() {
+    let app = spawn_app_with(|c| c.async_concurrency = 1).await;
+    for _ in 0..5 {
+        app.post_json("/execute/async", async_body("sleep 30"))
+            .await;
+    }
+    let started = Instant::now();
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "echo now", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(out["stdout"], "now\n");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let id = app
+        .background(json!({ "code": "echo bg", "language": "bash" }))
+        .await;
+    assert_eq!(
+        app.wait_terminal(&id, Duration::from_secs(10)).await["status"],
+        "completed"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_submissions_all_reach_a_terminal_status() {
+    let app = spawn_app_with(|c| {
+        c.async_concurrency = 8;
+        c.background_concurrency = 8;
+    })
+    .await;
+    let submissions = (0..100).map(|i| {
+        let app = &app;
+        async move {
+            let (route, body) = match i % 3 {
+                0 => ("/execute/async", async_body(&format!("echo {i}"))),
+                1 => (
+                    "/execute/background",
+                    json!({ "code": format!("print({i})") }),
+                ),
+                _ => (
+                    "/execute",
+                    json!({ "code": format!("exit {}", i % 2), "language": "bash" }),
+                ),
+            };
+            let (status, out) = app.post_json(route, body).await;
+            assert_eq!(status, 200, "{out}");
+            out["process_id"].as_str().unwrap().to_string()
+        }
+    });
+    let ids = futures::future::join_all(submissions).await;
+    for id in &ids {
+        let p = app.wait_terminal(id, Duration::from_secs(60)).await;
+        assert!(
+            matches!(p["status"].as_str(), Some("completed" | "failed")),
+            "{p}"
+        );
+    }
+    let (_, list) = app.get_json("/execute/processes?limit=1000").await;
+    assert_eq!(list["count"], 100);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_agent_ends_running_jobs_and_a_restart_finds_them_failed() {
+    let app = spawn_app().await;
+    let id = app
+        .background(json!({ "code": "echo up; sleep 60", "language": "bash" }))
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .await;
+    let pid = p["pid"].as_i64().unwrap();
+    let data_dir = app.stop().await;
+    assert!(!alive(pid), "the program ended with the agent");
+
+    let mut config = execd::config::Config::for_data_dir(data_dir.path());
+    config.token = Some(TOKEN.into());
+    let app = start(config, data_dir).await;
+    let p = app.process(&id).await;
+    assert_eq!(p["status"], "failed");
+    assert!(p["error"].as_str().unwrap().contains("shut down"), "{p}");
+    assert_eq!(p["stdout"], "up\n", "output kept");
+    // The restarted agent runs new work.
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "echo again", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "again\n");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn rows_left_running_by_a_crashed_agent_are_failed_at_start() {
+    let app = spawn_app().await;
+    let id = app
+        .background(json!({ "code": "echo x", "language": "bash" }))
+        .await;
+    app.wait_terminal(&id, Duration::from_secs(10)).await;
+    let data_dir = app.stop().await;
+    // Pretend a crashed agent of another boot left it running.
+    let db = data_dir.path().join("execd.db");
+    let done = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "UPDATE executions SET status = 'running', owner = 'boot_gone', completed_at = NULL WHERE process_id = '{id}'"
+        ))
+        .status()
+        .unwrap();
+    assert!(done.success());
+    let mut config = execd::config::Config::for_data_dir(data_dir.path());
+    config.token = Some(TOKEN.into());
+    let app = start(config, data_dir).await;
+    let p = app.process(&id).await;
+    assert_eq!(p["status"], "failed");
+    assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
+    app.stop().await;
+}

@@ -1,0 +1,374 @@
+//! Bad input: every rule of API.md gets its status and code in the error
+//! body, and the agent goes on serving.
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// Checks the error body of API.md on a response.
+async fn assert_error(response: reqwest::Response, status: u16, code: &str, what: &str) {
+    assert_eq!(response.status().as_u16(), status, "{what}");
+    assert!(response.headers().contains_key("x-request-id"), "{what}");
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/json",
+        "{what}"
+    );
+    let path = response.url().path().to_string();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{what}: {body}");
+    assert_eq!(body["error"], body["message"], "{what}");
+    assert!(!body["error"].as_str().unwrap().is_empty(), "{what}");
+    assert_eq!(body["path"], path.as_str(), "{what}");
+    assert!(
+        body["request_id"].is_string() && body["timestamp"].is_string(),
+        "{what}"
+    );
+    assert!(body["details"].is_object(), "{what}");
+}
+
+#[tokio::test]
+async fn each_submission_rule_has_its_status_and_code() {
+    let app = spawn_app_with(|c| c.max_code_bytes = 1000).await;
+    let cb = "http://127.0.0.1:9/hook";
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("/execute", json!({}), 400, "MISSING_PARAMETER"),
+        (
+            "/execute",
+            json!({ "code": null }),
+            400,
+            "MISSING_PARAMETER",
+        ),
+        ("/execute", json!({ "code": "" }), 400, "INVALID_REQUEST"),
+        ("/execute", json!({ "code": 42 }), 400, "INVALID_REQUEST"),
+        (
+            "/execute",
+            json!({ "code": "x".repeat(1001) }),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "language": "cobol" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "timeout": 0 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "timeout": -5 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "timeout": 10_000_000 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "timeout": "soon" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "working_dir": "/no/such/dir" }),
+            400,
+            "DIRECTORY_NOT_FOUND",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "workdir": "/no/such/dir" }),
+            400,
+            "DIRECTORY_NOT_FOUND",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "env": { "": "v" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "env": { "A=B": "v" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "env": { "A\u{0}": "v" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "env": { "A": 1 } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "env": ["A"] }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "name": "n".repeat(300) }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute",
+            json!(["not", "an", "object"]),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/background",
+            json!({ "language": "python" }),
+            400,
+            "MISSING_PARAMETER",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x" }),
+            400,
+            "MISSING_PARAMETER",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": "not a url" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": "/relative/path" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": "ftp://127.0.0.1/x" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_headers": { "Content-Type": "text/plain" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_headers": { "x-hopx-signature": "forged" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_headers": { "Host": "evil" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_headers": { "bad header": "v" } }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/commands/run",
+            json!({ "args": ["x"] }),
+            400,
+            "MISSING_PARAMETER",
+        ),
+        (
+            "/commands/run",
+            json!({ "command": "  " }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/commands/background",
+            json!({ "command": "true", "timeout": 0 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let what = format!("POST {path} {body}");
+        assert_error(app.post(path, body).await, status, code, &what).await;
+    }
+    // Nothing was stored by any of them.
+    let (_, list) = app.get_json("/execute/processes").await;
+    assert_eq!(list["count"], 0, "{list}");
+    // And the agent still serves.
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "echo fine", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(out["stdout"], "fine\n");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_language_that_is_not_installed_is_a_400() {
+    let app = spawn_app().await;
+    let (_, info) = app.get_json("/info").await;
+    let installed: Vec<&str> = info["languages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    for language in ["python", "javascript", "bash", "go"] {
+        let response = app
+            .post("/execute", json!({ "code": "x", "language": language }))
+            .await;
+        if installed.contains(&language) {
+            continue;
+        }
+        assert_error(response, 400, "INVALID_REQUEST", language).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
+    let app = spawn_app_with(|c| {
+        c.max_body_bytes = 4096;
+        c.max_code_bytes = 4096;
+    })
+    .await;
+    let raw = |method: reqwest::Method, path: &str| {
+        app.client
+            .request(method, app.path(path))
+            .bearer_auth(TOKEN)
+    };
+    let json_post = |body: &'static str| {
+        raw(reqwest::Method::POST, "/execute")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    assert_error(
+        json_post("{not json").send().await.unwrap(),
+        400,
+        "INVALID_JSON",
+        "syntax",
+    )
+    .await;
+    assert_error(
+        json_post("").send().await.unwrap(),
+        400,
+        "INVALID_JSON",
+        "empty",
+    )
+    .await;
+    assert_error(
+        json_post("{\"code\": \"x\"").send().await.unwrap(),
+        400,
+        "INVALID_JSON",
+        "eof",
+    )
+    .await;
+    let wrong_type = raw(reqwest::Method::POST, "/execute")
+        .header("content-type", "text/plain")
+        .body("{\"code\":\"x\"}");
+    assert_error(
+        wrong_type.send().await.unwrap(),
+        415,
+        "INVALID_REQUEST",
+        "content type",
+    )
+    .await;
+    let no_type = raw(reqwest::Method::POST, "/execute").body("{\"code\":\"x\"}");
+    assert_error(
+        no_type.send().await.unwrap(),
+        415,
+        "INVALID_REQUEST",
+        "no content type",
+    )
+    .await;
+    let big = raw(reqwest::Method::POST, "/execute").json(&json!({ "code": "x".repeat(10_000) }));
+    assert_error(
+        big.send().await.unwrap(),
+        413,
+        "PAYLOAD_TOO_LARGE",
+        "body limit",
+    )
+    .await;
+    assert_error(
+        raw(reqwest::Method::GET, "/nope").send().await.unwrap(),
+        404,
+        "NOT_FOUND",
+        "404",
+    )
+    .await;
+    assert_error(
+        raw(reqwest::Method::GET, "/execute").send().await.unwrap(),
+        405,
+        "METHOD_NOT_ALLOWED",
+        "405",
+    )
+    .await;
+    assert_error(
+        raw(reqwest::Method::DELETE, "/execute/kill")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "MISSING_PARAMETER",
+        "kill without id",
+    )
+    .await;
+    for query in [
+        "status=done",
+        "limit=0",
+        "limit=abc",
+        "limit=100000",
+        "cursor=-1",
+        "offset=x",
+    ] {
+        let response = raw(reqwest::Method::GET, &format!("/execute/processes?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, 400, "INVALID_REQUEST", query).await;
+    }
+    let (status, _) = app
+        .post_json("/execute", json!({ "code": "echo ok", "language": "bash" }))
+        .await;
+    assert_eq!(status, 200, "still serving");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_a_given_one_is_echoed() {
+    let app = spawn_app().await;
+    let response = app.client.get(app.path("/health")).send().await.unwrap();
+    assert!(response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
+    let response = app
+        .client
+        .get(app.path("/health"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    app.stop().await;
+}
