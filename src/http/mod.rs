@@ -65,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         .merge(system::public_router())
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        // A panicking handler becomes a 500 with the error body, not a dropped connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(middleware::from_fn(error::envelope))
         .with_state(state)
 }

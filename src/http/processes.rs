@@ -274,6 +274,10 @@ async fn kill(state: &AppState, id: &str) -> Result<Json<Value>, ApiError> {
             (row, message)
         }
         KillOutcome::Done(row) if row.status == "killed" => (row, "process killed".to_string()),
+        KillOutcome::Done(row) if matches!(row.status.as_str(), "queued" | "running") => (
+            row,
+            "kill requested; the process has not ended yet".to_string(),
+        ),
         KillOutcome::Done(row) => {
             let message = format!(
                 "the process finished ({}) before it could be killed",

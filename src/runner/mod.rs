@@ -138,7 +138,11 @@ impl Runner {
                                 .clone()
                                 .try_acquire_owned()
                                 .expect("a permit per claimed job");
-                            self.tasks.spawn(self.clone().run_job(lane, job, permit));
+                            // Registered before the task starts, so a kill
+                            // arriving meanwhile finds it.
+                            let handle = self.register(&job.id);
+                            self.tasks
+                                .spawn(self.clone().run_job(lane, job, handle, permit));
                         }
                         if full {
                             continue;
@@ -167,13 +171,7 @@ impl Runner {
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(execution_id = %job.id, lane = lane.as_str()))]
-    async fn run_job(self: Arc<Self>, lane: Lane, job: Claimed, permit: OwnedSemaphorePermit) {
-        let fence = Fence {
-            id: job.id.clone(),
-            owner: self.config.owner.clone(),
-            attempt: job.attempt,
-        };
+    fn register(&self, id: &str) -> Arc<Running> {
         let handle = Arc::new(Running {
             stop: CancellationToken::new(),
             reason: Mutex::new(StopReason::Killed),
@@ -181,7 +179,23 @@ impl Runner {
         self.running
             .lock()
             .unwrap()
-            .insert(job.id.clone(), handle.clone());
+            .insert(id.to_string(), handle.clone());
+        handle
+    }
+
+    #[tracing::instrument(skip_all, fields(execution_id = %job.id, lane = lane.as_str()))]
+    async fn run_job(
+        self: Arc<Self>,
+        lane: Lane,
+        job: Claimed,
+        handle: Arc<Running>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let fence = Fence {
+            id: job.id.clone(),
+            owner: self.config.owner.clone(),
+            attempt: job.attempt,
+        };
         let run_dir = self.config.runs_dir.join(&job.id);
         let finish = self.execute(&job, &fence, &handle, &run_dir).await;
         let _ = tokio::fs::remove_dir_all(&run_dir).await;
@@ -222,6 +236,15 @@ impl Runner {
             error: Some(error),
             completed_at: db::now(),
         };
+        if handle.stop.is_cancelled() {
+            // Stopped between the claim and the start: never run it.
+            return Finish {
+                status: Status::Killed,
+                exit_code: None,
+                error: Some("killed before it started".into()),
+                completed_at: db::now(),
+            };
+        }
         let mut launch = match self.launch(job, run_dir) {
             Ok(launch) => launch,
             Err(e) => return failed(format!("could not start: {e}")),
