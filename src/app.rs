@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::Db;
+use crate::delivery::{Deliverer, DeliveryConfig};
 use crate::domain::{Lane, Languages, Limits};
 use crate::http::{self, AppState, Auth};
 use crate::runner::{Runner, RunnerConfig};
@@ -74,6 +75,17 @@ pub async fn serve(
     let stop_writer = CancellationToken::new();
     let (db, writer_task) = Db::open(&config.db_path(), stop_writer.clone()).await?;
     let owner = format!("boot_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let deliverer = Deliverer::new(
+        db.clone(),
+        DeliveryConfig {
+            owner: owner.clone(),
+            schedule: config.callback_schedule(),
+            timeout: Duration::from_secs_f64(config.callback_timeout_secs),
+            concurrency: config.callback_concurrency,
+            payload_output_bytes: config.callback_output_bytes,
+            poll_interval: config.poll_interval(),
+        },
+    );
     let runner = Runner::new(
         db.clone(),
         RunnerConfig {
@@ -88,7 +100,9 @@ pub async fn serve(
                 (Lane::Background, config.background_concurrency),
                 (Lane::Async, config.async_concurrency),
             ],
+            callback_output_bytes: config.callback_output_bytes,
         },
+        deliverer.clone(),
     );
     let lost = runner.recover().await.map_err(StartError::Recover)?;
     if lost > 0 {
@@ -99,10 +113,13 @@ pub async fn serve(
     }
     let stop = CancellationToken::new();
     let runner_task = runner.start(stop.clone());
+    let delivery_task = deliverer.start(stop.clone());
 
     let state = AppState::new(http::Inner {
         db,
         runner,
+        deliverer,
+        callback_output_bytes: config.callback_output_bytes,
         limits: Limits {
             max_code_bytes: config.max_code_bytes,
             max_timeout: Duration::from_secs_f64(config.max_timeout_secs),
@@ -137,6 +154,7 @@ pub async fn serve(
         .await;
     stop.cancel();
     let _ = runner_task.await;
+    let _ = delivery_task.await;
     stop_writer.cancel();
     let _ = writer_task.await;
     tracing::info!("stopped");

@@ -124,6 +124,42 @@ pub struct Config {
     )]
     pub poll_interval_secs: f64,
 
+    /// Time allowed for one callback attempt (connect, send, response).
+    #[arg(
+        long = "callback-timeout",
+        env = "EXECD_CALLBACK_TIMEOUT",
+        default_value_t = 10.0
+    )]
+    pub callback_timeout_secs: f64,
+
+    /// Callback attempts in flight at once.
+    #[arg(long, env = "EXECD_CALLBACK_CONCURRENCY", default_value_t = 64)]
+    pub callback_concurrency: usize,
+
+    /// Delays between callback attempts after the first (immediate) one; when the last fails, the delivery is dead.
+    #[arg(
+        long,
+        env = "EXECD_CALLBACK_RETRY_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,10h"
+    )]
+    pub callback_retry_schedule: String,
+
+    /// Each retry delay is scaled by a random factor within ± this fraction.
+    #[arg(long, env = "EXECD_CALLBACK_JITTER", default_value_t = 0.1)]
+    pub callback_jitter: f64,
+
+    /// Longest `Retry-After` (from a 429 or 503) honoured, in seconds.
+    #[arg(
+        long = "callback-max-retry-after",
+        env = "EXECD_CALLBACK_MAX_RETRY_AFTER",
+        default_value_t = 3600.0
+    )]
+    pub callback_max_retry_after_secs: f64,
+
+    /// Output per stream in a callback payload (the tail), in bytes; the API keeps it all.
+    #[arg(long, env = "EXECD_CALLBACK_OUTPUT_BYTES", default_value_t = 1 << 20)]
+    pub callback_output_bytes: usize,
+
     /// Log format.
     #[arg(long, env = "EXECD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -174,6 +210,23 @@ impl Config {
                 )));
             }
         }
+        if self.callback_concurrency == 0 {
+            return bad("--callback-concurrency must be greater than 0");
+        }
+        if !(self.callback_timeout_secs.is_finite() && self.callback_timeout_secs > 0.0) {
+            return bad("--callback-timeout must be a positive number of seconds");
+        }
+        if !(self.callback_max_retry_after_secs.is_finite()
+            && self.callback_max_retry_after_secs >= 0.0)
+        {
+            return bad("--callback-max-retry-after must be zero or more seconds");
+        }
+        if !(0.0..1.0).contains(&self.callback_jitter) {
+            return bad("--callback-jitter must be at least 0 and below 1");
+        }
+        if let Err(e) = crate::delivery::schedule::parse_delays(&self.callback_retry_schedule) {
+            return Err(ConfigError(format!("--callback-retry-schedule: {e}")));
+        }
         if !(self.kill_grace_secs.is_finite() && self.kill_grace_secs >= 0.0) {
             return bad("--kill-grace must be zero or more seconds");
         }
@@ -206,6 +259,16 @@ impl Config {
         Duration::from_secs_f64(self.poll_interval_secs)
     }
 
+    /// The callback retry schedule (validated by `validate`).
+    pub fn callback_schedule(&self) -> crate::delivery::schedule::Schedule {
+        crate::delivery::schedule::Schedule {
+            delays: crate::delivery::schedule::parse_delays(&self.callback_retry_schedule)
+                .unwrap_or_default(),
+            jitter: self.callback_jitter,
+            max_retry_after: Duration::from_secs_f64(self.callback_max_retry_after_secs),
+        }
+    }
+
     /// A configuration for tests and embedding: defaults, a data dir, no flags read.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         let mut config = Cli::parse_from(["execd"]).into_config();
@@ -234,6 +297,15 @@ impl fmt::Debug for Config {
             .field("workdir", &self.workdir)
             .field("list_output_bytes", &self.list_output_bytes)
             .field("poll_interval_secs", &self.poll_interval_secs)
+            .field("callback_timeout_secs", &self.callback_timeout_secs)
+            .field("callback_concurrency", &self.callback_concurrency)
+            .field("callback_retry_schedule", &self.callback_retry_schedule)
+            .field("callback_jitter", &self.callback_jitter)
+            .field(
+                "callback_max_retry_after_secs",
+                &self.callback_max_retry_after_secs,
+            )
+            .field("callback_output_bytes", &self.callback_output_bytes)
             .field("log_format", &self.log_format)
             .finish()
     }

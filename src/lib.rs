@@ -10,12 +10,16 @@
 //!   its own process group, streaming its output into `output_chunks`.
 //! - The terminal status is written fenced by owner (this boot) and attempt,
 //!   so a stale runner can never overwrite a newer state.
+//! - The terminal status of an async execution and its callback row (the
+//!   outbox, payload frozen) are one transaction; [`delivery`] claims due
+//!   callbacks with a lease, signs and POSTs them, and retries on a schedule.
 //! - [`app`] wires it together: [`app::serve`] takes a listener and a shutdown
 //!   future, which is how `main` and the integration tests start the agent.
 
 pub mod app;
 pub mod config;
 pub mod db;
+pub mod delivery;
 pub mod domain;
 pub mod http;
 pub mod runner;

@@ -333,16 +333,17 @@ pub async fn fail_lost(
     conn: &mut SqliteConnection,
     owner: &str,
     now: &str,
-) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query!(
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows = sqlx::query_scalar!(
         r#"UPDATE executions
               SET status = 'failed', completed_at = ?,
                   error = 'the process was lost: the agent stopped while it ran'
-            WHERE status = 'running' AND owner IS NOT ?"#,
+            WHERE status = 'running' AND owner IS NOT ?
+        RETURNING id AS "id!""#,
         now,
         owner,
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(done.rows_affected())
+    Ok(rows)
 }

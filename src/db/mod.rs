@@ -11,6 +11,7 @@
 //! - `busy_timeout=5s`: an operator's `sqlite3` session holding a lock briefly
 //!   delays the agent instead of failing it.
 
+pub mod callbacks;
 pub mod executions;
 pub mod output;
 mod writer;

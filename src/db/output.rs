@@ -89,20 +89,24 @@ pub async fn read(
     Ok(out)
 }
 
-/// The last `max` bytes of one stream, and whether earlier output was left out.
-pub async fn read_tail(
-    pool: &SqlitePool,
+/// The last `max` bytes of one stream, and whether earlier output was left
+/// out. On the read pool, or on the writer connection inside a transaction.
+pub async fn read_tail<'c, E>(
+    executor: E,
     execution_id: &str,
     stream: Stream,
     max: usize,
-) -> Result<(Vec<u8>, bool), sqlx::Error> {
+) -> Result<(Vec<u8>, bool), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     let stream = stream.as_str();
     let mut rows = sqlx::query_scalar!(
         r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks WHERE execution_id = ? AND stream = ? ORDER BY seq DESC"#,
         execution_id,
         stream
     )
-    .fetch(pool);
+    .fetch(executor);
     let mut pieces = Vec::new();
     let mut size = 0;
     let mut cut = false;

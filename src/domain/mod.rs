@@ -28,3 +28,18 @@ impl Stream {
         }
     }
 }
+
+/// Seconds between two stored timestamps (or from `from` to now).
+pub fn seconds_between(from: Option<&str>, to: Option<&str>) -> Option<f64> {
+    let parse = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    };
+    let from = parse(from?)?;
+    let to = match to {
+        Some(t) => parse(t)?,
+        None => chrono::Utc::now(),
+    };
+    Some(((to - from).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0))
+}

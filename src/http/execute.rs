@@ -11,11 +11,11 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::processes::{read_output, seconds_between, OutputView};
+use super::processes::{read_output, OutputView};
 use super::{timestamp_now, ApiError, AppState, JsonBody};
 use crate::db::executions::{self, ExecutionRow, Idempotency, Inserted};
 use crate::db::{self};
-use crate::domain::{new_ids, CommandIn, ExecuteIn, Lane, Submission};
+use crate::domain::{new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Submission};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -2,6 +2,7 @@
 //! envelope and auth as middleware, and the JSON body extractor.
 
 mod auth;
+mod callbacks;
 mod error;
 mod execute;
 mod processes;
@@ -30,6 +31,9 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub db: Db,
     pub runner: Arc<Runner>,
+    pub deliverer: Arc<crate::delivery::Deliverer>,
+    /// Output per stream in a callback payload.
+    pub callback_output_bytes: usize,
     pub limits: Limits,
     pub auth: Auth,
     /// Bytes of each stream shown per process in lists.
@@ -59,6 +63,7 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .merge(execute::router())
         .merge(processes::router())
+        .merge(callbacks::router())
         .merge(system::protected_router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::{parse_json, timestamp_now, ApiError, AppState};
 use crate::db::executions::{self, ExecutionRow, ListFilter};
 use crate::db::output;
-use crate::domain::{Status, Stream};
+use crate::domain::{seconds_between, Status, Stream};
 use crate::runner::KillOutcome;
 
 pub fn router() -> Router<AppState> {
@@ -52,6 +52,9 @@ pub struct ProcessOut {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The latest callback delivery of an async execution (null until it ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<super::callbacks::CallbackOut>,
 }
 
 /// How much output to show.
@@ -61,21 +64,6 @@ pub enum OutputView {
     Full,
     /// The last bytes of each stream.
     Tail(usize),
-}
-
-/// Seconds between two stored timestamps (or from `from` to now).
-pub fn seconds_between(from: Option<&str>, to: Option<&str>) -> Option<f64> {
-    let parse = |t: &str| {
-        chrono::DateTime::parse_from_rfc3339(t)
-            .ok()
-            .map(|t| t.with_timezone(&chrono::Utc))
-    };
-    let from = parse(from?)?;
-    let to = match to {
-        Some(t) => parse(t)?,
-        None => chrono::Utc::now(),
-    };
-    Some(((to - from).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0))
 }
 
 /// The two streams of an execution as text (invalid UTF-8 replaced), with
@@ -116,6 +104,7 @@ impl ProcessOut {
         let [(stdout, stdout_truncated), (stderr, stderr_truncated)] =
             read_output(state, &row, view).await?;
         let running = row.completed_at.is_none();
+        let callback = super::callbacks::latest(state, &row).await?;
         let elapsed = seconds_between(row.started_at.as_deref(), row.completed_at.as_deref());
         Ok(ProcessOut {
             execution_time: elapsed,
@@ -140,6 +129,7 @@ impl ProcessOut {
             timeout: row.timeout_ms as f64 / 1000.0,
             error: row.error,
             callback_url: row.callback_url,
+            callback,
         })
     }
 }

@@ -13,12 +13,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use sqlx::SqliteConnection;
 use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
+use crate::delivery::{self, Deliverer};
 use crate::domain::{Lane, Languages, Status, Stream};
 use process::Launch;
 
@@ -35,6 +38,8 @@ pub struct RunnerConfig {
     pub kill_grace: Duration,
     pub poll_interval: Duration,
     pub concurrency: [(Lane, usize); 3],
+    /// Output per stream in a callback payload.
+    pub callback_output_bytes: usize,
 }
 
 /// Why a running job is being stopped from outside.
@@ -63,6 +68,8 @@ pub enum KillOutcome {
 
 pub struct Runner {
     db: Db,
+    /// Woken when a terminal transition queued a callback.
+    deliverer: Arc<Deliverer>,
     config: RunnerConfig,
     /// One per lane: a submission wakes its lane's claim loop at once.
     wake: HashMap<Lane, Notify>,
@@ -83,9 +90,10 @@ pub enum RunnerError {
 }
 
 impl Runner {
-    pub fn new(db: Db, config: RunnerConfig) -> Arc<Runner> {
+    pub fn new(db: Db, config: RunnerConfig, deliverer: Arc<Deliverer>) -> Arc<Runner> {
         Arc::new(Runner {
             db,
+            deliverer,
             wake: Lane::ALL.into_iter().map(|l| (l, Notify::new())).collect(),
             config,
             running: Mutex::new(HashMap::new()),
@@ -202,22 +210,22 @@ impl Runner {
         tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
         let written = {
             let fence = fence.clone();
-            self.db
-                .writer
-                .write(move |c| {
-                    Box::pin(async move { executions::finish(c, &fence, &finish).await })
+            self.end(move |c| {
+                Box::pin(async move {
+                    let ended = executions::finish(c, &fence, &finish).await?;
+                    Ok(if ended { vec![fence.id] } else { vec![] })
                 })
-                .await
+            })
+            .await
         };
         match written {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(ended) if ended.is_empty() => {
                 tracing::warn!("terminal status not written: the execution is no longer ours")
             }
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "terminal status not written"),
         }
         self.running.lock().unwrap().remove(&job.id);
-        let _ = self.finished.send(job.id);
         drop(permit);
         self.wake(lane);
     }
@@ -404,15 +412,16 @@ impl Runner {
         let exec_id = row.id.clone();
         let killed_queued = {
             let exec_id = exec_id.clone();
-            self.db
-                .writer
-                .write(move |c| {
-                    Box::pin(async move { executions::kill_queued(c, &exec_id, &db::now()).await })
+            self.end(move |c| {
+                Box::pin(async move {
+                    let killed = executions::kill_queued(c, &exec_id, &db::now()).await?;
+                    Ok(if killed { vec![exec_id] } else { vec![] })
                 })
-                .await?
+            })
+            .await?
         };
-        if killed_queued {
-            let _ = self.finished.send(exec_id.clone());
+        if !killed_queued.is_empty() {
+            // Done: its status and callback are written.
         } else if let Some(running) = self.running.lock().unwrap().get(&exec_id) {
             *running.reason.lock().unwrap() = StopReason::Killed;
             running.stop.cancel();
@@ -438,13 +447,48 @@ impl Runner {
 
     /// Resolves rows left `running` by an earlier boot of the agent: their
     /// programs died with it, so they are failed with a clear error.
-    pub async fn recover(&self) -> Result<u64, db::WriteError> {
+    pub async fn recover(&self) -> Result<usize, db::WriteError> {
         let owner = self.config.owner.clone();
-        self.db
-            .writer
-            .write(move |c| {
+        let lost = self
+            .end(move |c| {
                 Box::pin(async move { executions::fail_lost(c, &owner, &db::now()).await })
             })
-            .await
+            .await?;
+        Ok(lost.len())
+    }
+
+    /// Writes a terminal transition (`change` returns the executions it
+    /// ended) and, in the same transaction, the callback of each async one;
+    /// then wakes the waiters and the deliverer.
+    async fn end<F>(&self, change: F) -> Result<Vec<String>, db::WriteError>
+    where
+        F: for<'c> FnOnce(
+                &'c mut SqliteConnection,
+            ) -> BoxFuture<'c, Result<Vec<String>, sqlx::Error>>
+            + Send
+            + 'static,
+    {
+        let cap = self.config.callback_output_bytes;
+        let (ended, queued) = self
+            .db
+            .writer
+            .write(move |c| {
+                Box::pin(async move {
+                    let ended = change(&mut *c).await?;
+                    let mut queued = false;
+                    for id in &ended {
+                        queued |= delivery::enqueue(c, id, cap).await?;
+                    }
+                    Ok((ended, queued))
+                })
+            })
+            .await?;
+        if queued {
+            self.deliverer.wake();
+        }
+        for id in &ended {
+            let _ = self.finished.send(id.clone());
+        }
+        Ok(ended)
     }
 }

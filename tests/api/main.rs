@@ -2,9 +2,12 @@
 //! real child processes.
 
 mod auth;
+mod callbacks;
 mod cli;
+mod crash;
 mod execute;
 mod helpers;
 mod processes;
+mod receiver;
 mod runner;
 mod validation;

@@ -1,0 +1,286 @@
+//! SQL of the callback outbox: `callbacks` (one row per delivery) and
+//! `callback_attempts` (one row per POST).
+
+use sqlx::{SqliteConnection, SqlitePool};
+
+/// What a callback payload is made of, read in the transaction that froze it.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub id: String,
+    pub process_id: String,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub callback_url: String,
+    pub callback_headers: Option<String>,
+}
+
+/// The payload source of `execution_id`, if it is an async execution.
+pub async fn source(
+    conn: &mut SqliteConnection,
+    execution_id: &str,
+) -> Result<Option<Source>, sqlx::Error> {
+    sqlx::query_as!(
+        Source,
+        r#"SELECT id AS "id!", process_id, status, exit_code, error, started_at, completed_at,
+                  stdout_truncated AS "stdout_truncated: bool",
+                  stderr_truncated AS "stderr_truncated: bool",
+                  callback_url AS "callback_url!", callback_headers
+             FROM executions WHERE id = ? AND callback_url IS NOT NULL"#,
+        execution_id
+    )
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// A delivery to queue.
+#[derive(Clone, Debug)]
+pub struct NewCallback {
+    pub id: String,
+    pub execution_id: String,
+    pub url: String,
+    pub headers: String,
+    pub payload: String,
+    pub now: String,
+}
+
+/// Queues a delivery, due at once.
+pub async fn insert(conn: &mut SqliteConnection, new: &NewCallback) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"INSERT INTO callbacks (id, execution_id, url, headers, payload, status, next_attempt_at, created_at, updated_at)
+           VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6)"#,
+        new.id,
+        new.execution_id,
+        new.url,
+        new.headers,
+        new.payload,
+        new.now,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A delivery claimed for one attempt.
+#[derive(Clone, Debug)]
+pub struct Due {
+    pub id: String,
+    pub execution_id: String,
+    pub url: String,
+    pub headers: String,
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: i64,
+    pub secret: Option<String>,
+}
+
+/// Leases up to `limit` due deliveries to `owner` until `lease_until`.
+pub async fn claim_due(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    now: &str,
+    lease_until: &str,
+    limit: i64,
+) -> Result<Vec<Due>, sqlx::Error> {
+    let claimed = sqlx::query!(
+        r#"UPDATE callbacks SET lease_owner = ?1, lease_until = ?2
+            WHERE id IN (SELECT id FROM callbacks
+                          WHERE status IN ('pending', 'failed') AND next_attempt_at <= ?3
+                            AND (lease_until IS NULL OR lease_until < ?3)
+                          ORDER BY next_attempt_at LIMIT ?4)
+        RETURNING id AS "id!""#,
+        owner,
+        lease_until,
+        now,
+        limit,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut due = Vec::with_capacity(claimed.len());
+    for row in claimed {
+        let found = sqlx::query_as!(
+            Due,
+            r#"SELECT c.id AS "id!", c.execution_id, c.url, c.headers, c.payload, c.attempts,
+                      e.callback_secret AS secret
+                 FROM callbacks c JOIN executions e ON e.id = c.execution_id
+                WHERE c.id = ?"#,
+            row.id
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        due.push(found);
+    }
+    Ok(due)
+}
+
+/// One attempt's record and what follows from it.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub callback_id: String,
+    pub attempt: i64,
+    pub started_at: String,
+    pub duration_ms: f64,
+    pub http_status: Option<i64>,
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub response_body: Option<String>,
+    /// `delivered`, `failed` (retry at `next_attempt_at`) or `dead`.
+    pub new_status: &'static str,
+    pub next_attempt_at: Option<String>,
+    pub now: String,
+}
+
+/// Records an attempt and moves the delivery on, if `owner` still holds its lease.
+pub async fn record_attempt(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    a: &Attempt,
+) -> Result<bool, sqlx::Error> {
+    let delivered_at = (a.new_status == "delivered").then_some(a.now.as_str());
+    let last_error = a.error.as_deref();
+    let updated = sqlx::query!(
+        r#"UPDATE callbacks
+              SET status = ?1, attempts = ?2, next_attempt_at = ?3, last_status = ?4, last_error = ?5,
+                  delivered_at = COALESCE(?6, delivered_at), updated_at = ?7,
+                  lease_owner = NULL, lease_until = NULL
+            WHERE id = ?8 AND lease_owner = ?9"#,
+        a.new_status,
+        a.attempt,
+        a.next_attempt_at,
+        a.http_status,
+        last_error,
+        delivered_at,
+        a.now,
+        a.callback_id,
+        owner,
+    )
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query!(
+        r#"INSERT INTO callback_attempts
+             (callback_id, attempt, started_at, duration_ms, http_status, outcome, error, response_body)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?)"#,
+        a.callback_id,
+        a.attempt,
+        a.started_at,
+        a.duration_ms,
+        a.http_status,
+        a.outcome,
+        a.error,
+        a.response_body,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
+/// Frees leases held by other boots of the agent: their POSTs died with them.
+pub async fn release_foreign_leases(
+    conn: &mut SqliteConnection,
+    owner: &str,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"UPDATE callbacks SET lease_owner = NULL, lease_until = NULL
+            WHERE lease_owner IS NOT NULL AND lease_owner != ?"#,
+        owner
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// When the next delivery can be claimed, if any is waiting: its due time,
+/// or for one leased now, the end of the lease.
+pub async fn next_due(pool: &SqlitePool) -> Result<Option<String>, sqlx::Error> {
+    let row = sqlx::query_scalar!(
+        r#"SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, ''))) AS "at?: String"
+             FROM callbacks WHERE status IN ('pending', 'failed')"#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(row)
+}
+
+/// The latest delivery of an execution, as the process object shows it.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub id: String,
+    pub url: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: Option<String>,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub delivered_at: Option<String>,
+}
+
+/// Every delivery of an execution, newest first.
+pub async fn deliveries(
+    pool: &SqlitePool,
+    execution_id: &str,
+) -> Result<Vec<Summary>, sqlx::Error> {
+    sqlx::query_as!(
+        Summary,
+        r#"SELECT id AS "id!", url, status, attempts, next_attempt_at, last_status, last_error,
+                  created_at, delivered_at
+             FROM callbacks WHERE execution_id = ? ORDER BY created_at DESC, id DESC"#,
+        execution_id
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A recorded attempt, as the API lists it.
+#[derive(Clone, Debug)]
+pub struct AttemptRow {
+    pub callback_id: String,
+    pub attempt: i64,
+    pub started_at: String,
+    pub duration_ms: f64,
+    pub http_status: Option<i64>,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub response_body: Option<String>,
+}
+
+/// Every attempt of every delivery of an execution, in order.
+pub async fn attempts(
+    pool: &SqlitePool,
+    execution_id: &str,
+) -> Result<Vec<AttemptRow>, sqlx::Error> {
+    sqlx::query_as!(
+        AttemptRow,
+        r#"SELECT a.callback_id, a.attempt, a.started_at, a.duration_ms, a.http_status, a.outcome,
+                  a.error, a.response_body
+             FROM callback_attempts a JOIN callbacks c ON c.id = a.callback_id
+            WHERE c.execution_id = ? ORDER BY a.started_at, a.attempt"#,
+        execution_id
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Makes an execution's waiting delivery due now. False when none is waiting.
+pub async fn hurry(
+    conn: &mut SqliteConnection,
+    execution_id: &str,
+    now: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"UPDATE callbacks SET next_attempt_at = ?1, updated_at = ?1
+            WHERE execution_id = ?2 AND status IN ('pending', 'failed')"#,
+        now,
+        execution_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}

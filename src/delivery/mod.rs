@@ -1,0 +1,426 @@
+//! Callback delivery: the outbox insert (inside the terminal transaction),
+//! and the loop that claims due deliveries with a lease, signs and POSTs
+//! them, records every attempt, and reschedules failures.
+//!
+//! Outcomes: a 2xx is delivered; a 410 is dead at once; anything else — a
+//! 3xx (never followed), another status, a timeout, a refused connection, a
+//! DNS failure — is retried on the schedule (a 429 or 503 `Retry-After` is
+//! honoured, clamped) until it runs out, and then the delivery is dead.
+
+pub mod payload;
+pub mod schedule;
+pub mod sign;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use sqlx::SqliteConnection;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::db::callbacks::{self, Attempt, Due, NewCallback};
+use crate::db::{self, output, Db};
+use crate::domain::Stream;
+use payload::StreamTail;
+use schedule::Schedule;
+
+/// Response bytes kept per attempt.
+const RESPONSE_KEEP: usize = 4 << 10;
+
+/// What the delivery loop needs, fixed at start.
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    /// This agent's boot id: the lease owner.
+    pub owner: String,
+    pub schedule: Schedule,
+    /// One attempt's whole time: connect, send, response.
+    pub timeout: Duration,
+    pub concurrency: usize,
+    /// Output per stream in a payload (the tail).
+    pub payload_output_bytes: usize,
+    /// Safety-net poll when nothing is due sooner.
+    pub poll_interval: Duration,
+}
+
+/// Queues the callback of `execution_id` if it is an async execution: its
+/// payload is frozen now, from what is in the same transaction. Returns
+/// whether a delivery was queued.
+pub async fn enqueue(
+    conn: &mut SqliteConnection,
+    execution_id: &str,
+    payload_output_bytes: usize,
+) -> Result<bool, sqlx::Error> {
+    let Some(source) = callbacks::source(conn, execution_id).await? else {
+        return Ok(false);
+    };
+    let (bytes, cut) = output::read_tail(
+        &mut *conn,
+        execution_id,
+        Stream::Stdout,
+        payload_output_bytes,
+    )
+    .await?;
+    let stdout = StreamTail { bytes, cut };
+    let (bytes, cut) = output::read_tail(
+        &mut *conn,
+        execution_id,
+        Stream::Stderr,
+        payload_output_bytes,
+    )
+    .await?;
+    let stderr = StreamTail { bytes, cut };
+    let now = db::now();
+    let new = NewCallback {
+        id: format!("msg_{}", ulid::Ulid::new().to_string().to_lowercase()),
+        execution_id: execution_id.to_string(),
+        url: source.callback_url.clone(),
+        headers: source
+            .callback_headers
+            .clone()
+            .unwrap_or_else(|| "{}".into()),
+        payload: payload::build(&source, &stdout, &stderr, &crate::http::timestamp_now()),
+        now,
+    };
+    callbacks::insert(conn, &new).await?;
+    Ok(true)
+}
+
+pub struct Deliverer {
+    db: Db,
+    config: DeliveryConfig,
+    client: reqwest::Client,
+    /// Woken when a delivery is queued or an attempt ends (a permit is free).
+    wake: Notify,
+    /// Attempts in flight, waited for on shutdown.
+    tasks: TaskTracker,
+}
+
+impl Deliverer {
+    pub fn new(db: Db, config: DeliveryConfig) -> Arc<Deliverer> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.timeout)
+            .build()
+            .expect("an HTTP client with static settings builds");
+        Arc::new(Deliverer {
+            db,
+            config,
+            client,
+            wake: Notify::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Wakes the loop: a delivery was queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Frees the leases of earlier boots (their POSTs died with them), then
+    /// runs the loop until `shutdown`, and waits for attempts in flight.
+    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let owner = this.config.owner.clone();
+            let released = this
+                .db
+                .writer
+                .write(move |c| {
+                    Box::pin(async move { callbacks::release_foreign_leases(c, &owner).await })
+                })
+                .await;
+            match released {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    count = n,
+                    "callbacks interrupted by an earlier run will be retried"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot release callback leases"),
+            }
+            this.run(shutdown).await;
+            this.tasks.close();
+            this.tasks.wait().await;
+        })
+    }
+
+    async fn run(self: &Arc<Self>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        loop {
+            let free = permits.available_permits();
+            let mut sleep_for = self.config.poll_interval;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(due) => {
+                        let full = due.len() == free;
+                        for delivery in due {
+                            let permit = permits
+                                .clone()
+                                .try_acquire_owned()
+                                .expect("a permit per claim");
+                            self.tasks.spawn(self.clone().attempt(delivery, permit));
+                        }
+                        if full {
+                            continue;
+                        }
+                        sleep_for = self.until_next_due().await.min(sleep_for);
+                    }
+                    Err(e) => tracing::error!(error = %e, "claiming callbacks failed"),
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(sleep_for) => {}
+            }
+        }
+    }
+
+    async fn until_next_due(&self) -> Duration {
+        let next = callbacks::next_due(&self.db.readers).await.ok().flatten();
+        let Some(at) = next.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) else {
+            return self.config.poll_interval;
+        };
+        let wait = (at.to_utc() - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        // Never spin: a row due now but leased elsewhere is re-checked shortly.
+        wait.max(Duration::from_millis(5))
+    }
+
+    /// Leases up to `limit` due deliveries.
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Due>, db::WriteError> {
+        let owner = self.config.owner.clone();
+        // Long enough for the attempt and its record; a crash frees it when it expires.
+        let lease = self.config.timeout + Duration::from_secs(30);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.db
+            .writer
+            .write(move |c| {
+                Box::pin(async move {
+                    let now = chrono::Utc::now();
+                    let until = db::timestamp(now + lease);
+                    callbacks::claim_due(c, &owner, &db::timestamp(now), &until, limit).await
+                })
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(execution_id = %due.execution_id, webhook_id = %due.id, attempt = due.attempts + 1))]
+    async fn attempt(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit) {
+        let number = due.attempts + 1;
+        let started_at = db::now();
+        let started = Instant::now();
+        let result = self.post(&due).await;
+        let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        let next = match result.outcome {
+            "delivered" | "gone" => None,
+            _ => {
+                let attempt = u32::try_from(number).unwrap_or(u32::MAX);
+                self.config
+                    .schedule
+                    .next_delay(attempt, result.retry_after, rand::random::<f64>())
+            }
+        };
+        let new_status = match (result.outcome, next) {
+            ("delivered", _) => "delivered",
+            (_, Some(_)) => "failed",
+            (_, None) => "dead",
+        };
+        let next_attempt_at = next.map(|d| db::timestamp(chrono::Utc::now() + d));
+        tracing::info!(
+            outcome = result.outcome,
+            http_status = ?result.http_status,
+            duration_ms,
+            status = new_status,
+            next_attempt_at = ?next_attempt_at,
+            "callback attempt"
+        );
+        let record = Attempt {
+            callback_id: due.id.clone(),
+            attempt: number,
+            started_at,
+            duration_ms,
+            http_status: result.http_status,
+            outcome: result.outcome,
+            error: result.error,
+            response_body: result.body,
+            new_status,
+            next_attempt_at,
+            now: db::now(),
+        };
+        let owner = self.config.owner.clone();
+        let written = self
+            .db
+            .writer
+            .write(move |c| {
+                Box::pin(async move { callbacks::record_attempt(c, &owner, &record).await })
+            })
+            .await;
+        match written {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("attempt not recorded: the lease was lost"),
+            Err(e) => tracing::error!(error = %e, "attempt not recorded"),
+        }
+        drop(permit);
+        self.wake();
+    }
+
+    /// One signed POST, classified.
+    async fn post(&self, due: &Due) -> PostResult {
+        let timestamp = chrono::Utc::now().timestamp();
+        let headers = match build_headers(due, timestamp) {
+            Ok(headers) => headers,
+            Err(error) => return PostResult::failed("request", error),
+        };
+        let sent = self
+            .client
+            .post(&due.url)
+            .headers(headers)
+            .body(due.payload.clone())
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => return PostResult::from_error(&e),
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| schedule::parse_retry_after(v, chrono::Utc::now()))
+            .filter(|_| matches!(status.as_u16(), 429 | 503));
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = read_some(response).await;
+        let code = Some(i64::from(status.as_u16()));
+        let (outcome, error) = if status.is_success() {
+            ("delivered", None)
+        } else if status == reqwest::StatusCode::GONE {
+            (
+                "gone",
+                Some("410 Gone: the receiver asked for no more attempts".to_string()),
+            )
+        } else if status.is_redirection() {
+            let to = location.unwrap_or_else(|| "nowhere".into());
+            (
+                "redirect",
+                Some(format!(
+                    "HTTP {status}: redirects are not followed (to {to})"
+                )),
+            )
+        } else {
+            ("http_status", Some(format!("HTTP {status}")))
+        };
+        PostResult {
+            outcome,
+            http_status: code,
+            error,
+            body,
+            retry_after,
+        }
+    }
+}
+
+/// The headers of one attempt: the caller's, then ours (which the caller
+/// cannot replace: submissions naming them are refused).
+fn build_headers(due: &Due, timestamp: i64) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    let custom: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&due.headers).map_err(|e| format!("stored callback headers: {e}"))?;
+    for (name, value) in custom {
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name:?}: {e}"))?;
+        let value = HeaderValue::from_str(&value).map_err(|e| format!("header {name}: {e}"))?;
+        headers.insert(name, value);
+    }
+    let set = |headers: &mut HeaderMap, name: &'static str, value: String| {
+        headers.insert(
+            name,
+            HeaderValue::from_str(&value).expect("ASCII header value"),
+        );
+    };
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static(concat!("execd/", env!("CARGO_PKG_VERSION"))),
+    );
+    set(&mut headers, "x-hopx-timestamp", timestamp.to_string());
+    if let Some(secret) = &due.secret {
+        let body = due.payload.as_bytes();
+        set(
+            &mut headers,
+            "x-hopx-signature",
+            sign::hopx_signature(secret, body),
+        );
+        set(&mut headers, "webhook-id", due.id.clone());
+        set(&mut headers, "webhook-timestamp", timestamp.to_string());
+        set(
+            &mut headers,
+            "webhook-signature",
+            sign::standard_signature(secret, &due.id, timestamp, body),
+        );
+    }
+    Ok(headers)
+}
+
+/// The first few KiB of a response body, as text.
+async fn read_some(mut response: reqwest::Response) -> Option<String> {
+    let mut kept = Vec::new();
+    while kept.len() < RESPONSE_KEEP {
+        match response.chunk().await {
+            Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    kept.truncate(RESPONSE_KEEP);
+    (!kept.is_empty()).then(|| String::from_utf8_lossy(&kept).into_owned())
+}
+
+/// How one POST went.
+struct PostResult {
+    /// delivered | gone | redirect | http_status | timeout | connect | dns | request
+    outcome: &'static str,
+    http_status: Option<i64>,
+    error: Option<String>,
+    body: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl PostResult {
+    fn failed(outcome: &'static str, error: String) -> PostResult {
+        PostResult {
+            outcome,
+            http_status: None,
+            error: Some(error),
+            body: None,
+            retry_after: None,
+        }
+    }
+
+    fn from_error(e: &reqwest::Error) -> PostResult {
+        // The whole chain, e.g. "error sending request: dns error: failed to lookup address".
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        let outcome = if e.is_timeout() {
+            "timeout"
+        } else if text.contains("dns error") || text.contains("failed to lookup address") {
+            "dns"
+        } else if e.is_connect() {
+            "connect"
+        } else {
+            "request"
+        };
+        PostResult::failed(outcome, text)
+    }
+}

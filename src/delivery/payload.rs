@@ -1,0 +1,129 @@
+//! The callback body, as a pure function of the execution it reports.
+
+use serde_json::json;
+
+use crate::db::callbacks::Source;
+use crate::domain::seconds_between;
+
+/// One stream's text for the payload: the tail that was kept, and whether
+/// anything before it (or past the agent's storage cap) is missing.
+pub struct StreamTail {
+    pub bytes: Vec<u8>,
+    pub cut: bool,
+}
+
+/// Text from a byte tail, skipping a UTF-8 sequence the cut split in two.
+fn tail_text(tail: &StreamTail) -> String {
+    let bytes = &tail.bytes;
+    let skip = if tail.cut {
+        bytes
+            .iter()
+            .take(3)
+            .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
+            .count()
+    } else {
+        0
+    };
+    String::from_utf8_lossy(&bytes[skip..]).into_owned()
+}
+
+/// The JSON body of API.md's callback, frozen at `timestamp`.
+pub fn build(source: &Source, stdout: &StreamTail, stderr: &StreamTail, timestamp: &str) -> String {
+    json!({
+        "execution_id": source.id,
+        "process_id": source.process_id,
+        "status": source.status,
+        "success": source.status == "completed",
+        "stdout": tail_text(stdout),
+        "stderr": tail_text(stderr),
+        "stdout_truncated": stdout.cut || source.stdout_truncated,
+        "stderr_truncated": stderr.cut || source.stderr_truncated,
+        "exit_code": source.exit_code,
+        "execution_time": seconds_between(source.started_at.as_deref(), source.completed_at.as_deref()),
+        "started_at": source.started_at,
+        "completed_at": source.completed_at,
+        "timestamp": timestamp,
+        "error": source.error,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(status: &str) -> Source {
+        Source {
+            id: "exec_1".into(),
+            process_id: "proc_1".into(),
+            status: status.into(),
+            exit_code: Some(0),
+            error: None,
+            started_at: Some("2025-01-28T00:00:00Z".into()),
+            completed_at: Some("2025-01-28T00:00:01.5Z".into()),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            callback_url: "http://127.0.0.1/x".into(),
+            callback_headers: None,
+        }
+    }
+
+    fn tail(text: &[u8], cut: bool) -> StreamTail {
+        StreamTail {
+            bytes: text.to_vec(),
+            cut,
+        }
+    }
+
+    #[test]
+    fn the_payload_has_every_field_of_the_contract() {
+        let body = build(
+            &source("completed"),
+            &tail(b"out\n", false),
+            &tail(b"", false),
+            "2025-01-28T00:00:02Z",
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for field in [
+            "execution_id",
+            "process_id",
+            "status",
+            "success",
+            "stdout",
+            "stderr",
+            "exit_code",
+            "execution_time",
+            "started_at",
+            "completed_at",
+            "timestamp",
+            "error",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing");
+        }
+        assert_eq!(v["success"], true);
+        assert_eq!(v["execution_time"], 1.5);
+        assert_eq!(v["stdout"], "out\n");
+    }
+
+    #[test]
+    fn success_is_true_exactly_when_completed() {
+        for status in ["failed", "killed", "timeout"] {
+            let body = build(&source(status), &tail(b"", false), &tail(b"", false), "t");
+            assert!(body.contains(r#""success":false"#), "{status}");
+        }
+    }
+
+    #[test]
+    fn a_tail_cut_inside_a_character_drops_the_broken_bytes() {
+        // "é" is C3 A9: a cut after C3 leaves a lone continuation byte.
+        let body = build(
+            &source("completed"),
+            &tail(b"\xa9abc", true),
+            &tail(b"", false),
+            "t",
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["stdout"], "abc");
+        assert_eq!(v["stdout_truncated"], true);
+    }
+}

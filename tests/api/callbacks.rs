@@ -1,0 +1,520 @@
+//! Callback delivery against real receivers on 127.0.0.1.
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::helpers::*;
+use crate::receiver::{Received, Reply, TestReceiver};
+
+/// An agent whose retries come quickly.
+async fn fast_retrying_app(schedule: &str) -> TestApp {
+    let schedule = schedule.to_string();
+    spawn_app_with(move |c| {
+        c.callback_retry_schedule = schedule;
+        c.callback_jitter = 0.0;
+        c.poll_interval_secs = 0.2;
+    })
+    .await
+}
+
+/// Submits an async execution and returns its execution id.
+async fn submit_async(app: &TestApp, body: Value) -> String {
+    let (status, out) = app.post_json("/execute/async", body).await;
+    assert_eq!(status, 200, "{out}");
+    out["execution_id"].as_str().unwrap().to_string()
+}
+
+async fn callback_info(app: &TestApp, id: &str) -> Value {
+    let (status, out) = app
+        .get_json(&format!("/execute/processes/{id}/callback"))
+        .await;
+    assert_eq!(status, 200, "{out}");
+    out
+}
+
+/// Waits until the execution's latest delivery has `status`.
+async fn wait_callback_status(app: &TestApp, id: &str, status: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let info = callback_info(app, id).await;
+        if info["callback"]["status"] == status {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "callback not {status} within {within:?}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Verifies both signatures of a received callback the way a receiver would.
+fn verify(received: &Received, secret: &str) {
+    let body = &received.body;
+    let hopx = received
+        .header("x-hopx-signature")
+        .expect("X-HopX-Signature");
+    assert_eq!(
+        hopx,
+        format!("sha256={}", hex::encode(hmac(secret.as_bytes(), body)))
+    );
+
+    let id = received.header("webhook-id").expect("webhook-id");
+    let ts = received
+        .header("webhook-timestamp")
+        .expect("webhook-timestamp");
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => BASE64.decode(b64).unwrap(),
+        None => secret.as_bytes().to_vec(),
+    };
+    let signed = [id.as_bytes(), b".", ts.as_bytes(), b".", body].concat();
+    let expected = format!("v1,{}", BASE64.encode(hmac(&key, &signed)));
+    assert_eq!(received.header("webhook-signature").unwrap(), expected);
+    let now = chrono::Utc::now().timestamp();
+    let ts: i64 = ts.parse().unwrap();
+    assert!(
+        (now - ts).abs() < 60,
+        "webhook-timestamp is the attempt's time"
+    );
+    assert_eq!(received.header("x-hopx-timestamp").unwrap(), ts.to_string());
+}
+
+#[tokio::test]
+async fn a_callback_arrives_once_with_both_signatures_verifying_against_the_raw_body() {
+    let app = spawn_app().await;
+    let receiver = TestReceiver::start().await;
+    for secret in [
+        "plain-secret-value",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ] {
+        let id = submit_async(
+            &app,
+            json!({
+                "code": "print('hello from async')",
+                "callback_url": receiver.url("/hooks/execd"),
+                "callback_headers": { "X-Tenant": "acme", "Authorization": "Bearer receiver-token" },
+                "callback_signature_secret": secret,
+            }),
+        )
+        .await;
+        let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+        let got: Vec<Received> = receiver
+            .received()
+            .into_iter()
+            .filter(|r| r.json()["execution_id"] == id.as_str())
+            .collect();
+        assert_eq!(got.len(), 1, "exactly once");
+        let r = &got[0];
+        verify(r, secret);
+        assert_eq!(r.path, "/hooks/execd");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("x-tenant"), Some("acme"));
+        assert_eq!(r.header("authorization"), Some("Bearer receiver-token"));
+        assert_eq!(
+            r.header("webhook-id"),
+            info["callback"]["webhook_id"].as_str()
+        );
+        let body = r.json();
+        assert_eq!(body["status"], "completed");
+        assert_eq!(body["success"], true);
+        assert_eq!(body["stdout"], "hello from async\n");
+        assert_eq!(body["exit_code"], 0);
+        for field in [
+            "process_id",
+            "stderr",
+            "execution_time",
+            "started_at",
+            "completed_at",
+            "timestamp",
+            "error",
+        ] {
+            assert!(body.get(field).is_some(), "{field}");
+        }
+        let p = app.process(&id).await;
+        assert_eq!(p["callback"]["status"], "delivered");
+        assert_eq!(p["callback"]["attempts"], 1);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_secret_the_callback_carries_no_signature() {
+    let app = spawn_app().await;
+    let receiver = TestReceiver::start().await;
+    let id = submit_async(
+        &app,
+        json!({ "code": "exit 2", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    let r = &receiver.received()[0];
+    assert!(r.header("x-hopx-signature").is_none() && r.header("webhook-signature").is_none());
+    assert!(r.header("x-hopx-timestamp").is_some());
+    assert_eq!(r.json()["status"], "failed");
+    assert_eq!(r.json()["success"], false);
+    assert_eq!(r.json()["exit_code"], 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_twice_then_succeeds_gets_one_success_after_three_attempts() {
+    let app = fast_retrying_app("50ms,50ms,50ms,50ms").await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![Reply::Status(500), Reply::Status(502)]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo x", "language": "bash", "callback_url": receiver.url("/"), "callback_signature_secret": "s" }),
+    )
+    .await;
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 3, "two failures and one success, nothing after");
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap().to_string())
+        .collect();
+    assert!(
+        ids.iter().all(|i| *i == ids[0]),
+        "webhook-id is stable across attempts"
+    );
+    assert_eq!(got[0].body, got[2].body, "the same bytes on every attempt");
+    let outcomes: Vec<_> = info["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].clone())
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            json!("http_status"),
+            json!("http_status"),
+            json!("delivered")
+        ]
+    );
+    assert_eq!(info["attempts"][0]["http_status"], 500);
+    assert_eq!(info["callback"]["attempts"], 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_is_down_and_comes_back_gets_the_callback() {
+    let app = fast_retrying_app("200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms").await;
+    let down = TestReceiver::start().await;
+    let addr = down.addr;
+    down.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo back", "language": "bash", "callback_url": format!("http://{addr}/cb") }),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = callback_info(&app, &id).await;
+        if info["attempts"].as_array().is_some_and(|a| !a.is_empty()) {
+            assert_eq!(info["attempts"][0]["outcome"], "connect", "{info}");
+            assert_eq!(info["callback"]["status"], "failed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no attempt recorded: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let receiver = TestReceiver::start_on(addr).await;
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    assert_eq!(receiver.received().len(), 1);
+    assert_eq!(receiver.received()[0].json()["stdout"], "back\n");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_receiver_is_timed_out_and_retried() {
+    let schedule = "100ms,100ms".to_string();
+    let app = spawn_app_with(move |c| {
+        c.callback_retry_schedule = schedule;
+        c.callback_timeout_secs = 0.3;
+    })
+    .await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![Reply::Hang(Duration::from_secs(3))]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo slow", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    assert_eq!(info["attempts"][0]["outcome"], "timeout", "{info}");
+    assert!(info["attempts"][0]["duration_ms"].as_f64().unwrap() < 1500.0);
+    assert_eq!(info["attempts"][1]["outcome"], "delivered");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failure_and_is_not_followed() {
+    let app = fast_retrying_app("50ms,50ms").await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![Reply::With(
+        302,
+        vec![("location", receiver.url("/elsewhere"))],
+    )]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo r", "language": "bash", "callback_url": receiver.url("/cb") }),
+    )
+    .await;
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    assert_eq!(info["attempts"][0]["outcome"], "redirect");
+    assert_eq!(info["attempts"][0]["http_status"], 302);
+    assert!(
+        receiver.received().iter().all(|r| r.path == "/cb"),
+        "/elsewhere never requested"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_410_stops_the_retries() {
+    let app = fast_retrying_app("50ms,50ms,50ms").await;
+    let receiver = TestReceiver::start().await;
+    receiver.default_reply(Reply::Status(410));
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo g", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    let info = wait_callback_status(&app, &id, "dead", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.received().len(), 1);
+    assert_eq!(info["attempts"][0]["outcome"], "gone");
+    assert!(info["callback"]["next_attempt_at"].is_null());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_is_dead_when_the_schedule_runs_out() {
+    let app = fast_retrying_app("30ms,30ms").await;
+    let receiver = TestReceiver::start().await;
+    receiver.default_reply(Reply::Status(503));
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo d", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    let info = wait_callback_status(&app, &id, "dead", Duration::from_secs(10)).await;
+    assert_eq!(info["callback"]["attempts"], 3);
+    assert_eq!(info["callback"]["last_status"], 503);
+    assert_eq!(receiver.received().len(), 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_on_429_is_honoured_and_clamped() {
+    let app = spawn_app_with(|c| {
+        c.callback_retry_schedule = "10ms,10ms".into();
+        c.callback_max_retry_after_secs = 2.0;
+    })
+    .await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![
+        Reply::With(429, vec![("retry-after", "1".into())]),
+        Reply::With(503, vec![("retry-after", "86400".into())]),
+    ]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo w", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(15)).await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 3);
+    let first_gap = got[1].at - got[0].at;
+    let second_gap = got[2].at - got[1].at;
+    assert!(
+        first_gap >= Duration::from_millis(900),
+        "Retry-After: 1 waited {first_gap:?}"
+    );
+    assert!(
+        second_gap >= Duration::from_millis(1800) && second_gap < Duration::from_secs(5),
+        "Retry-After: 86400 clamped to 2 s, waited {second_gap:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_slow_receiver_does_not_delay_callbacks_to_others() {
+    let app = spawn_app_with(|c| {
+        c.callback_timeout_secs = 5.0;
+        c.async_concurrency = 16;
+    })
+    .await;
+    let slow = TestReceiver::start().await;
+    slow.default_reply(Reply::Hang(Duration::from_secs(4)));
+    let fast = TestReceiver::start().await;
+    for _ in 0..12 {
+        submit_async(
+            &app,
+            json!({ "code": "echo s", "language": "bash", "callback_url": slow.url("/") }),
+        )
+        .await;
+    }
+    slow.wait_for(12, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo f", "language": "bash", "callback_url": fast.url("/") }),
+    )
+    .await;
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(3)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn payload_output_is_capped_keeping_the_tail_while_the_api_keeps_it_all() {
+    let app = spawn_app_with(|c| c.callback_output_bytes = 100).await;
+    let receiver = TestReceiver::start().await;
+    let id = submit_async(
+        &app,
+        json!({ "code": "import sys\nsys.stdout.write('0123456789' * 100 + 'END')", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    let body = receiver.received()[0].json();
+    let stdout = body["stdout"].as_str().unwrap();
+    assert_eq!(stdout.len(), 100);
+    assert!(stdout.ends_with("789END"), "{stdout}");
+    assert_eq!(body["stdout_truncated"], true);
+    assert_eq!(body["stderr_truncated"], false);
+    assert_eq!(
+        app.process(&id).await["stdout"].as_str().unwrap().len(),
+        1003
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn redeliver_queues_a_new_delivery_of_a_finished_execution() {
+    let app = spawn_app().await;
+    let receiver = TestReceiver::start().await;
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo again", "language": "bash", "callback_url": receiver.url("/"), "callback_signature_secret": "k" }),
+    )
+    .await;
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    let (status, out) = app
+        .post_json(
+            &format!("/execute/processes/{id}/callback/redeliver"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let got = receiver.wait_for(2, Duration::from_secs(10)).await;
+    verify(&got[1], "k");
+    assert_ne!(
+        got[0].header("webhook-id"),
+        got[1].header("webhook-id"),
+        "a new delivery"
+    );
+    assert_eq!(got[1].json()["stdout"], "again\n");
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    assert_eq!(info["deliveries"].as_array().unwrap().len(), 2);
+
+    let (_, sync) = app
+        .post_json("/execute", json!({ "code": "echo s", "language": "bash" }))
+        .await;
+    let (status, err) = app
+        .post_json(
+            &format!(
+                "/execute/processes/{}/callback/redeliver",
+                sync["execution_id"].as_str().unwrap()
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (400, Some("INVALID_REQUEST"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn killed_and_timed_out_async_executions_send_their_callback_too() {
+    let app = spawn_app_with(|c| c.async_concurrency = 1).await;
+    let receiver = TestReceiver::start().await;
+    let cb = receiver.url("/");
+    let slow = submit_async(
+        &app,
+        json!({ "code": "sleep 60", "language": "bash", "timeout": 1, "callback_url": cb }),
+    )
+    .await;
+    let queued = submit_async(
+        &app,
+        json!({ "code": "echo never", "language": "bash", "callback_url": cb }),
+    )
+    .await;
+    let (status, _) = app
+        .post_json(&format!("/execute/kill/{queued}"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    wait_callback_status(&app, &queued, "delivered", Duration::from_secs(10)).await;
+    wait_callback_status(&app, &slow, "delivered", Duration::from_secs(10)).await;
+    let by_id = |id: &str| {
+        receiver
+            .received()
+            .into_iter()
+            .map(|r| r.json())
+            .find(|b| b["execution_id"] == id)
+            .unwrap()
+    };
+    assert_eq!(by_id(&queued)["status"], "killed");
+    assert_eq!(by_id(&slow)["status"], "timeout");
+    assert_eq!(by_id(&slow)["success"], false);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn in_the_happy_path_each_execution_is_delivered_exactly_once() {
+    let app = spawn_app_with(|c| c.async_concurrency = 8).await;
+    let receiver = TestReceiver::start().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            submit_async(
+                &app,
+                json!({ "code": format!("echo {i}"), "language": "bash", "callback_url": receiver.url("/") }),
+            )
+            .await,
+        );
+    }
+    receiver.wait_for(40, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 40, "no duplicates");
+    for id in &ids {
+        assert_eq!(
+            got.iter()
+                .filter(|r| r.json()["execution_id"] == id.as_str())
+                .count(),
+            1
+        );
+    }
+    app.stop().await;
+}

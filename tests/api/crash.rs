@@ -1,0 +1,157 @@
+//! The real binary, killed with SIGKILL: nothing accepted is lost.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::TOKEN;
+use crate::receiver::{Reply, TestReceiver};
+
+/// The `execd` binary running as a child process.
+pub struct Agent {
+    child: Child,
+    pub url: String,
+    client: reqwest::Client,
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Agent {
+    pub async fn start(data_dir: &Path, port: u16, extra: &[&str]) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token",
+                TOKEN,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("EXECD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start execd");
+        let agent = Agent {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent
+            .client
+            .get(format!("{}/health", agent.url))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "execd did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        response.json().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_callback_cut_off_by_kill_9_is_delivered_after_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let flags = [
+        "--callback-retry-schedule",
+        "200ms,200ms,200ms",
+        "--callback-timeout",
+        "30",
+    ];
+    let receiver = TestReceiver::start().await;
+    // The first POST hangs: it is in flight when the agent dies.
+    receiver.script(vec![Reply::Hang(Duration::from_secs(60))]);
+
+    let agent = Agent::start(data.path(), port, &flags).await;
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": "echo crash-safe", "language": "bash",
+                    "callback_url": receiver.url("/cb"), "callback_signature_secret": "k" }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    receiver.wait_for(1, Duration::from_secs(10)).await;
+    agent.kill9();
+
+    let agent = Agent::start(data.path(), port, &flags).await;
+    let got = receiver.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(got[0].body, got[1].body, "the frozen payload, again");
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    assert_eq!(got[1].json()["execution_id"], id.as_str());
+    assert_eq!(got[1].json()["stdout"], "crash-safe\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = agent
+            .get(&format!("/execute/processes/{id}/callback"))
+            .await;
+        if info["callback"]["status"] == "delivered" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(agent.terminate().success(), "a clean exit on SIGTERM");
+}
