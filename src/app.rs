@@ -8,6 +8,7 @@ use std::path::Path;
 
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +36,9 @@ pub enum StartError {
     #[error(transparent)]
     Db(#[from] crate::db::OpenError),
     #[error("cannot recover executions of an earlier run: {0}")]
-    Recover(crate::db::WriteError),
+    Recover(crate::runner::RunnerError),
+    #[error("another execd (pid {pid}) is already serving the data dir {dir}")]
+    Locked { pid: String, dir: String },
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -63,6 +66,8 @@ pub async fn serve(
             path: config.data_dir.display().to_string(),
             source,
         })?;
+    // Held until serve returns: one agent per data dir.
+    let _lock = lock_data_dir(&config.data_dir)?;
     create_dir(&config.runs_dir())?;
     let workdir = config.default_workdir();
     create_dir(&workdir)?;
@@ -86,12 +91,21 @@ pub async fn serve(
             poll_interval: config.poll_interval(),
         },
     );
+    let stop = CancellationToken::new();
+    let supervisor_bin = match &config.supervisor_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().map_err(|source| StartError::Dir {
+            path: "the execd binary".into(),
+            source,
+        })?,
+    };
     let runner = Runner::new(
         db.clone(),
         RunnerConfig {
             owner: owner.clone(),
             languages: languages.clone(),
             runs_dir: config.runs_dir(),
+            supervisor_bin,
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace(),
             poll_interval: config.poll_interval(),
@@ -103,16 +117,17 @@ pub async fn serve(
             callback_output_bytes: config.callback_output_bytes,
         },
         deliverer.clone(),
+        stop.clone(),
     );
-    let lost = runner.recover().await.map_err(StartError::Recover)?;
-    if lost > 0 {
-        tracing::warn!(
-            count = lost,
-            "executions left running by an earlier run were marked failed"
+    let recovered = runner.recover().await.map_err(StartError::Recover)?;
+    if recovered.reattached + recovered.lost > 0 {
+        tracing::info!(
+            reattached = recovered.reattached,
+            lost = recovered.lost,
+            "jobs of an earlier run recovered"
         );
     }
-    let stop = CancellationToken::new();
-    let runner_task = runner.start(stop.clone());
+    let runner_task = runner.start();
     let delivery_task = deliverer.start(stop.clone());
 
     let state = AppState::new(http::Inner {
@@ -159,6 +174,39 @@ pub async fn serve(
     let _ = writer_task.await;
     tracing::info!("stopped");
     served.map_err(StartError::Serve)
+}
+
+/// Takes the data dir's lock (`execd.lock`, an exclusive `flock`), so a
+/// second agent on the same data dir exits at once instead of racing the
+/// first. The lock goes with the process, however it ends.
+fn lock_data_dir(dir: &Path) -> Result<Flock<std::fs::File>, StartError> {
+    let path = dir.join("execd.lock");
+    let io_err = |source| StartError::Dir {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(io_err)?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((file, _)) => {
+            let pid = std::io::read_to_string(&file).unwrap_or_default();
+            return Err(StartError::Locked {
+                pid: pid.trim().to_string(),
+                dir: dir.display().to_string(),
+            });
+        }
+    };
+    lock.set_len(0).map_err(io_err)?;
+    lock.write_all(std::process::id().to_string().as_bytes())
+        .map_err(io_err)?;
+    Ok(lock)
 }
 
 /// The auth mode of `config`; with no token or secret, the token kept in the

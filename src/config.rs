@@ -28,14 +28,31 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (the default).
     Serve(Box<Config>),
+    /// Supervise one job (started by the agent, not by hand).
+    #[command(hide = true)]
+    Supervise { run_dir: PathBuf },
+}
+
+/// What the binary was asked to do.
+pub enum Mode {
+    Serve(Box<Config>),
+    Supervise(PathBuf),
 }
 
 impl Cli {
+    pub fn mode(self) -> Mode {
+        match self.command {
+            Some(Command::Serve(config)) => Mode::Serve(config),
+            Some(Command::Supervise { run_dir }) => Mode::Supervise(run_dir),
+            None => Mode::Serve(Box::new(self.serve)),
+        }
+    }
+
     /// The serve configuration, whether or not `serve` was spelled out.
     pub fn into_config(self) -> Config {
-        match self.command {
-            Some(Command::Serve(config)) => *config,
-            None => self.serve,
+        match self.mode() {
+            Mode::Serve(config) => *config,
+            Mode::Supervise(_) => Cli::parse_from(["execd"]).serve,
         }
     }
 }
@@ -80,7 +97,8 @@ pub struct Config {
     #[arg(long, env = "EXECD_BACKGROUND_CONCURRENCY", default_value_t = 16)]
     pub background_concurrency: usize,
 
-    /// Concurrent async executions (`/execute/async`); the rest wait in the queue.
+    /// Concurrent async executions (`/execute/async`); the rest wait in the
+    /// queue. 0 pauses the lane: submissions are stored and wait.
     #[arg(long, env = "EXECD_ASYNC_CONCURRENCY", default_value_t = 4)]
     pub async_concurrency: usize,
 
@@ -160,6 +178,10 @@ pub struct Config {
     #[arg(long, env = "EXECD_CALLBACK_OUTPUT_BYTES", default_value_t = 1 << 20)]
     pub callback_output_bytes: usize,
 
+    /// The `execd` binary that supervises each job. Default: this binary.
+    #[arg(long, env = "EXECD_SUPERVISOR_BIN")]
+    pub supervisor_bin: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "EXECD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -189,7 +211,6 @@ impl Config {
         for (name, value) in [
             ("--sync-concurrency", self.sync_concurrency),
             ("--background-concurrency", self.background_concurrency),
-            ("--async-concurrency", self.async_concurrency),
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-code-bytes", self.max_code_bytes),
         ] {
@@ -306,6 +327,7 @@ impl fmt::Debug for Config {
                 &self.callback_max_retry_after_secs,
             )
             .field("callback_output_bytes", &self.callback_output_bytes)
+            .field("supervisor_bin", &self.supervisor_bin)
             .field("log_format", &self.log_format)
             .finish()
     }

@@ -23,3 +23,4 @@ pub mod delivery;
 pub mod domain;
 pub mod http;
 pub mod runner;
+pub mod supervisor;

@@ -1,13 +1,23 @@
 //! The `execd` binary: parse the configuration, set up logging, serve until
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM. `execd supervise` (started by the agent for each job)
+//! runs without an async runtime.
 
 use clap::Parser;
-use execd::config::{Cli, LogFormat};
+use execd::config::{Cli, Config, LogFormat, Mode};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let config = Cli::parse().into_config();
+fn main() -> std::process::ExitCode {
+    match Cli::parse().mode() {
+        Mode::Supervise(run_dir) => execd::supervisor::main(&run_dir),
+        Mode::Serve(config) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+            .block_on(serve(*config)),
+    }
+}
+
+async fn serve(config: Config) -> std::process::ExitCode {
     let filter = EnvFilter::try_from_env("EXECD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -8,6 +8,7 @@ use sqlx::{SqliteConnection, SqlitePool};
 pub struct Source {
     pub id: String,
     pub process_id: String,
+    pub attempt: i64,
     pub status: String,
     pub exit_code: Option<i64>,
     pub error: Option<String>,
@@ -26,7 +27,7 @@ pub async fn source(
 ) -> Result<Option<Source>, sqlx::Error> {
     sqlx::query_as!(
         Source,
-        r#"SELECT id AS "id!", process_id, status, exit_code, error, started_at, completed_at,
+        r#"SELECT id AS "id!", process_id, attempt, status, exit_code, error, started_at, completed_at,
                   stdout_truncated AS "stdout_truncated: bool",
                   stderr_truncated AS "stderr_truncated: bool",
                   callback_url AS "callback_url!", callback_headers

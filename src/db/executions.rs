@@ -59,11 +59,13 @@ pub async fn insert(
     let callback_secret = callback.and_then(|c| c.secret.as_deref());
     let key = idempotency.map(|i| i.key.as_str());
     let hash = idempotency.map(|i| i.request_hash.as_str());
+    let max_attempts = i64::from(submission.max_attempts);
     let done = sqlx::query!(
         r#"INSERT INTO executions
              (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
-              created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+              created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
+              max_attempts)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (idempotency_key) DO NOTHING"#,
         id_str,
         process_id,
@@ -81,6 +83,7 @@ pub async fn insert(
         callback_secret,
         key,
         hash,
+        max_attempts,
     )
     .execute(&mut *conn)
     .await?;
@@ -104,6 +107,7 @@ pub async fn insert(
 pub struct Claimed {
     pub seq: i64,
     pub id: String,
+    pub lane: String,
     pub process_id: String,
     pub language: String,
     pub code: String,
@@ -112,6 +116,7 @@ pub struct Claimed {
     pub env: String,
     pub timeout_ms: i64,
     pub attempt: i64,
+    pub max_attempts: i64,
 }
 
 /// Claims up to `limit` of the oldest queued rows of `lane` for `owner`, in
@@ -132,9 +137,10 @@ pub async fn claim(
             WHERE seq IN (SELECT seq FROM executions
                            WHERE status = 'queued' AND lane = ?3
                            ORDER BY seq LIMIT ?4)
-        RETURNING seq AS "seq!", id AS "id!", process_id AS "process_id!", language AS "language!",
+        RETURNING seq AS "seq!", id AS "id!", lane AS "lane!", process_id AS "process_id!",
+                  language AS "language!",
                   code AS "code!", args, working_dir AS "working_dir!", env AS "env!",
-                  timeout_ms AS "timeout_ms!", attempt AS "attempt!""#,
+                  timeout_ms AS "timeout_ms!", attempt AS "attempt!", max_attempts AS "max_attempts!""#,
         owner,
         now,
         lane,
@@ -159,10 +165,13 @@ pub async fn set_pid(
     conn: &mut SqliteConnection,
     fence: &Fence,
     pid: i64,
+    now: &str,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query!(
-        "UPDATE executions SET pid = ? WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'",
+        r#"UPDATE executions SET pid = ?, spawned_at = ?
+            WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
         pid,
+        now,
         fence.id,
         fence.owner,
         fence.attempt,
@@ -205,7 +214,32 @@ pub async fn finish(
     )
     .execute(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    record_attempt(conn, &fence.id, status).await?;
+    Ok(true)
+}
+
+/// Records the attempt a row just ended, as the row says it ended.
+async fn record_attempt(
+    conn: &mut SqliteConnection,
+    id: &str,
+    outcome: &str,
+) -> Result<(), sqlx::Error> {
+    let now = crate::db::now();
+    sqlx::query!(
+        r#"INSERT OR REPLACE INTO execution_attempts
+             (execution_id, attempt, owner, started_at, ended_at, outcome, exit_code, error)
+           SELECT id, attempt, owner, started_at, COALESCE(completed_at, ?2), ?3, exit_code, error
+             FROM executions WHERE id = ?1 AND attempt > 0"#,
+        id,
+        now,
+        outcome,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Kills a row that has not started. False when it is not queued.
@@ -238,12 +272,15 @@ pub struct ExecutionRow {
     /// The command line, for `language = 'command'` rows only.
     pub command: Option<String>,
     pub status: String,
+    pub attempt: i64,
+    pub max_attempts: i64,
     pub pid: Option<i64>,
     pub exit_code: Option<i64>,
     pub error: Option<String>,
     pub timeout_ms: i64,
     pub created_at: String,
     pub started_at: Option<String>,
+    pub spawned_at: Option<String>,
     pub completed_at: Option<String>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
@@ -256,7 +293,8 @@ pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<ExecutionRow>, sq
         ExecutionRow,
         r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
                   CASE WHEN language = 'command' THEN code END AS "command?: String",
-                  status, pid, exit_code, error, timeout_ms, created_at, started_at, completed_at,
+                  status, attempt, max_attempts, pid, exit_code, error, timeout_ms, created_at, started_at,
+                  spawned_at, completed_at,
                   stdout_truncated AS "stdout_truncated: bool",
                   stderr_truncated AS "stderr_truncated: bool", callback_url
              FROM executions WHERE id = ?1 OR process_id = ?1"#,
@@ -291,7 +329,8 @@ pub async fn list(
                 ExecutionRow,
                 r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
                           CASE WHEN language = 'command' THEN code END AS "command?: String",
-                          status, pid, exit_code, error, timeout_ms, created_at, started_at, completed_at,
+                          status, attempt, max_attempts, pid, exit_code, error, timeout_ms, created_at, started_at,
+                  spawned_at, completed_at,
                           stdout_truncated AS "stdout_truncated: bool",
                           stderr_truncated AS "stderr_truncated: bool", callback_url
                      FROM executions
@@ -311,7 +350,8 @@ pub async fn list(
                 ExecutionRow,
                 r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
                           CASE WHEN language = 'command' THEN code END AS "command?: String",
-                          status, pid, exit_code, error, timeout_ms, created_at, started_at, completed_at,
+                          status, attempt, max_attempts, pid, exit_code, error, timeout_ms, created_at, started_at,
+                  spawned_at, completed_at,
                           stdout_truncated AS "stdout_truncated: bool",
                           stderr_truncated AS "stderr_truncated: bool", callback_url
                      FROM executions
@@ -328,22 +368,91 @@ pub async fn list(
     }
 }
 
-/// Fails every row left `running` (or claimed) by another boot of the agent.
-pub async fn fail_lost(
-    conn: &mut SqliteConnection,
-    owner: &str,
-    now: &str,
-) -> Result<Vec<String>, sqlx::Error> {
-    let rows = sqlx::query_scalar!(
-        r#"UPDATE executions
-              SET status = 'failed', completed_at = ?,
-                  error = 'the process was lost: the agent stopped while it ran'
-            WHERE status = 'running' AND owner IS NOT ?
-        RETURNING id AS "id!""#,
-        now,
-        owner,
+/// A row some agent was running, as recovery needs it.
+#[derive(Clone, Debug)]
+pub struct RunningRow {
+    pub id: String,
+    pub lane: String,
+    pub owner: Option<String>,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
+    pub timeout_ms: i64,
+}
+
+/// Every row in `running`.
+pub async fn running(pool: &SqlitePool) -> Result<Vec<RunningRow>, sqlx::Error> {
+    sqlx::query_as!(
+        RunningRow,
+        r#"SELECT id AS "id!", lane, owner, attempt, max_attempts, stdout_bytes, stderr_bytes, timeout_ms
+             FROM executions WHERE status = 'running' ORDER BY seq"#
     )
-    .fetch_all(&mut *conn)
+    .fetch_all(pool)
+    .await
+}
+
+/// Takes over a running row for `owner`, keeping its attempt (the same run
+/// goes on). Writes fenced by the old owner no longer land.
+pub async fn adopt(
+    conn: &mut SqliteConnection,
+    id: &str,
+    attempt: i64,
+    owner: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE executions SET owner = ? WHERE id = ? AND attempt = ? AND status = 'running'",
+        owner,
+        id,
+        attempt,
+    )
+    .execute(&mut *conn)
     .await?;
-    Ok(rows)
+    Ok(done.rows_affected() == 1)
+}
+
+/// Resolves a running row whose process is gone: queued again when it has
+/// attempts left, else failed with `error`. Returns the new status, or
+/// `None` when the fence does not hold.
+pub async fn lose(
+    conn: &mut SqliteConnection,
+    fence: &Fence,
+    error: &str,
+    now: &str,
+) -> Result<Option<Status>, sqlx::Error> {
+    let retried = sqlx::query!(
+        r#"UPDATE executions SET error = ?, completed_at = ?
+            WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
+        error,
+        now,
+        fence.id,
+        fence.owner,
+        fence.attempt,
+    )
+    .execute(&mut *conn)
+    .await?;
+    if retried.rows_affected() == 0 {
+        return Ok(None);
+    }
+    record_attempt(conn, &fence.id, "lost").await?;
+    let requeued = sqlx::query!(
+        r#"UPDATE executions
+              SET status = 'queued', owner = NULL, pid = NULL, started_at = NULL, spawned_at = NULL,
+                  completed_at = NULL, exit_code = NULL,
+                  stdout_bytes = 0, stderr_bytes = 0, stdout_truncated = 0, stderr_truncated = 0
+            WHERE id = ? AND attempt < max_attempts"#,
+        fence.id,
+    )
+    .execute(&mut *conn)
+    .await?;
+    if requeued.rows_affected() == 1 {
+        return Ok(Some(Status::Queued));
+    }
+    sqlx::query!(
+        "UPDATE executions SET status = 'failed' WHERE id = ?",
+        fence.id
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(Status::Failed))
 }

@@ -56,8 +56,10 @@ pub async fn append(
     for chunk in chunks.iter().filter(|c| !c.data.is_empty()) {
         let stream = chunk.stream.as_str();
         sqlx::query!(
-            "INSERT INTO output_chunks (execution_id, stream, seq, data, created_at) VALUES (?, ?, ?, ?, ?)",
+            r#"INSERT INTO output_chunks (execution_id, attempt, stream, seq, data, created_at)
+               VALUES (?, ?, ?, ?, ?, ?)"#,
             fence.id,
+            fence.attempt,
             stream,
             chunk.seq,
             chunk.data,
@@ -69,16 +71,19 @@ pub async fn append(
     Ok(true)
 }
 
-/// All stored output of one stream, in order.
+/// All stored output of one stream of one attempt, in order.
 pub async fn read(
     pool: &SqlitePool,
     execution_id: &str,
+    attempt: i64,
     stream: Stream,
 ) -> Result<Vec<u8>, sqlx::Error> {
     let stream = stream.as_str();
     let mut rows = sqlx::query_scalar!(
-        r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks WHERE execution_id = ? AND stream = ? ORDER BY seq"#,
+        r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks
+            WHERE execution_id = ? AND attempt = ? AND stream = ? ORDER BY seq"#,
         execution_id,
+        attempt,
         stream
     )
     .fetch(pool);
@@ -94,6 +99,7 @@ pub async fn read(
 pub async fn read_tail<'c, E>(
     executor: E,
     execution_id: &str,
+    attempt: i64,
     stream: Stream,
     max: usize,
 ) -> Result<(Vec<u8>, bool), sqlx::Error>
@@ -102,8 +108,10 @@ where
 {
     let stream = stream.as_str();
     let mut rows = sqlx::query_scalar!(
-        r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks WHERE execution_id = ? AND stream = ? ORDER BY seq DESC"#,
+        r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks
+            WHERE execution_id = ? AND attempt = ? AND stream = ? ORDER BY seq DESC"#,
         execution_id,
+        attempt,
         stream
     )
     .fetch(executor);
@@ -124,4 +132,25 @@ where
         cut = true;
     }
     Ok((out, cut))
+}
+
+/// Where capture of one stream resumes after an agent restart: the next
+/// chunk number of the attempt. (The byte offset is the row's `*_bytes`.)
+pub async fn next_seq(
+    pool: &SqlitePool,
+    execution_id: &str,
+    attempt: i64,
+    stream: Stream,
+) -> Result<i64, sqlx::Error> {
+    let stream = stream.as_str();
+    let next = sqlx::query_scalar!(
+        r#"SELECT COALESCE(MAX(seq) + 1, 0) AS "next!: i64" FROM output_chunks
+            WHERE execution_id = ? AND attempt = ? AND stream = ?"#,
+        execution_id,
+        attempt,
+        stream
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(next)
 }

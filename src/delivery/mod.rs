@@ -58,6 +58,7 @@ pub async fn enqueue(
     let (bytes, cut) = output::read_tail(
         &mut *conn,
         execution_id,
+        source.attempt,
         Stream::Stdout,
         payload_output_bytes,
     )
@@ -66,6 +67,7 @@ pub async fn enqueue(
     let (bytes, cut) = output::read_tail(
         &mut *conn,
         execution_id,
+        source.attempt,
         Stream::Stderr,
         payload_output_bytes,
     )
@@ -159,7 +161,11 @@ impl Deliverer {
                                 .clone()
                                 .try_acquire_owned()
                                 .expect("a permit per claim");
-                            self.tasks.spawn(self.clone().attempt(delivery, permit));
+                            self.tasks.spawn(self.clone().attempt(
+                                delivery,
+                                permit,
+                                shutdown.clone(),
+                            ));
                         }
                         if full {
                             continue;
@@ -208,11 +214,21 @@ impl Deliverer {
     }
 
     #[tracing::instrument(skip_all, fields(execution_id = %due.execution_id, webhook_id = %due.id, attempt = due.attempts + 1))]
-    async fn attempt(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit) {
+    async fn attempt(
+        self: Arc<Self>,
+        due: Due,
+        permit: OwnedSemaphorePermit,
+        shutdown: CancellationToken,
+    ) {
         let number = due.attempts + 1;
         let started_at = db::now();
         let started = Instant::now();
-        let result = self.post(&due).await;
+        let result = tokio::select! {
+            result = self.post(&due) => result,
+            // Stopping: drop the attempt unrecorded. Its lease is freed at the
+            // next start, and the delivery is retried then.
+            () = shutdown.cancelled() => return,
+        };
         let duration_ms = started.elapsed().as_secs_f64() * 1e3;
         let next = match result.outcome {
             "delivered" | "gone" => None,

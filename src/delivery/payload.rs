@@ -56,6 +56,7 @@ mod tests {
         Source {
             id: "exec_1".into(),
             process_id: "proc_1".into(),
+            attempt: 1,
             status: status.into(),
             exit_code: Some(0),
             error: None,

@@ -84,6 +84,9 @@ pub struct Submission {
     pub env: BTreeMap<String, String>,
     pub timeout: Duration,
     pub callback: Option<Callback>,
+    /// Attempts allowed when the process is lost (the agent's machine
+    /// rebooted, its supervisor was killed); 1 never re-runs code silently.
+    pub max_attempts: u32,
 }
 
 /// The limits and facts a submission is checked against.
@@ -146,6 +149,7 @@ pub struct ExecuteIn {
     pub callback_url: Option<String>,
     pub callback_headers: Option<BTreeMap<String, String>>,
     pub callback_signature_secret: Option<String>,
+    pub max_attempts: Option<u32>,
 }
 
 /// The body of `/commands/run` and `/commands/background`.
@@ -158,6 +162,7 @@ pub struct CommandIn {
     pub workdir: Option<String>,
     pub env: Option<BTreeMap<String, String>>,
     pub name: Option<String>,
+    pub max_attempts: Option<u32>,
 }
 
 /// Headers a caller may not set on its callback: they are ours to compute.
@@ -205,6 +210,7 @@ impl Submission {
             env: parse_env(input.env)?,
             timeout: parse_timeout(input.timeout, lane, limits)?,
             callback,
+            max_attempts: parse_max_attempts(input.max_attempts)?,
         })
     }
 
@@ -236,6 +242,7 @@ impl Submission {
             env: parse_env(input.env)?,
             timeout: parse_timeout(input.timeout, lane, limits)?,
             callback: None,
+            max_attempts: parse_max_attempts(input.max_attempts)?,
         })
     }
 }
@@ -346,6 +353,19 @@ fn parse_env(
         }
     }
     Ok(env)
+}
+
+/// The most attempts a submission may ask for.
+const MAX_ATTEMPTS: u32 = 10;
+
+fn parse_max_attempts(value: Option<u32>) -> Result<u32, SubmissionError> {
+    match value.unwrap_or(1) {
+        n @ 1..=MAX_ATTEMPTS => Ok(n),
+        _ => Err(SubmissionError::invalid(format!(
+            "`max_attempts` must be from 1 to {MAX_ATTEMPTS}"
+        ))
+        .with_details(json!({ "field": "max_attempts" }))),
+    }
 }
 
 fn parse_name(name: Option<String>) -> Result<Option<String>, SubmissionError> {

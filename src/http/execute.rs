@@ -13,9 +13,11 @@ use serde_json::{json, Value};
 
 use super::processes::{read_output, OutputView};
 use super::{timestamp_now, ApiError, AppState, JsonBody};
-use crate::db::executions::{self, ExecutionRow, Idempotency, Inserted};
+use crate::db::executions::{self, Idempotency, Inserted};
 use crate::db::{self};
-use crate::domain::{new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Submission};
+use crate::domain::{
+    new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Program, Status, Submission,
+};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -54,8 +56,8 @@ async fn execute_background(
     body: JsonBody<ExecuteIn>,
 ) -> Result<Json<Value>, ApiError> {
     let submission = Submission::parse(body.value, Lane::Background, &state.limits)?;
-    let row = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
-    Ok(Json(background_out(&row)))
+    let submitted = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
+    Ok(Json(background_out(&submitted)))
 }
 
 async fn command_background(
@@ -64,9 +66,9 @@ async fn command_background(
     body: JsonBody<CommandIn>,
 ) -> Result<Json<Value>, ApiError> {
     let submission = Submission::parse_command(body.value, Lane::Background, &state.limits)?;
-    let row = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
-    let mut out = background_out(&row);
-    out["command"] = json!(row.command);
+    let submitted = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
+    let mut out = background_out(&submitted);
+    out["command"] = json!(submitted.command);
     Ok(Json(out))
 }
 
@@ -76,24 +78,24 @@ async fn execute_async(
     body: JsonBody<ExecuteIn>,
 ) -> Result<Json<Value>, ApiError> {
     let submission = Submission::parse(body.value, Lane::Async, &state.limits)?;
-    let row = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
+    let submitted = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
     Ok(Json(json!({
-        "execution_id": row.id,
-        "process_id": row.process_id,
-        "status": row.status,
-        "callback_url": row.callback_url,
+        "execution_id": submitted.execution_id,
+        "process_id": submitted.process_id,
+        "status": submitted.status,
+        "callback_url": submitted.callback_url,
         "message": "execution queued; the result will be POSTed to callback_url",
         "timestamp": timestamp_now(),
     })))
 }
 
-fn background_out(row: &ExecutionRow) -> Value {
+fn background_out(submitted: &Submitted) -> Value {
     json!({
-        "process_id": row.process_id,
-        "execution_id": row.id,
-        "name": row.name,
-        "status": row.status,
-        "start_time": row.started_at.as_ref().unwrap_or(&row.created_at),
+        "process_id": submitted.process_id,
+        "execution_id": submitted.execution_id,
+        "name": submitted.name,
+        "status": submitted.status,
+        "start_time": submitted.created_at,
         "message": "process queued; see GET /execute/processes/{id}",
         "timestamp": timestamp_now(),
     })
@@ -120,40 +122,61 @@ fn idempotency(headers: &HeaderMap, hash: &str) -> Result<Option<Idempotency>, A
     }))
 }
 
+/// What a submitting route answers with.
+struct Submitted {
+    execution_id: String,
+    process_id: String,
+    status: String,
+    name: Option<String>,
+    created_at: String,
+    callback_url: Option<String>,
+    command: Option<String>,
+}
+
 /// Stores the submission as queued and wakes its lane; with an idempotency
 /// key seen before, returns the execution that key created instead.
 async fn submit(
     state: &AppState,
     submission: Submission,
     idempotency: Option<Idempotency>,
-) -> Result<ExecutionRow, ApiError> {
+) -> Result<Submitted, ApiError> {
     let (id, process_id) = new_ids();
     let lane = submission.lane;
-    let inserted = {
-        let id = id.clone();
-        state
-            .db
-            .writer
-            .write(move |c| {
-                Box::pin(async move {
-                    executions::insert(
-                        c,
-                        &id,
-                        &process_id,
-                        &submission,
-                        idempotency.as_ref(),
-                        &db::now(),
-                    )
-                    .await
-                })
-            })
-            .await?
+    let created_at = db::now();
+    let fresh = Submitted {
+        execution_id: id.to_string(),
+        process_id: process_id.to_string(),
+        status: Status::Queued.to_string(),
+        name: submission.name.clone(),
+        created_at: created_at.clone(),
+        callback_url: submission.callback.as_ref().map(|c| c.url.clone()),
+        command: match &submission.program {
+            Program::Command { command, .. } => Some(command.clone()),
+            Program::Code { .. } => None,
+        },
     };
+    let inserted = state
+        .db
+        .writer
+        .write(move |c| {
+            Box::pin(async move {
+                executions::insert(
+                    c,
+                    &id,
+                    &process_id,
+                    &submission,
+                    idempotency.as_ref(),
+                    &created_at,
+                )
+                .await
+            })
+        })
+        .await?;
     let id = match inserted {
         Inserted::New => {
             state.runner.wake(lane);
-            tracing::info!(execution_id = %id, lane = lane.as_str(), "execution queued");
-            id.to_string()
+            tracing::info!(execution_id = %fresh.execution_id, lane = lane.as_str(), "execution queued");
+            return Ok(fresh);
         }
         Inserted::Existing {
             id,
@@ -171,9 +194,18 @@ async fn submit(
             .with_details(json!({ "execution_id": id })));
         }
     };
-    executions::get(&state.db.readers, &id)
+    let row = executions::get(&state.db.readers, &id)
         .await?
-        .ok_or_else(|| ApiError::internal(format!("execution {id} vanished after insert")))
+        .ok_or_else(|| ApiError::internal(format!("execution {id} vanished")))?;
+    Ok(Submitted {
+        execution_id: row.id,
+        process_id: row.process_id,
+        status: row.status,
+        name: row.name,
+        created_at: row.created_at,
+        callback_url: row.callback_url,
+        command: row.command,
+    })
 }
 
 /// Submits, waits for the run to end, and answers with its result: 200 for
@@ -184,12 +216,14 @@ async fn run_to_end(
     idempotency: Option<Idempotency>,
 ) -> Result<Json<Value>, ApiError> {
     let wait = submission.timeout + state.kill_grace + SYNC_SLACK;
-    let row = submit(state, submission, idempotency).await?;
+    let submitted = submit(state, submission, idempotency).await?;
     let row = state
         .runner
-        .wait_terminal(&row.id, wait)
+        .wait_terminal(&submitted.execution_id, wait)
         .await?
-        .unwrap_or(row);
+        .ok_or_else(|| {
+            ApiError::internal(format!("execution {} vanished", submitted.execution_id))
+        })?;
     let [(stdout, stdout_truncated), (stderr, stderr_truncated)] =
         read_output(state, &row, OutputView::Full).await?;
     let execution_time =
@@ -214,6 +248,15 @@ async fn run_to_end(
         out["pid"] = json!(row.pid);
     }
     match row.status.as_str() {
+        "queued" | "running" if state.runner.is_stopping() => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SHUTTING_DOWN",
+            format!(
+                "the agent is shutting down; the run goes on: follow it with GET /execute/processes/{}",
+                row.id
+            ),
+        )
+        .with_details(out)),
         "timeout" => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "EXECUTION_TIMEOUT",

@@ -70,10 +70,33 @@ pub fn router(state: AppState) -> Router {
         .merge(system::public_router())
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_stopping,
+        ))
         // A panicking handler becomes a 500 with the error body, not a dropped connection.
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(middleware::from_fn(error::envelope))
         .with_state(state)
+}
+
+/// While the agent stops, new requests get a 503 with the error body; jobs
+/// run on under their supervisors.
+async fn refuse_while_stopping(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if state.runner.is_stopping() {
+        return ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "SHUTTING_DOWN",
+            "the agent is shutting down; running jobs go on and it will be back",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Now, as the API shows times: RFC 3339 UTC.

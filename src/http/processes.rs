@@ -32,12 +32,17 @@ pub struct ProcessOut {
     pub execution_id: String,
     pub name: Option<String>,
     pub status: String,
+    /// The attempt shown (1 unless a lost process was re-queued), of `max_attempts`.
+    pub attempt: i64,
+    pub max_attempts: i64,
     pub language: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     pub pid: Option<i64>,
     pub created_at: String,
     pub started_at: Option<String>,
+    /// When the program itself started (its pid became known).
+    pub spawned_at: Option<String>,
     pub completed_at: Option<String>,
     pub start_time: Option<String>,
     pub end_time: Option<String>,
@@ -76,11 +81,11 @@ pub async fn read_output(
     let read = |stream: Stream, stored_flag: bool| async move {
         let (bytes, cut) = match view {
             OutputView::Full => (
-                output::read(&state.db.readers, &row.id, stream).await?,
+                output::read(&state.db.readers, &row.id, row.attempt, stream).await?,
                 false,
             ),
             OutputView::Tail(max) => {
-                output::read_tail(&state.db.readers, &row.id, stream, max).await?
+                output::read_tail(&state.db.readers, &row.id, row.attempt, stream, max).await?
             }
         };
         Ok::<_, ApiError>((
@@ -115,11 +120,14 @@ impl ProcessOut {
             execution_id: row.id,
             name: row.name,
             status: row.status,
+            attempt: row.attempt,
+            max_attempts: row.max_attempts,
             language: row.language,
             command: row.command,
             pid: row.pid,
             created_at: row.created_at,
             started_at: row.started_at,
+            spawned_at: row.spawned_at,
             completed_at: row.completed_at,
             stdout,
             stderr,

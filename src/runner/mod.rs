@@ -1,12 +1,16 @@
 //! The runner pool: one claim loop per lane, each with its own concurrency
-//! limit; a task per claimed execution that starts the program, captures its
-//! output, enforces its timeout, answers kills, and writes the terminal status.
+//! limit; a task per claimed execution that starts the job's supervisor,
+//! follows its output into the database, passes kills on, and writes the
+//! terminal status (with the callback, in the same transaction).
 //!
-//! Wake-ups are an in-process `Notify` per lane (a submission wakes its lane at
-//! once); a slow tick re-checks the queue only as a safety net.
+//! Jobs belong to their supervisors, not to the agent: when the agent stops,
+//! they run on; when it starts, `recover` re-attaches to each (see
+//! `recover.rs`). Wake-ups are an in-process `Notify` per lane (a submission
+//! wakes its lane at once); a slow tick re-checks the queue only as a safety net.
 
-mod capture;
-mod process;
+mod job;
+mod recover;
+mod tail;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,10 +26,10 @@ use tokio_util::task::TaskTracker;
 use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
-use crate::domain::{Lane, Languages, Status, Stream};
-use process::Launch;
+use crate::domain::{Lane, Languages, Status};
+use job::{Attached, Followed};
 
-pub use capture::FLUSH_INTERVAL;
+pub use tail::FLUSH_INTERVAL;
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
@@ -34,6 +38,8 @@ pub struct RunnerConfig {
     pub owner: String,
     pub languages: Languages,
     pub runs_dir: PathBuf,
+    /// The `execd` binary that runs `execd supervise` for each job.
+    pub supervisor_bin: PathBuf,
     pub max_output_bytes: u64,
     pub kill_grace: Duration,
     pub poll_interval: Duration,
@@ -45,13 +51,15 @@ pub struct RunnerConfig {
 /// Why a running job is being stopped from outside.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopReason {
+    /// Killed through the API: the supervisor ends the program.
     Killed,
+    /// The agent is stopping: let go, the supervisor carries on.
     Shutdown,
 }
 
 /// A running job's stop switch.
 struct Running {
-    /// Cancelled to stop the job; `reason` says why.
+    /// Cancelled to stop following the job; `reason` says why.
     stop: CancellationToken,
     reason: Mutex<StopReason>,
 }
@@ -73,12 +81,16 @@ pub struct Runner {
     config: RunnerConfig,
     /// One per lane: a submission wakes its lane's claim loop at once.
     wake: HashMap<Lane, Notify>,
-    /// Jobs running in this agent, by execution id, so a kill can reach them.
+    /// One per lane: its concurrency limit, shared by claimed and re-attached jobs.
+    permits: HashMap<Lane, Arc<Semaphore>>,
+    /// Jobs followed by this agent, by execution id, so a kill can reach them.
     running: Mutex<HashMap<String, Arc<Running>>>,
     /// Execution ids as they reach a terminal status, for waiters (sync runs, kills).
     finished: broadcast::Sender<String>,
-    /// Every job task, so shutdown can wait for them.
+    /// Every job task, so shutdown can wait for them to let go.
     tasks: TaskTracker,
+    /// Cancelled when the agent stops: loops end, waiters give up.
+    stopping: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,15 +102,26 @@ pub enum RunnerError {
 }
 
 impl Runner {
-    pub fn new(db: Db, config: RunnerConfig, deliverer: Arc<Deliverer>) -> Arc<Runner> {
+    pub fn new(
+        db: Db,
+        config: RunnerConfig,
+        deliverer: Arc<Deliverer>,
+        stopping: CancellationToken,
+    ) -> Arc<Runner> {
         Arc::new(Runner {
             db,
             deliverer,
             wake: Lane::ALL.into_iter().map(|l| (l, Notify::new())).collect(),
+            permits: config
+                .concurrency
+                .into_iter()
+                .map(|(lane, n)| (lane, Arc::new(Semaphore::new(n))))
+                .collect(),
             config,
             running: Mutex::new(HashMap::new()),
             finished: broadcast::channel(1024).0,
             tasks: TaskTracker::new(),
+            stopping,
         })
     }
 
@@ -106,18 +129,23 @@ impl Runner {
         &self.config.languages
     }
 
-    /// Starts the claim loops. They stop taking work when `shutdown` is
-    /// cancelled; `drain` then stops the running jobs and waits for them.
-    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// Whether the agent is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Starts the claim loops. When the agent stops they take no more work,
+    /// and every followed job is let go (its output flushed) to its supervisor.
+    pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let loops = TaskTracker::new();
-        for (lane, concurrency) in self.config.concurrency {
-            loops.spawn(self.clone().claim_loop(lane, concurrency, shutdown.clone()));
+        for lane in Lane::ALL {
+            loops.spawn(self.clone().claim_loop(lane));
         }
         loops.close();
         let runner = self.clone();
         tokio::spawn(async move {
             loops.wait().await;
-            runner.drain().await;
+            runner.let_go().await;
         })
     }
 
@@ -126,18 +154,13 @@ impl Runner {
         self.wake[&lane].notify_one();
     }
 
-    async fn claim_loop(
-        self: Arc<Self>,
-        lane: Lane,
-        concurrency: usize,
-        shutdown: CancellationToken,
-    ) {
-        let permits = Arc::new(Semaphore::new(concurrency));
+    async fn claim_loop(self: Arc<Self>, lane: Lane) {
+        let permits = self.permits[&lane].clone();
         let mut tick = tokio::time::interval(self.config.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let free = permits.available_permits();
-            if free > 0 && !shutdown.is_cancelled() {
+            if free > 0 && !self.stopping.is_cancelled() {
                 match self.claim(lane, free).await {
                     Ok(jobs) => {
                         let full = jobs.len() == free;
@@ -160,7 +183,7 @@ impl Runner {
                 }
             }
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = self.stopping.cancelled() => break,
                 () = self.wake[&lane].notified() => {}
                 _ = tick.tick() => {}
             }
@@ -204,173 +227,102 @@ impl Runner {
             owner: self.config.owner.clone(),
             attempt: job.attempt,
         };
-        let run_dir = self.config.runs_dir.join(&job.id);
-        let finish = self.execute(&job, &fence, &handle, &run_dir).await;
-        let _ = tokio::fs::remove_dir_all(&run_dir).await;
-        tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
-        let written = {
-            let fence = fence.clone();
-            self.end(move |c| {
-                Box::pin(async move {
-                    let ended = executions::finish(c, &fence, &finish).await?;
-                    Ok(if ended { vec![fence.id] } else { vec![] })
-                })
-            })
-            .await
-        };
-        match written {
-            Ok(ended) if ended.is_empty() => {
-                tracing::warn!("terminal status not written: the execution is no longer ours")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "terminal status not written"),
-        }
-        self.running.lock().unwrap().remove(&job.id);
-        drop(permit);
-        self.wake(lane);
-    }
-
-    /// Runs the program of `job` to its end and says how it ended.
-    async fn execute(
-        &self,
-        job: &Claimed,
-        fence: &Fence,
-        handle: &Running,
-        run_dir: &std::path::Path,
-    ) -> Finish {
-        let failed = |error: String| Finish {
-            status: Status::Failed,
-            exit_code: None,
-            error: Some(error),
-            completed_at: db::now(),
-        };
-        if handle.stop.is_cancelled() {
-            // Stopped between the claim and the start: never run it.
-            return Finish {
+        let followed = if handle.stop.is_cancelled() {
+            // Killed between the claim and the start: never run it.
+            Followed::Ended(Finish {
                 status: Status::Killed,
                 exit_code: None,
                 error: Some("killed before it started".into()),
                 completed_at: db::now(),
-            };
-        }
-        let mut launch = match self.launch(job, run_dir) {
-            Ok(launch) => launch,
-            Err(e) => return failed(format!("could not start: {e}")),
-        };
-        launch.working_dir = PathBuf::from(&job.working_dir);
-        launch.env = serde_json::from_str(&job.env).unwrap_or_default();
-        let mut child = match launch.spawn() {
-            Ok(child) => child,
-            Err(e) => return failed(format!("could not start {}: {e}", launch.program.display())),
-        };
-        let pid = child.id().expect("a child that was just spawned has a pid");
-        tracing::debug!(pid, "program started");
-        {
-            let fence = fence.clone();
-            let pid = i64::from(pid);
-            let stored = self
-                .db
-                .writer
-                .write(move |c| Box::pin(async move { executions::set_pid(c, &fence, pid).await }))
-                .await;
-            if let Err(e) = stored {
-                tracing::error!(error = %e, "pid not stored");
+            })
+        } else {
+            match self.start_job(&job, &fence).await {
+                Ok(attached) => self.follow(&fence, attached, &handle).await,
+                Err(error) => Followed::Ended(Finish {
+                    status: Status::Failed,
+                    exit_code: None,
+                    error: Some(error),
+                    completed_at: db::now(),
+                }),
             }
-        }
-        let cap = self.config.max_output_bytes;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let captures = [
-            tokio::spawn(capture::capture(
-                stdout,
-                Stream::Stdout,
-                fence.clone(),
-                self.db.writer.clone(),
-                cap,
-            )),
-            tokio::spawn(capture::capture(
-                stderr,
-                Stream::Stderr,
-                fence.clone(),
-                self.db.writer.clone(),
-                cap,
-            )),
-        ];
+        };
+        self.conclude(lane, &fence, followed).await;
+        drop(permit);
+        self.wake(lane);
+    }
 
-        let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(1));
-        let grace = self.config.kill_grace;
-        let (status, exit, error) = tokio::select! {
-            exit = child.wait() => (None, exit, None),
-            () = tokio::time::sleep(timeout) => {
-                let exit = process::terminate(&mut child, pid, grace).await;
-                let secs = timeout.as_secs_f64();
-                (Some(Status::Timeout), exit, Some(format!("timed out after {secs} s and was killed")))
+    /// Follows a job re-attached after a restart, as `run_job` does.
+    async fn run_attached(
+        self: Arc<Self>,
+        lane: Lane,
+        fence: Fence,
+        attached: Attached,
+        handle: Arc<Running>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let followed = self.follow(&fence, attached, &handle).await;
+        self.conclude(lane, &fence, followed).await;
+        drop(permit);
+        self.wake(lane);
+    }
+
+    /// Writes how a followed job came out, and tidies its run directory once
+    /// that is on disk.
+    async fn conclude(&self, lane: Lane, fence: &Fence, followed: Followed) {
+        let written = match followed {
+            Followed::Detached => {
+                self.running.lock().unwrap().remove(&fence.id);
+                return;
             }
-            () = handle.stop.cancelled() => {
-                let exit = process::terminate(&mut child, pid, grace).await;
-                match *handle.reason.lock().unwrap() {
-                    StopReason::Killed => (Some(Status::Killed), exit, Some("killed through the API".to_string())),
-                    StopReason::Shutdown => (Some(Status::Failed), exit, Some("the agent shut down while it ran".to_string())),
-                }
-            }
-        };
-        // Anything the program left behind in its group goes with it.
-        process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
-        // A grandchild that escaped the group may hold the pipes open: bound the wait.
-        for capture in captures {
-            let abort = capture.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), capture)
+            Followed::Ended(finish) => {
+                tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
+                let fence = fence.clone();
+                self.end(move |c| {
+                    Box::pin(async move {
+                        let ended = executions::finish(c, &fence, &finish).await?;
+                        Ok((if ended { vec![fence.id] } else { vec![] }, ()))
+                    })
+                })
                 .await
-                .is_err()
-            {
-                abort.abort();
+                .map(|(ended, ())| !ended.is_empty())
             }
-        }
-        let (exit_code, signal_error) = match exit {
-            Ok(exit) => {
-                let (code, why) = process::describe_exit(exit);
-                (Some(code), why)
-            }
-            Err(e) => (None, Some(format!("could not wait for the program: {e}"))),
+            Followed::Lost(error) => self.lose(lane, fence, error).await,
         };
-        let status = status.unwrap_or_else(|| match (exit_code, &signal_error) {
-            (Some(code), None) => Status::from_exit_code(code as i32),
-            _ => Status::Failed,
-        });
-        let error = error
-            .or(signal_error)
-            .or_else(|| match (status, exit_code) {
-                (Status::Failed, Some(code)) => Some(format!("exited with code {code}")),
-                _ => None,
-            });
-        Finish {
-            status,
-            exit_code,
-            error,
-            completed_at: db::now(),
+        match written {
+            Ok(true) => {
+                let _ = tokio::fs::remove_dir_all(self.config.runs_dir.join(&fence.id)).await;
+            }
+            Ok(false) => tracing::warn!("status not written: the execution is no longer ours"),
+            Err(e) => tracing::error!(error = %e, "status not written"),
         }
+        self.running.lock().unwrap().remove(&fence.id);
     }
 
-    fn launch(
-        &self,
-        job: &Claimed,
-        run_dir: &std::path::Path,
-    ) -> Result<Launch, process::LaunchError> {
-        if job.language == "command" {
-            let args = match &job.args {
-                Some(json) => Some(
-                    serde_json::from_str::<Vec<String>>(json)
-                        .map_err(|e| process::LaunchError::BadRow(format!("args: {e}")))?,
-                ),
-                None => None,
-            };
-            return Ok(Launch::command(&job.code, args));
+    /// Resolves a job whose process is gone: queued again when it has
+    /// attempts left, else failed (with its callback).
+    async fn lose(&self, lane: Lane, fence: &Fence, error: String) -> Result<bool, db::WriteError> {
+        tracing::warn!(execution_id = %fence.id, %error, "process lost");
+        let fence = fence.clone();
+        let (_, outcome) = self
+            .end(move |c| {
+                Box::pin(async move {
+                    let outcome = executions::lose(c, &fence, &error, &db::now()).await?;
+                    let ended = match outcome {
+                        Some(Status::Failed) => vec![fence.id],
+                        _ => vec![],
+                    };
+                    Ok((ended, outcome))
+                })
+            })
+            .await?;
+        if outcome == Some(Status::Queued) {
+            self.wake(lane);
         }
-        Launch::code(&self.config.languages, &job.language, &job.code, run_dir)
+        Ok(outcome.is_some())
     }
 
-    /// Waits until the execution `id` is terminal, or `timeout` passes, and
-    /// returns its row as it is then (`None` when there is no such execution).
+    /// Waits until the execution `id` is terminal, `timeout` passes, or the
+    /// agent stops, and returns its row as it is then (`None`: no such execution).
     pub async fn wait_terminal(
         &self,
         id: &str,
@@ -381,17 +333,22 @@ impl Runner {
         loop {
             let row = executions::get(&self.db.readers, id).await?;
             let Some(row) = row else { return Ok(None) };
-            if row.status.parse::<Status>().is_ok_and(Status::is_terminal) {
+            if row.status.parse::<Status>().is_ok_and(Status::is_terminal)
+                || self.stopping.is_cancelled()
+            {
                 return Ok(Some(row));
             }
             // Re-read when this execution finishes, when we may have missed it
             // (lagged), or at least every second as a safety net.
             let wait_until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
             loop {
-                match tokio::time::timeout_at(wait_until, finished.recv()).await {
-                    Ok(Ok(done)) if done != row.id => continue,
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(Some(row)),
-                    _ => break,
+                tokio::select! {
+                    () = self.stopping.cancelled() => break,
+                    got = tokio::time::timeout_at(wait_until, finished.recv()) => match got {
+                        Ok(Ok(done)) if done != row.id => continue,
+                        Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(Some(row)),
+                        _ => break,
+                    }
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -401,7 +358,8 @@ impl Runner {
     }
 
     /// Kills execution `id`: a queued one at once, a running one through its
-    /// group (SIGTERM, grace, SIGKILL), waiting until its status is written.
+    /// supervisor (SIGTERM to the group, grace, SIGKILL), waiting until its
+    /// status is written.
     pub async fn kill(&self, id: &str) -> Result<KillOutcome, RunnerError> {
         let Some(row) = executions::get(&self.db.readers, id).await? else {
             return Ok(KillOutcome::NotFound);
@@ -415,16 +373,17 @@ impl Runner {
             self.end(move |c| {
                 Box::pin(async move {
                     let killed = executions::kill_queued(c, &exec_id, &db::now()).await?;
-                    Ok(if killed { vec![exec_id] } else { vec![] })
+                    Ok((if killed { vec![exec_id] } else { vec![] }, ()))
                 })
             })
             .await?
+            .0
         };
-        if !killed_queued.is_empty() {
-            // Done: its status and callback are written.
-        } else if let Some(running) = self.running.lock().unwrap().get(&exec_id) {
-            *running.reason.lock().unwrap() = StopReason::Killed;
-            running.stop.cancel();
+        if killed_queued.is_empty() {
+            if let Some(running) = self.running.lock().unwrap().get(&exec_id) {
+                *running.reason.lock().unwrap() = StopReason::Killed;
+                running.stop.cancel();
+            }
         }
         let wait = self.config.kill_grace + Duration::from_secs(5);
         match self.wait_terminal(&exec_id, wait).await? {
@@ -433,9 +392,9 @@ impl Runner {
         }
     }
 
-    /// Stops every running job (recorded as failed: the agent shut down) and
-    /// waits for their status to be written.
-    async fn drain(&self) {
+    /// Lets go of every followed job (output flushed), leaving it to its
+    /// supervisor, and waits for the job tasks to end.
+    async fn let_go(&self) {
         let running: Vec<_> = self.running.lock().unwrap().values().cloned().collect();
         for job in running {
             *job.reason.lock().unwrap() = StopReason::Shutdown;
@@ -445,41 +404,31 @@ impl Runner {
         self.tasks.wait().await;
     }
 
-    /// Resolves rows left `running` by an earlier boot of the agent: their
-    /// programs died with it, so they are failed with a clear error.
-    pub async fn recover(&self) -> Result<usize, db::WriteError> {
-        let owner = self.config.owner.clone();
-        let lost = self
-            .end(move |c| {
-                Box::pin(async move { executions::fail_lost(c, &owner, &db::now()).await })
-            })
-            .await?;
-        Ok(lost.len())
-    }
-
     /// Writes a terminal transition (`change` returns the executions it
     /// ended) and, in the same transaction, the callback of each async one;
     /// then wakes the waiters and the deliverer.
-    async fn end<F>(&self, change: F) -> Result<Vec<String>, db::WriteError>
+    /// `change` may return a value of its own beside the ids.
+    async fn end<T, F>(&self, change: F) -> Result<(Vec<String>, T), db::WriteError>
     where
+        T: Send + 'static,
         F: for<'c> FnOnce(
                 &'c mut SqliteConnection,
-            ) -> BoxFuture<'c, Result<Vec<String>, sqlx::Error>>
+            ) -> BoxFuture<'c, Result<(Vec<String>, T), sqlx::Error>>
             + Send
             + 'static,
     {
         let cap = self.config.callback_output_bytes;
-        let (ended, queued) = self
+        let (ended, value, queued) = self
             .db
             .writer
             .write(move |c| {
                 Box::pin(async move {
-                    let ended = change(&mut *c).await?;
+                    let (ended, value) = change(&mut *c).await?;
                     let mut queued = false;
                     for id in &ended {
                         queued |= delivery::enqueue(c, id, cap).await?;
                     }
-                    Ok((ended, queued))
+                    Ok((ended, value, queued))
                 })
             })
             .await?;
@@ -489,6 +438,6 @@ impl Runner {
         for id in &ended {
             let _ = self.finished.send(id.clone());
         }
-        Ok(ended)
+        Ok((ended, value))
     }
 }

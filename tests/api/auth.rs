@@ -99,7 +99,8 @@ async fn without_a_token_one_is_generated_kept_private_and_reused() {
     let (status, _) = status_with(&app, "GET", "/info", Some(TOKEN)).await;
     assert_eq!(status, 401);
     let data_dir = app.stop().await;
-    let config = execd::config::Config::for_data_dir(data_dir.path());
+    let mut config = execd::config::Config::for_data_dir(data_dir.path());
+    config.supervisor_bin = Some(env!("CARGO_BIN_EXE_execd").into());
     let app = start(config, data_dir).await;
     let (status, _) = status_with(&app, "GET", "/info", Some(&token)).await;
     assert_eq!(status, 200, "the same token after a restart");

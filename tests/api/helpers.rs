@@ -30,6 +30,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config::for_data_dir(data_dir.path());
     config.token = Some(TOKEN.into());
     config.kill_grace_secs = 0.5;
+    config.supervisor_bin = Some(env!("CARGO_BIN_EXE_execd").into());
     adjust(&mut config);
     start(config, data_dir).await
 }
@@ -146,8 +147,29 @@ impl TestApp {
         .await
     }
 
-    /// Stops the agent gracefully and returns its data dir.
-    pub async fn stop(mut self) -> TempDir {
+    /// Kills every job still queued or running, then stops the agent: no
+    /// process of a test outlives it.
+    pub async fn stop(self) -> TempDir {
+        for status in ["running", "queued"] {
+            let (_, list) = self
+                .get_json(&format!("/execute/processes?status={status}&limit=1000"))
+                .await;
+            for p in list["processes"].as_array().into_iter().flatten() {
+                let id = p["process_id"].as_str().unwrap();
+                let _ = self
+                    .client
+                    .post(self.path(&format!("/execute/kill/{id}")))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await;
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Stops the agent gracefully, leaving running jobs to their
+    /// supervisors, and returns its data dir.
+    pub async fn shutdown(mut self) -> TempDir {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -117,34 +117,52 @@ async fn a_hundred_concurrent_submissions_all_reach_a_terminal_status() {
     app.stop().await;
 }
 
+/// The test config for a restart on `data_dir`.
+fn restart_config(data_dir: &std::path::Path) -> execd::config::Config {
+    let mut config = execd::config::Config::for_data_dir(data_dir);
+    config.token = Some(TOKEN.into());
+    config.kill_grace_secs = 0.5;
+    config.supervisor_bin = Some(env!("CARGO_BIN_EXE_execd").into());
+    config
+}
+
 #[tokio::test]
-async fn stopping_the_agent_ends_running_jobs_and_a_restart_finds_them_failed() {
+async fn a_job_runs_on_while_the_agent_is_stopped_and_is_followed_after_restart() {
     let app = spawn_app().await;
+    let code = "for i in $(seq 1 30); do echo line-$i; sleep 0.05; done";
     let id = app
-        .background(json!({ "code": "echo up; sleep 60", "language": "bash" }))
+        .background(json!({ "code": code, "language": "bash" }))
         .await;
     let p = app
-        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .wait_for(&id, Duration::from_secs(10), |p| {
+            p["stdout"].as_str().unwrap_or("").contains("line-2\n")
+        })
         .await;
     let pid = p["pid"].as_i64().unwrap();
-    let data_dir = app.stop().await;
-    assert!(!alive(pid), "the program ended with the agent");
+    let data_dir = app.shutdown().await;
+    assert!(alive(pid), "the program runs on without the agent");
 
-    let mut config = execd::config::Config::for_data_dir(data_dir.path());
-    config.token = Some(TOKEN.into());
-    let app = start(config, data_dir).await;
-    let p = app.process(&id).await;
-    assert_eq!(p["status"], "failed");
-    assert!(p["error"].as_str().unwrap().contains("shut down"), "{p}");
-    assert_eq!(p["stdout"], "up\n", "output kept");
-    // The restarted agent runs new work.
-    let (_, out) = app
-        .post_json(
-            "/execute",
-            json!({ "code": "echo again", "language": "bash" }),
-        )
-        .await;
-    assert_eq!(out["stdout"], "again\n");
+    let app = start(restart_config(data_dir.path()), data_dir).await;
+    let p = app.wait_terminal(&id, Duration::from_secs(20)).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    let expected: String = (1..=30).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(p["stdout"], expected, "every line once, in order");
+    assert_eq!(p["exit_code"], 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_data_dir_is_refused() {
+    let app = spawn_app().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = execd::app::serve(
+        restart_config(app.data_dir.path()),
+        listener,
+        std::future::pending(),
+    )
+    .await;
+    let error = second.expect_err("the data dir is taken").to_string();
+    assert!(error.contains("already serving the data dir"), "{error}");
     app.stop().await;
 }
 
@@ -166,11 +184,47 @@ async fn rows_left_running_by_a_crashed_agent_are_failed_at_start() {
         .status()
         .unwrap();
     assert!(done.success());
-    let mut config = execd::config::Config::for_data_dir(data_dir.path());
-    config.token = Some(TOKEN.into());
-    let app = start(config, data_dir).await;
+    let app = start(restart_config(data_dir.path()), data_dir).await;
     let p = app.process(&id).await;
     assert_eq!(p["status"], "failed");
     assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_sync_request_in_flight_when_the_agent_stops_gets_503_and_its_job_runs_on() {
+    let app = spawn_app().await;
+    let (client, url) = (app.client.clone(), app.path("/execute"));
+    let request = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(TOKEN)
+            .json(&json!({ "code": "echo begun; sleep 2; echo done", "language": "bash" }))
+            .send()
+            .await
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let (_, list) = app.get_json("/execute/processes?status=running").await;
+        if let Some(p) = list["processes"].as_array().and_then(|a| a.first()) {
+            if p["stdout"] == "begun\n" {
+                break p["process_id"].as_str().unwrap().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "the sync job did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let data_dir = app.shutdown().await;
+    let response = request.await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "SHUTTING_DOWN");
+    assert_eq!(body["details"]["process_id"], id.as_str());
+
+    let app = start(restart_config(data_dir.path()), data_dir).await;
+    let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(p["status"], "completed");
+    assert_eq!(p["stdout"], "begun\ndone\n");
     app.stop().await;
 }

@@ -1,0 +1,323 @@
+//! One job, from the agent's side: prepare its run directory, start its
+//! supervisor (detached, so the job outlives the agent), and follow it —
+//! output into the database, kills passed on — until it ends, is lost, or the
+//! agent stops and leaves it to its supervisor.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+use super::tail::{Tail, FLUSH_INTERVAL};
+use super::{Runner, Running, StopReason};
+use crate::db::executions::{self, Claimed, Fence, Finish};
+use crate::db::{self};
+use crate::domain::{Language, Status, Stream};
+use crate::supervisor::files::{self, Ended, Outcome, RunDir, Spec};
+
+/// How long a supervisor may take to start the program and say so.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a followed job came out.
+pub enum Followed {
+    Ended(Finish),
+    /// Its supervisor is gone without saying how the job ended.
+    Lost(String),
+    /// The agent is stopping; the supervisor carries on.
+    Detached,
+}
+
+/// A job's supervisor as the agent holds it.
+pub struct Attached {
+    pub run: RunDir,
+    /// The supervisor, when this agent started it (its exit wakes us at once);
+    /// `None` for one adopted after a restart (followed by polling).
+    pub child: Option<Child>,
+    pub tails: [Tail; 2],
+}
+
+impl Runner {
+    /// Writes the run directory of `job` and starts its supervisor; returns
+    /// once the program runs (its pid stored) or could not start.
+    pub(super) async fn start_job(&self, job: &Claimed, fence: &Fence) -> Result<Attached, String> {
+        let run = RunDir::new(self.config.runs_dir.join(&job.id));
+        let spec = self
+            .prepare(job, &run)
+            .map_err(|e| format!("could not start: {e}"))?;
+        files::write_json_atomic(&run.spec(), &spec)
+            .map_err(|e| format!("could not write the job spec: {e}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(run.log())
+            .map_err(|e| format!("could not open the supervisor log: {e}"))?;
+        let mut command = Command::new(&self.config.supervisor_bin);
+        command
+            .arg("supervise")
+            .arg(run.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(false);
+        // The agent's own settings (its token among them) are not the job's business.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("EXECD_") {
+                command.env_remove(name);
+            }
+        }
+        // SAFETY: setsid is async-signal-safe. Its own session: the supervisor
+        // does not share the agent's fate (terminal hang-up, group signals).
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            format!(
+                "could not start the supervisor {}: {e}",
+                self.config.supervisor_bin.display()
+            )
+        })?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio::io::BufReader::new(stdout).read_line(&mut line),
+        )
+        .await;
+        let line = line.trim();
+        if let Some(pid) = line
+            .strip_prefix("pid ")
+            .and_then(|p| p.parse::<i64>().ok())
+        {
+            let fence = fence.clone();
+            let stored = self
+                .db
+                .writer
+                .write(move |c| {
+                    Box::pin(async move { executions::set_pid(c, &fence, pid, &db::now()).await })
+                })
+                .await;
+            if let Err(e) = stored {
+                tracing::error!(error = %e, "pid not stored");
+            }
+            tracing::debug!(pid, "program started");
+        } else if read.is_err() {
+            tracing::warn!("the supervisor did not report the program's start in time");
+        }
+        // An `error …` line: the supervisor also wrote status.json; follow() reads it.
+        Ok(Attached {
+            tails: [
+                Tail::new(&run, Stream::Stdout, 0, 0),
+                Tail::new(&run, Stream::Stderr, 0, 0),
+            ],
+            run,
+            child: Some(child),
+        })
+    }
+
+    /// The spec of `job`, with its code written into the run directory.
+    fn prepare(&self, job: &Claimed, run: &RunDir) -> std::io::Result<Spec> {
+        // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
+        match std::fs::remove_dir_all(run.path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::create_dir_all(run.path())?;
+        let (program, args) = if job.language == "command" {
+            match &job.args {
+                Some(json) => (
+                    PathBuf::from(&job.code),
+                    serde_json::from_str(json).map_err(std::io::Error::other)?,
+                ),
+                None => (
+                    PathBuf::from("/bin/sh"),
+                    vec!["-c".to_string(), job.code.clone()],
+                ),
+            }
+        } else {
+            let language = Language::from_alias(&job.language).ok_or_else(|| {
+                std::io::Error::other(format!("unknown language {}", job.language))
+            })?;
+            let interpreter = self.config.languages.get(language).ok_or_else(|| {
+                std::io::Error::other(format!("{} is not installed", language.as_str()))
+            })?;
+            let file = run.path().join(language.file_name());
+            std::fs::write(&file, &job.code)?;
+            let args = language
+                .run_args(&file)
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            (interpreter.path.clone(), args)
+        };
+        Ok(Spec {
+            program,
+            args,
+            working_dir: PathBuf::from(&job.working_dir),
+            env: serde_json::from_str(&job.env).unwrap_or_default(),
+            timeout_ms: u64::try_from(job.timeout_ms).unwrap_or(1),
+            kill_grace_ms: self.config.kill_grace.as_millis() as u64,
+            max_output_bytes: self.config.max_output_bytes,
+        })
+    }
+
+    /// Follows a job until it ends, is lost, or the agent stops.
+    pub(super) async fn follow(
+        &self,
+        fence: &Fence,
+        mut job: Attached,
+        handle: &Running,
+    ) -> Followed {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut kill_sent = false;
+        loop {
+            let supervisor_exit = async {
+                match job.child.as_mut() {
+                    Some(child) => child.wait().await.map(drop),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = handle.stop.cancelled(), if !kill_sent => {
+                    let reason = *handle.reason.lock().unwrap();
+                    match reason {
+                        StopReason::Shutdown => {
+                            self.pump(fence, &mut job).await;
+                            return Followed::Detached;
+                        }
+                        StopReason::Killed => {
+                            kill_sent = true;
+                            match job.run.read_started() {
+                                Some(started) if started.supervisor_alive() => {
+                                    let _ = kill(Pid::from_raw(started.supervisor_pid as i32), Signal::SIGUSR1);
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
+                }
+                _ = supervisor_exit => break,
+                _ = tick.tick() => {
+                    self.pump(fence, &mut job).await;
+                    if job.child.is_none() && (job.run.ended().exists() || !job.run.read_started().is_some_and(|s| s.supervisor_alive())) {
+                        break;
+                    }
+                }
+            }
+        }
+        // Everything the supervisor wrote before it ended.
+        self.pump(fence, &mut job).await;
+        match job.run.read_ended() {
+            Some(ended) => Followed::Ended(finish_of(&ended)),
+            None => {
+                kill_leftovers(&job.run);
+                Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
+            }
+        }
+    }
+
+    async fn pump(&self, fence: &Fence, job: &mut Attached) {
+        let writer = &self.db.writer;
+        let [out, err] = &mut job.tails;
+        tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
+    }
+}
+
+/// Kills whatever is left of a job whose supervisor is gone: nothing of a
+/// job may run on unsupervised.
+pub fn kill_leftovers(run: &RunDir) {
+    if let Some(started) = run.read_started() {
+        let _ = killpg(Pid::from_raw(started.program_pid as i32), Signal::SIGKILL);
+        for pid in started.leftovers() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The terminal status of a job from how its supervisor saw it end.
+pub fn finish_of(ended: &Ended) -> Finish {
+    let signal_text = |sig: i32| {
+        Signal::try_from(sig)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| sig.to_string())
+    };
+    // The shell's convention for a death by signal: 128 + N.
+    let exit_code = match (ended.exit_code, ended.signal) {
+        (Some(code), _) => Some(i64::from(code)),
+        (None, Some(sig)) => Some(128 + i64::from(sig)),
+        (None, None) => None,
+    };
+    let (status, error) = match ended.outcome {
+        Outcome::Exited => match (ended.exit_code, ended.signal) {
+            (Some(0), _) => (Status::Completed, None),
+            (Some(code), _) => (Status::Failed, Some(format!("exited with code {code}"))),
+            (None, Some(sig)) => (
+                Status::Failed,
+                Some(format!("terminated by signal {}", signal_text(sig))),
+            ),
+            (None, None) => (Status::Failed, Some("ended without an exit status".into())),
+        },
+        Outcome::Timeout => (Status::Timeout, ended.error.clone()),
+        Outcome::Killed => (Status::Killed, ended.error.clone()),
+        Outcome::Terminated | Outcome::FailedToStart => (Status::Failed, ended.error.clone()),
+    };
+    Finish {
+        status,
+        exit_code,
+        error,
+        completed_at: ended.ended_at.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(outcome: Outcome, exit_code: Option<i32>, signal: Option<i32>) -> Ended {
+        Ended {
+            outcome,
+            exit_code,
+            signal,
+            error: Some("why".into()),
+            ended_at: "t".into(),
+        }
+    }
+
+    #[test]
+    fn how_a_job_ended_maps_to_the_status_of_the_contract() {
+        let f = finish_of(&ended(Outcome::Exited, Some(0), None));
+        assert_eq!(
+            (f.status, f.exit_code, f.error),
+            (Status::Completed, Some(0), None)
+        );
+        let f = finish_of(&ended(Outcome::Exited, Some(3), None));
+        assert_eq!(
+            (f.status, f.error.as_deref()),
+            (Status::Failed, Some("exited with code 3"))
+        );
+        let f = finish_of(&ended(Outcome::Exited, None, Some(9)));
+        assert_eq!((f.status, f.exit_code), (Status::Failed, Some(137)));
+        assert_eq!(f.error.as_deref(), Some("terminated by signal SIGKILL"));
+        assert_eq!(
+            finish_of(&ended(Outcome::Timeout, None, Some(15))).status,
+            Status::Timeout
+        );
+        assert_eq!(
+            finish_of(&ended(Outcome::Killed, None, Some(15))).status,
+            Status::Killed
+        );
+        let f = finish_of(&ended(Outcome::FailedToStart, None, None));
+        assert_eq!((f.status, f.exit_code), (Status::Failed, None));
+    }
+}

@@ -1,0 +1,98 @@
+//! Recovery at start: every execution left `running` by an earlier boot of
+//! the agent is taken over (its owner changes, so the old boot's writes no
+//! longer land) and then, within the start-up:
+//! - re-attached, when its supervisor still runs or has recorded the end:
+//!   output written meanwhile is picked up from the stored offset, kills work,
+//!   and the status and callback follow as usual;
+//! - resolved as lost otherwise (the machine rebooted, the supervisor was
+//!   killed): whatever is left of the program is killed, and the execution is
+//!   queued again if it has attempts left, else failed with its callback.
+
+use std::sync::Arc;
+
+use super::job::{kill_leftovers, Attached};
+use super::tail::Tail;
+use super::{Runner, RunnerError};
+use crate::db::executions::{self, Fence};
+use crate::db::output;
+use crate::domain::{Lane, Stream};
+use crate::supervisor::files::RunDir;
+
+/// What recovery found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub reattached: usize,
+    pub lost: usize,
+}
+
+impl Runner {
+    pub async fn recover(self: &Arc<Self>) -> Result<Recovered, RunnerError> {
+        let mut recovered = Recovered::default();
+        for row in executions::running(&self.db.readers).await? {
+            let lane = match row.lane.as_str() {
+                "sync" => Lane::Sync,
+                "background" => Lane::Background,
+                _ => Lane::Async,
+            };
+            let owner = self.config.owner.clone();
+            let (id, attempt) = (row.id.clone(), row.attempt);
+            let adopted = self
+                .db
+                .writer
+                .write(move |c| {
+                    Box::pin(async move { executions::adopt(c, &id, attempt, &owner).await })
+                })
+                .await?;
+            if !adopted {
+                continue;
+            }
+            let fence = Fence {
+                id: row.id.clone(),
+                owner: self.config.owner.clone(),
+                attempt: row.attempt,
+            };
+            let run = RunDir::new(self.config.runs_dir.join(&row.id));
+            let alive = run.read_started().is_some_and(|s| s.supervisor_alive());
+            if !(alive || run.ended().exists()) {
+                kill_leftovers(&run);
+                let error = "the process was lost: its supervisor is gone (the machine restarted, or it was killed)";
+                if self.lose(lane, &fence, error.to_string()).await? {
+                    let _ = tokio::fs::remove_dir_all(run.path()).await;
+                }
+                recovered.lost += 1;
+                continue;
+            }
+            let next = |stream| output::next_seq(&self.db.readers, &row.id, row.attempt, stream);
+            let tails = [
+                Tail::new(
+                    &run,
+                    Stream::Stdout,
+                    row.stdout_bytes as u64,
+                    next(Stream::Stdout).await?,
+                ),
+                Tail::new(
+                    &run,
+                    Stream::Stderr,
+                    row.stderr_bytes as u64,
+                    next(Stream::Stderr).await?,
+                ),
+            ];
+            let handle = self.register(&row.id);
+            // Counts against its lane's limit; a job over the limit (the limit
+            // was lowered) still runs on.
+            let permit = self.permits[&lane].clone().try_acquire_owned().ok();
+            let attached = Attached {
+                run,
+                child: None,
+                tails,
+            };
+            tracing::info!(execution_id = %row.id, "re-attached to a running job");
+            self.tasks.spawn(
+                self.clone()
+                    .run_attached(lane, fence, attached, handle, permit),
+            );
+            recovered.reattached += 1;
+        }
+        Ok(recovered)
+    }
+}

@@ -1,0 +1,231 @@
+//! The run directory: the files through which the agent and a job's
+//! supervisor talk, so that either can die and the other carries on.
+//!
+//! `<data-dir>/runs/<execution id>/`
+//! - `spec.json`        what to run (written by the agent, mode 0600: it holds env values)
+//! - `main.<ext>`       the code
+//! - `supervisor.json`  who runs it: supervisor and program pid, start time, machine boot
+//! - `stdout`, `stderr` the output, up to the cap; `<stream>.truncated` once output is dropped
+//! - `status.json`      how it ended (written atomically by the supervisor, last)
+//! - `supervisor.log`   the supervisor's own complaints
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Stream;
+
+/// What the supervisor runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Spec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub working_dir: PathBuf,
+    /// Added to the supervisor's environment (which has no `EXECD_*` variables).
+    pub env: BTreeMap<String, String>,
+    /// From the program's start; enforced by the supervisor, agent or no agent.
+    pub timeout_ms: u64,
+    pub kill_grace_ms: u64,
+    /// Bytes kept per stream.
+    pub max_output_bytes: u64,
+}
+
+/// Who runs the job, identified beyond the pid (pids are reused).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    pub supervisor_pid: u32,
+    /// Start time of the supervisor in clock ticks since boot (`/proc/<pid>/stat`).
+    pub supervisor_start: u64,
+    /// The program's pid, which is also its process group id.
+    pub program_pid: u32,
+    pub program_start: u64,
+    /// `/proc/sys/kernel/random/boot_id`: after a reboot nothing here is alive.
+    pub boot_id: String,
+}
+
+/// How the job ended, as the supervisor saw it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The program exited (or died of a signal it did not get from us).
+    Exited,
+    /// It outlived its timeout and was killed.
+    Timeout,
+    /// It was killed on request (SIGUSR1 to the supervisor).
+    Killed,
+    /// The supervisor was told to stop (SIGTERM) and took the program with it.
+    Terminated,
+    /// The program could not be started.
+    FailedToStart,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+    pub ended_at: String,
+}
+
+/// Paths of one run directory.
+#[derive(Clone, Debug)]
+pub struct RunDir(PathBuf);
+
+impl RunDir {
+    pub fn new(path: impl Into<PathBuf>) -> RunDir {
+        RunDir(path.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn spec(&self) -> PathBuf {
+        self.0.join("spec.json")
+    }
+
+    pub fn started(&self) -> PathBuf {
+        self.0.join("supervisor.json")
+    }
+
+    pub fn ended(&self) -> PathBuf {
+        self.0.join("status.json")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.0.join("supervisor.log")
+    }
+
+    pub fn output(&self, stream: Stream) -> PathBuf {
+        self.0.join(stream.as_str())
+    }
+
+    pub fn truncated_marker(&self, stream: Stream) -> PathBuf {
+        self.0.join(format!("{}.truncated", stream.as_str()))
+    }
+
+    pub fn read_spec(&self) -> std::io::Result<Spec> {
+        read_json(&self.spec())
+    }
+
+    pub fn read_started(&self) -> Option<Started> {
+        read_json(&self.started()).ok()
+    }
+
+    pub fn read_ended(&self) -> Option<Ended> {
+        read_json(&self.ended()).ok()
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes `value` as JSON to `path` atomically (temp file, fsync, rename),
+/// readable by the owner only. A reader sees the old file or the whole new one.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The start time of process `pid` in clock ticks since boot, if it is alive
+/// (a zombie is not).
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // fields[0] is the state (field 3), so field 22 (starttime) is fields[19].
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// The process group of `pid`, read from `/proc/<pid>/stat`.
+pub fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    fields.get(2)?.parse().ok()
+}
+
+/// This boot of the machine.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Started {
+    /// Whether the supervisor named here is still running (same boot, same
+    /// pid, same start time).
+    pub fn supervisor_alive(&self) -> bool {
+        self.boot_id == boot_id()
+            && process_start(self.supervisor_pid) == Some(self.supervisor_start)
+    }
+
+    /// Pids of processes still in the program's group that started no
+    /// earlier than the program. While any member lives, the group id cannot
+    /// be reused, so these are the job's own leftovers.
+    pub fn leftovers(&self) -> Vec<u32> {
+        if self.boot_id != boot_id() {
+            return Vec::new();
+        }
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                process_group(*pid) == Some(self.program_pid)
+                    && process_start(*pid).is_some_and(|start| start >= self.program_start)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_start_time_and_a_group() {
+        let me = std::process::id();
+        assert!(process_start(me).is_some());
+        assert!(process_group(me).is_some());
+        assert_eq!(process_start(u32::MAX), None);
+    }
+
+    #[test]
+    fn json_files_are_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::new(dir.path());
+        let ended = Ended {
+            outcome: Outcome::Timeout,
+            exit_code: None,
+            signal: Some(15),
+            error: None,
+            ended_at: "t".into(),
+        };
+        write_json_atomic(&run.ended(), &ended).unwrap();
+        assert_eq!(run.read_ended(), Some(ended));
+        assert!(!run.ended().with_extension("tmp").exists());
+    }
+}

@@ -1,0 +1,139 @@
+//! Fenced writes, against the real database layer: once another owner has
+//! taken a row over, a stale runner's writes change nothing.
+
+use std::time::Duration;
+
+use execd::db::executions::{self, Fence, Finish};
+use execd::db::output::{self, Chunk};
+use execd::db::{self, Db};
+use execd::domain::{new_ids, ExecuteIn, Lane, Languages, Limits, Status, Stream, Submission};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn a_stale_writer_changes_nothing_after_the_row_was_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let (db, writer) = Db::open(&dir.path().join("execd.db"), stop.clone())
+        .await
+        .unwrap();
+    let limits = Limits {
+        max_code_bytes: 1000,
+        max_timeout: Duration::from_secs(60),
+        default_workdir: dir.path().to_path_buf(),
+        languages: Languages::detect(),
+    };
+    let input = ExecuteIn {
+        code: Some("echo hi".into()),
+        language: Some("bash".into()),
+        ..Default::default()
+    };
+    let submission = Submission::parse(input, Lane::Background, &limits).unwrap();
+    let (exec_id, process_id) = new_ids();
+    db.writer
+        .write(move |c| {
+            Box::pin(async move {
+                executions::insert(c, &exec_id, &process_id, &submission, None, &db::now()).await
+            })
+        })
+        .await
+        .unwrap();
+    let claimed = db
+        .writer
+        .write(|c| {
+            Box::pin(async move {
+                executions::claim(c, Lane::Background, 1, "boot_a", &db::now()).await
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let (id, attempt) = (claimed[0].id.clone(), claimed[0].attempt);
+    let stale = Fence {
+        id: id.clone(),
+        owner: "boot_a".into(),
+        attempt,
+    };
+    let taken = {
+        let id = id.clone();
+        db.writer
+            .write(move |c| {
+                Box::pin(async move { executions::adopt(c, &id, attempt, "boot_b").await })
+            })
+            .await
+            .unwrap()
+    };
+    assert!(taken);
+
+    let chunk = Chunk {
+        stream: Stream::Stdout,
+        seq: 0,
+        data: b"stale output".to_vec(),
+        truncated: false,
+    };
+    let finish = Finish {
+        status: Status::Completed,
+        exit_code: Some(0),
+        error: None,
+        completed_at: db::now(),
+    };
+    let f = stale.clone();
+    let wrote = db
+        .writer
+        .write(move |c| {
+            Box::pin(async move {
+                Ok([
+                    output::append(c, &f, std::slice::from_ref(&chunk), &db::now()).await?,
+                    executions::set_pid(c, &f, 4242, &db::now()).await?,
+                    executions::finish(c, &f, &finish).await?,
+                    executions::lose(c, &f, "stale", &db::now())
+                        .await?
+                        .is_some(),
+                ])
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(wrote, [false; 4], "every stale write was refused");
+    let row = executions::get(&db.readers, &id).await.unwrap().unwrap();
+    assert_eq!(row.status, "running");
+    assert_eq!(
+        (row.pid, row.exit_code, row.error.as_deref()),
+        (None, None, None)
+    );
+    assert!(output::read(&db.readers, &id, attempt, Stream::Stdout)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The owner that took it over can.
+    let owner = Fence {
+        owner: "boot_b".into(),
+        ..stale
+    };
+    let done = db
+        .writer
+        .write(move |c| {
+            Box::pin(async move {
+                let finish = Finish {
+                    status: Status::Completed,
+                    exit_code: Some(0),
+                    error: None,
+                    completed_at: db::now(),
+                };
+                executions::finish(c, &owner, &finish).await
+            })
+        })
+        .await
+        .unwrap();
+    assert!(done);
+    assert_eq!(
+        executions::get(&db.readers, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "completed"
+    );
+    stop.cancel();
+    writer.await.unwrap();
+}

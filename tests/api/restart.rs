@@ -1,0 +1,287 @@
+//! Restart safety with the real binary: jobs outlive the agent, are followed
+//! again after a restart, and nothing is left running forever — or at all.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::crash::{free_port, Agent};
+use crate::helpers::alive;
+use crate::receiver::TestReceiver;
+
+/// Polls the agent until the execution satisfies `done` (bounded).
+async fn wait_until(
+    agent: &Agent,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let p = agent.get(&format!("/execute/processes/{id}")).await;
+        if done(&p) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not reached within {within:?}: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn terminal(p: &Value) -> bool {
+    !matches!(p["status"].as_str(), Some("queued" | "running"))
+}
+
+/// Processes whose command line mentions `dir` (supervisors name their run
+/// dir; programs their code file there).
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+                && alive(i64::from(*pid))
+        })
+        .collect()
+}
+
+/// After a test: no supervisor or program of its data dir is left.
+async fn assert_nothing_left(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_under(dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left running: {:?}",
+            processes_under(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A 20 s job printing a numbered line every 100 ms; the agent is stopped
+/// with `signal` at 5 s and restarted at 8 s.
+async fn a_long_job_survives(signal: Signal) {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = TestReceiver::start().await;
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let code = "for i in $(seq 1 200); do echo \"line $i\"; sleep 0.1; done; exit 7";
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": code, "language": "bash", "timeout": 120, "callback_url": receiver.url("/cb") }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = agent.get(&format!("/execute/processes/{id}")).await;
+    let pid = before["pid"].as_i64().unwrap();
+    if signal == Signal::SIGKILL {
+        agent.kill9();
+    } else {
+        let stopping = Instant::now();
+        assert!(agent.terminate().success());
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "SIGTERM exit took {:?}",
+            stopping.elapsed()
+        );
+    }
+    assert!(alive(pid), "the job runs on without the agent");
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
+
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(40), terminal).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    assert_eq!(p["exit_code"], 7);
+    let expected: String = (1..=200).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(p["stdout"], expected, "every line once and in order");
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 1, "the callback arrives once");
+    assert_eq!(got[0].json()["stdout"], expected);
+    assert_eq!(got[0].json()["exit_code"], 7);
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
+async fn a_long_job_survives_sigkill_of_the_agent_with_all_its_output_and_one_callback() {
+    a_long_job_survives(Signal::SIGKILL).await;
+}
+
+#[tokio::test]
+async fn a_long_job_survives_sigterm_of_the_agent_with_all_its_output_and_one_callback() {
+    a_long_job_survives(Signal::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn a_timeout_that_passes_while_the_agent_is_down_is_enforced_on_time() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &["--kill-grace", "0.5"]).await;
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": "echo started; sleep 60", "language": "bash", "timeout": 2 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "started\n"
+    })
+    .await;
+    let pid = p["pid"].as_i64().unwrap();
+    agent.kill9();
+    // Timeout 2 s plus the grace; the agent is not there to enforce it.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(!alive(pid), "killed on time by its supervisor");
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(5), terminal).await;
+    assert_eq!(p["status"], "timeout", "{p}");
+    assert_eq!(p["stdout"], "started\n");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+/// The supervisor of the job `id` in `data`.
+fn supervisor_of(data: &Path, exec_id: &str) -> (u32, u32) {
+    let started: Value = serde_json::from_slice(
+        &std::fs::read(data.join("runs").join(exec_id).join("supervisor.json")).unwrap(),
+    )
+    .unwrap();
+    (
+        started["supervisor_pid"].as_u64().unwrap() as u32,
+        started["program_pid"].as_u64().unwrap() as u32,
+    )
+}
+
+#[tokio::test]
+async fn a_job_whose_supervisor_was_killed_is_failed_within_a_second_of_the_next_start() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = TestReceiver::start().await;
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let pidfile = data.path().join("grandchild.pid");
+    let code = format!("sleep 300 & echo $! > {}; echo up; wait", pidfile.display());
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": code, "language": "bash", "callback_url": receiver.url("/") }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "up\n"
+    })
+    .await;
+    let grandchild: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    agent.kill9();
+    let (supervisor, program) = supervisor_of(data.path(), &id);
+    kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
+
+    let restarted = Instant::now();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(1), terminal).await;
+    assert!(
+        restarted.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(p["status"], "failed");
+    assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
+    assert_eq!(p["stdout"], "up\n", "output up to the loss is kept");
+    let callback = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(callback[0].json()["status"], "failed");
+    assert!(
+        !alive(i64::from(program)) && !alive(grandchild),
+        "nothing of the job runs on"
+    );
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
+async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recorded() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let marker = data.path().join("attempts");
+    let code = format!(
+        "echo x >> {m}; if [ $(wc -l < {m}) -lt 2 ]; then echo first; sleep 300; fi; echo second",
+        m = marker.display()
+    );
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": code, "language": "bash", "max_attempts": 2 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let exec_id = out["execution_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "first\n"
+    })
+    .await;
+    agent.kill9();
+    let (supervisor, _) = supervisor_of(data.path(), &exec_id);
+    kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
+
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["attempt"], 2);
+    assert_eq!(p["stdout"], "second\n", "the output of the attempt shown");
+    let attempts = std::process::Command::new("sqlite3")
+        .arg(data.path().join("execd.db"))
+        .arg(format!(
+            "SELECT attempt || ':' || outcome FROM execution_attempts WHERE execution_id = '{exec_id}' ORDER BY attempt"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&attempts.stdout),
+        "1:lost\n2:completed\n"
+    );
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
+async fn kill_works_on_a_job_re_attached_after_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": "echo up; sleep 300", "language": "bash" }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "up\n"
+    })
+    .await;
+    let pid = p["pid"].as_i64().unwrap();
+    agent.kill9();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
+    assert_eq!(killed["status"], "killed", "{killed}");
+    assert!(!alive(pid));
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
