@@ -129,6 +129,16 @@ pub async fn serve(
     }
     let runner_task = runner.start();
     let delivery_task = deliverer.start(stop.clone());
+    let retention_task = crate::retention::start(
+        db.clone(),
+        crate::retention::RetentionConfig {
+            keep: config.retention,
+            keep_dead: config.dead_callback_retention,
+            interval: config.retention_interval,
+            batch: 500,
+        },
+        stop.clone(),
+    );
 
     let state = AppState::new(http::Inner {
         db,
@@ -170,6 +180,7 @@ pub async fn serve(
     stop.cancel();
     let _ = runner_task.await;
     let _ = delivery_task.await;
+    let _ = retention_task.await;
     stop_writer.cancel();
     let _ = writer_task.await;
     tracing::info!("stopped");

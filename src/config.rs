@@ -178,6 +178,18 @@ pub struct Config {
     #[arg(long, env = "EXECD_CALLBACK_OUTPUT_BYTES", default_value_t = 1 << 20)]
     pub callback_output_bytes: usize,
 
+    /// Finished executions (with their output and delivered callbacks) are pruned after this age.
+    #[arg(long, env = "EXECD_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// Finished executions whose callback is dead are kept this long.
+    #[arg(long, env = "EXECD_DEAD_CALLBACK_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub dead_callback_retention: Duration,
+
+    /// How often retention runs.
+    #[arg(long, env = "EXECD_RETENTION_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
+
     /// The `execd` binary that supervises each job. Default: this binary.
     #[arg(long, env = "EXECD_SUPERVISOR_BIN")]
     pub supervisor_bin: Option<PathBuf>,
@@ -247,6 +259,9 @@ impl Config {
         }
         if let Err(e) = crate::delivery::schedule::parse_delays(&self.callback_retry_schedule) {
             return Err(ConfigError(format!("--callback-retry-schedule: {e}")));
+        }
+        if self.retention_interval.is_zero() {
+            return bad("--retention-interval must be more than 0");
         }
         if !(self.kill_grace_secs.is_finite() && self.kill_grace_secs >= 0.0) {
             return bad("--kill-grace must be zero or more seconds");
@@ -327,6 +342,9 @@ impl fmt::Debug for Config {
                 &self.callback_max_retry_after_secs,
             )
             .field("callback_output_bytes", &self.callback_output_bytes)
+            .field("retention", &self.retention)
+            .field("dead_callback_retention", &self.dead_callback_retention)
+            .field("retention_interval", &self.retention_interval)
             .field("supervisor_bin", &self.supervisor_bin)
             .field("log_format", &self.log_format)
             .finish()

@@ -22,5 +22,7 @@ pub mod db;
 pub mod delivery;
 pub mod domain;
 pub mod http;
+pub mod metrics;
+pub mod retention;
 pub mod runner;
 pub mod supervisor;

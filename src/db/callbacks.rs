@@ -77,6 +77,8 @@ pub struct Due {
     /// Attempts made before this one.
     pub attempts: i64,
     pub secret: Option<String>,
+    /// When it was queued: the execution's end.
+    pub created_at: String,
 }
 
 /// Leases up to `limit` due deliveries to `owner` until `lease_until`.
@@ -106,7 +108,7 @@ pub async fn claim_due(
         let found = sqlx::query_as!(
             Due,
             r#"SELECT c.id AS "id!", c.execution_id, c.url, c.headers, c.payload, c.attempts,
-                      e.callback_secret AS secret
+                      e.callback_secret AS secret, c.created_at
                  FROM callbacks c JOIN executions e ON e.id = c.execution_id
                 WHERE c.id = ?"#,
             row.id
@@ -284,4 +286,13 @@ pub async fn hurry(
     .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected() > 0)
+}
+
+/// How many deliveries there are per status.
+pub async fn counts(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows =
+        sqlx::query!(r#"SELECT status, COUNT(*) AS "n!: i64" FROM callbacks GROUP BY status"#)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.status, r.n)).collect())
 }

@@ -117,6 +117,7 @@ pub struct Claimed {
     pub timeout_ms: i64,
     pub attempt: i64,
     pub max_attempts: i64,
+    pub started_at: String,
 }
 
 /// Claims up to `limit` of the oldest queued rows of `lane` for `owner`, in
@@ -140,7 +141,8 @@ pub async fn claim(
         RETURNING seq AS "seq!", id AS "id!", lane AS "lane!", process_id AS "process_id!",
                   language AS "language!",
                   code AS "code!", args, working_dir AS "working_dir!", env AS "env!",
-                  timeout_ms AS "timeout_ms!", attempt AS "attempt!", max_attempts AS "max_attempts!""#,
+                  timeout_ms AS "timeout_ms!", attempt AS "attempt!", max_attempts AS "max_attempts!",
+                  started_at AS "started_at!""#,
         owner,
         now,
         lane,
@@ -373,6 +375,8 @@ pub async fn list(
 pub struct RunningRow {
     pub id: String,
     pub lane: String,
+    pub language: String,
+    pub started_at: Option<String>,
     pub owner: Option<String>,
     pub attempt: i64,
     pub max_attempts: i64,
@@ -385,7 +389,8 @@ pub struct RunningRow {
 pub async fn running(pool: &SqlitePool) -> Result<Vec<RunningRow>, sqlx::Error> {
     sqlx::query_as!(
         RunningRow,
-        r#"SELECT id AS "id!", lane, owner, attempt, max_attempts, stdout_bytes, stderr_bytes, timeout_ms
+        r#"SELECT id AS "id!", lane, language, started_at, owner, attempt, max_attempts,
+                  stdout_bytes, stderr_bytes, timeout_ms
              FROM executions WHERE status = 'running' ORDER BY seq"#
     )
     .fetch_all(pool)
@@ -455,4 +460,23 @@ pub async fn lose(
     .execute(&mut *conn)
     .await?;
     Ok(Some(Status::Failed))
+}
+
+/// How many executions there are per status, language and lane.
+#[derive(Clone, Debug)]
+pub struct Count {
+    pub status: String,
+    pub language: String,
+    pub lane: String,
+    pub n: i64,
+}
+
+pub async fn counts(pool: &SqlitePool) -> Result<Vec<Count>, sqlx::Error> {
+    sqlx::query_as!(
+        Count,
+        r#"SELECT status, language, lane, COUNT(*) AS "n!: i64"
+             FROM executions GROUP BY status, language, lane"#
+    )
+    .fetch_all(pool)
+    .await
 }

@@ -8,19 +8,24 @@
 //!   so a 200 survives power loss, not only a crash of the agent. Group commit
 //!   amortises the fsync over every write that arrived meanwhile.
 //! - `foreign_keys=ON`: output chunks cannot outlive their execution.
+//! - `auto_vacuum=INCREMENTAL` (at creation): pruned pages go back to the
+//!   file system in small steps, without a blocking full VACUUM.
 //! - `busy_timeout=5s`: an operator's `sqlite3` session holding a lock briefly
 //!   delays the agent instead of failing it.
 
 pub mod callbacks;
 pub mod executions;
 pub mod output;
+pub mod retention;
 mod writer;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{ConnectOptions, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
@@ -76,7 +81,12 @@ impl Db {
         // connection makes the future not provably `Send`.
         let migrations = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options(path).create_if_missing(true))
+            .connect_with(
+                options(path)
+                    .create_if_missing(true)
+                    // Takes effect when the file is created: retention gives pages back.
+                    .auto_vacuum(SqliteAutoVacuum::Incremental),
+            )
             .await
             .map_err(connect_err)?;
         MIGRATOR

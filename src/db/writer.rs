@@ -144,6 +144,11 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
             Err(WriteError::from(e))
         }
     };
+    let metrics = crate::metrics::get();
+    metrics.db_batch_size.observe(size as f64);
+    metrics
+        .db_commit_seconds
+        .observe(started.elapsed().as_secs_f64());
     tracing::trace!(
         size,
         elapsed_us = started.elapsed().as_micros() as u64,

@@ -245,6 +245,18 @@ impl Deliverer {
             (_, None) => "dead",
         };
         let next_attempt_at = next.map(|d| db::timestamp(chrono::Utc::now() + d));
+        let metrics = crate::metrics::get();
+        metrics
+            .callback_attempts
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: result.outcome.to_string(),
+            })
+            .inc();
+        if new_status == "delivered" {
+            if let Some(secs) = crate::domain::seconds_between(Some(&due.created_at), None) {
+                metrics.callback_delivery_seconds.observe(secs);
+            }
+        }
         tracing::info!(
             outcome = result.outcome,
             http_status = ?result.http_status,

@@ -176,6 +176,17 @@ pub async fn envelope(mut request: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status();
+    let metrics = crate::metrics::get();
+    metrics
+        .http_requests
+        .get_or_create(&crate::metrics::HttpLabels {
+            method: method.to_string(),
+            status: status.as_u16().to_string(),
+        })
+        .inc();
+    metrics
+        .http_request_seconds
+        .observe(started.elapsed().as_secs_f64());
     tracing::info!(
         %method, %path, status = status.as_u16(), request_id = %request_id,
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request"

@@ -1,18 +1,23 @@
 //! `/health` (no auth) and `/info`.
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{timestamp_now, AppState};
+use super::{timestamp_now, ApiError, AppState};
+use crate::db::{callbacks, executions};
+use crate::domain::Lane;
 
 pub fn public_router() -> Router<AppState> {
     Router::new().route("/health", get(health))
 }
 
 pub fn protected_router() -> Router<AppState> {
-    Router::new().route("/info", get(info))
+    Router::new()
+        .route("/info", get(info))
+        .route("/metrics", get(metrics))
 }
 
 async fn health(State(state): State<AppState>) -> Json<Value> {
@@ -46,4 +51,47 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "timestamp": timestamp_now(),
     }))
+}
+
+/// `GET /metrics`: Prometheus text, with the database's state read now.
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    use crate::metrics::{LaneLabels, RunLabels, StatusLabels};
+    let m = crate::metrics::get();
+    let counts = executions::counts(&state.db.readers).await?;
+    let deliveries = callbacks::counts(&state.db.readers).await?;
+    m.executions.clear();
+    m.queue_depth.clear();
+    m.running.clear();
+    m.callbacks.clear();
+    for lane in Lane::ALL {
+        let labels = LaneLabels {
+            lane: lane.as_str().into(),
+        };
+        m.queue_depth.get_or_create(&labels).set(0);
+        m.running.get_or_create(&labels).set(0);
+    }
+    for c in counts {
+        let labels = RunLabels {
+            language: c.language,
+            status: c.status.clone(),
+        };
+        m.executions.get_or_create(&labels).inc_by(c.n);
+        let lane = LaneLabels { lane: c.lane };
+        match c.status.as_str() {
+            "queued" => m.queue_depth.get_or_create(&lane).inc_by(c.n),
+            "running" => m.running.get_or_create(&lane).inc_by(c.n),
+            _ => 0,
+        };
+    }
+    for (status, n) in deliveries {
+        m.callbacks.get_or_create(&StatusLabels { status }).set(n);
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response())
 }

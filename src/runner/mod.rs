@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
-use crate::domain::{Lane, Languages, Status};
+use crate::domain::{seconds_between, Lane, Languages, Status};
 use job::{Attached, Followed};
 
 pub use tail::FLUSH_INTERVAL;
@@ -62,6 +62,12 @@ struct Running {
     /// Cancelled to stop following the job; `reason` says why.
     stop: CancellationToken,
     reason: Mutex<StopReason>,
+}
+
+/// What the metrics want to know of a job.
+struct JobMeta {
+    language: String,
+    started_at: Option<String>,
 }
 
 /// The outcome of a kill request.
@@ -246,7 +252,11 @@ impl Runner {
                 }),
             }
         };
-        self.conclude(lane, &fence, followed).await;
+        let meta = JobMeta {
+            language: job.language.clone(),
+            started_at: Some(job.started_at.clone()),
+        };
+        self.conclude(lane, &fence, meta, followed).await;
         drop(permit);
         self.wake(lane);
     }
@@ -257,18 +267,19 @@ impl Runner {
         lane: Lane,
         fence: Fence,
         attached: Attached,
+        meta: JobMeta,
         handle: Arc<Running>,
         permit: Option<OwnedSemaphorePermit>,
     ) {
         let followed = self.follow(&fence, attached, &handle).await;
-        self.conclude(lane, &fence, followed).await;
+        self.conclude(lane, &fence, meta, followed).await;
         drop(permit);
         self.wake(lane);
     }
 
     /// Writes how a followed job came out, and tidies its run directory once
-    /// that is on disk.
-    async fn conclude(&self, lane: Lane, fence: &Fence, followed: Followed) {
+    /// that is on disk. `meta` is for the run-time metric.
+    async fn conclude(&self, lane: Lane, fence: &Fence, meta: JobMeta, followed: Followed) {
         let written = match followed {
             Followed::Detached => {
                 self.running.lock().unwrap().remove(&fence.id);
@@ -276,6 +287,18 @@ impl Runner {
             }
             Followed::Ended(finish) => {
                 tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
+                if let Some(secs) =
+                    seconds_between(meta.started_at.as_deref(), Some(&finish.completed_at))
+                {
+                    let labels = crate::metrics::RunLabels {
+                        language: meta.language,
+                        status: finish.status.to_string(),
+                    };
+                    crate::metrics::get()
+                        .run_seconds
+                        .get_or_create(&labels)
+                        .observe(secs);
+                }
                 let fence = fence.clone();
                 self.end(move |c| {
                     Box::pin(async move {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::job::{kill_leftovers, Attached};
 use super::tail::Tail;
-use super::{Runner, RunnerError};
+use super::{JobMeta, Runner, RunnerError};
 use crate::db::executions::{self, Fence};
 use crate::db::output;
 use crate::domain::{Lane, Stream};
@@ -87,9 +87,13 @@ impl Runner {
                 tails,
             };
             tracing::info!(execution_id = %row.id, "re-attached to a running job");
+            let meta = JobMeta {
+                language: row.language.clone(),
+                started_at: row.started_at.clone(),
+            };
             self.tasks.spawn(
                 self.clone()
-                    .run_attached(lane, fence, attached, handle, permit),
+                    .run_attached(lane, fence, attached, meta, handle, permit),
             );
             recovered.reattached += 1;
         }

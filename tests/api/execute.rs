@@ -275,3 +275,33 @@ async fn output_that_is_not_utf8_is_stored_and_shown_with_replacement_characters
     assert_eq!(out["stderr"], "\u{fffd}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_show_executions_queues_callbacks_and_database_writes() {
+    let app = spawn_app().await;
+    let (status, _) = app
+        .post_json("/execute", json!({ "code": "echo m", "language": "bash" }))
+        .await;
+    assert_eq!(status, 200);
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    for needle in [
+        r#"execd_executions{language="bash",status="completed"} 1"#,
+        r#"execd_queue_depth{lane="async"} 0"#,
+        r#"execd_running{lane="sync"} 0"#,
+        "execd_execution_duration_seconds_count{",
+        "execd_db_write_batch_size_count",
+        "execd_db_commit_seconds_bucket",
+        "execd_http_requests_total{",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    let anonymous = app.client.get(app.path("/metrics")).send().await.unwrap();
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "metrics need the token like every route but /health"
+    );
+    app.stop().await;
+}

@@ -55,13 +55,13 @@ pub async fn start(config: Config, data_dir: TempDir) -> TestApp {
         task: Some(task),
     };
     // The listener is bound already; wait until the server answers.
+    let mut app = app;
     let deadline = Instant::now() + Duration::from_secs(10);
     while app.client.get(app.path("/health")).send().await.is_err() {
-        let task = app.task.as_ref().unwrap();
-        assert!(
-            !task.is_finished(),
-            "agent stopped at start (see its log line)"
-        );
+        if app.task.as_ref().unwrap().is_finished() {
+            let outcome = app.task.take().unwrap().await;
+            panic!("agent stopped at start: {outcome:?}");
+        }
         assert!(Instant::now() < deadline, "agent did not come up");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -11,5 +11,6 @@ mod helpers;
 mod processes;
 mod receiver;
 mod restart;
+mod retention;
 mod runner;
 mod validation;

@@ -1,0 +1,43 @@
+//! SQL of retention: pruning finished executions (their output, callbacks
+//! and attempts go with them, by cascade) and giving the space back.
+
+use sqlx::SqliteConnection;
+
+/// Deletes up to `batch` executions that finished before `cutoff`, keeping
+/// any whose callback is still waiting, and any whose callback is dead and
+/// that finished after `dead_cutoff` (dead callbacks are kept longer, for
+/// an operator to look at). Returns how many were deleted.
+pub async fn prune(
+    conn: &mut SqliteConnection,
+    cutoff: &str,
+    dead_cutoff: &str,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"DELETE FROM executions WHERE seq IN (
+             SELECT e.seq FROM executions e
+              WHERE e.status IN ('completed', 'failed', 'killed', 'timeout')
+                AND e.completed_at < ?1
+                AND NOT EXISTS (SELECT 1 FROM callbacks c
+                                 WHERE c.execution_id = e.id AND c.status IN ('pending', 'failed'))
+                AND (e.completed_at < ?2
+                     OR NOT EXISTS (SELECT 1 FROM callbacks c
+                                     WHERE c.execution_id = e.id AND c.status = 'dead'))
+              LIMIT ?3)"#,
+        cutoff,
+        dead_cutoff,
+        batch,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Returns up to `pages` free pages to the file system
+/// (`auto_vacuum = INCREMENTAL` is set when the database is created).
+pub async fn vacuum(conn: &mut SqliteConnection, pages: i64) -> Result<(), sqlx::Error> {
+    // A pragma with an argument cannot be bound as a parameter.
+    let sql = format!("PRAGMA incremental_vacuum({pages})");
+    sqlx::query(&sql).execute(&mut *conn).await?;
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! Retention: finished executions, with their output, callbacks and attempts,
+//! are pruned after a configurable age, in small batches (each its own short
+//! write, so submissions are never held up for long), and the freed pages
+//! are given back to the file system. Executions whose callback is dead are
+//! kept longer; those whose callback is still waiting are never pruned.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{self, retention, Db};
+
+#[derive(Clone, Debug)]
+pub struct RetentionConfig {
+    /// Finished executions older than this go.
+    pub keep: Duration,
+    /// Finished executions whose callback is dead go after this.
+    pub keep_dead: Duration,
+    /// How often to look.
+    pub interval: Duration,
+    /// Executions deleted per write.
+    pub batch: i64,
+}
+
+/// Pages given back per batch: a few MiB, so no one write takes long.
+const VACUUM_PAGES: i64 = 2048;
+
+/// Prunes everything due now, batch by batch; returns how many executions went.
+pub async fn run_once(db: &Db, config: &RetentionConfig) -> Result<u64, db::WriteError> {
+    let mut total = 0;
+    loop {
+        let now = chrono::Utc::now();
+        let cutoff = db::timestamp(now - config.keep);
+        let dead_cutoff = db::timestamp(now - config.keep_dead);
+        let batch = config.batch;
+        let pruned = db
+            .writer
+            .write(move |c| {
+                Box::pin(async move {
+                    let pruned = retention::prune(c, &cutoff, &dead_cutoff, batch).await?;
+                    if pruned > 0 {
+                        retention::vacuum(c, VACUUM_PAGES).await?;
+                    }
+                    Ok(pruned)
+                })
+            })
+            .await?;
+        total += pruned;
+        if pruned < config.batch as u64 {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs `run_once` every `interval` until `shutdown`.
+pub fn start(
+    db: Db,
+    config: RetentionConfig,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match run_once(&db, &config).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(executions = n, "pruned finished executions"),
+                Err(e) => tracing::error!(error = %e, "retention failed"),
+            }
+        }
+    })
+}

@@ -1,0 +1,93 @@
+//! Retention under churn: finished executions go, the file stays bounded,
+//! and executions whose callback still waits are kept.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// Sizes of the database file and its write-ahead log.
+fn db_bytes(app: &TestApp) -> (u64, u64) {
+    let size = |f: &str| {
+        std::fs::metadata(app.data_dir.path().join(f))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    (size("execd.db"), size("execd.db-wal"))
+}
+
+async fn wait_count(app: &TestApp, query: &str, count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, list) = app
+            .get_json(&format!("/execute/processes?limit=1000{query}"))
+            .await;
+        if list["count"].as_u64() == Some(count as u64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} listed, wanted {count}",
+            list["count"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_database_file_stays_bounded_under_churn_while_waiting_callbacks_are_kept() {
+    let app = spawn_app_with(|c| {
+        c.retention = Duration::from_secs(2);
+        c.retention_interval = Duration::from_millis(200);
+        c.background_concurrency = 4;
+        c.callback_retry_schedule = "1h".into();
+    })
+    .await;
+    // A callback that will not get through for an hour: its execution stays.
+    let (_, kept) = app
+        .post_json(
+            "/execute/async",
+            json!({ "code": "echo keep", "language": "bash", "callback_url": "http://127.0.0.1:9/x" }),
+        )
+        .await;
+    let kept = kept["execution_id"].as_str().unwrap().to_string();
+    let mut sizes = Vec::new();
+    for _round in 0..8 {
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            // 150 KB of output each: 3 MB a round, 24 MB in all.
+            ids.push(
+                app.background(json!({ "code": "import sys; sys.stdout.write('x' * 150_000)" }))
+                    .await,
+            );
+        }
+        for id in &ids {
+            let p = app.wait_terminal(id, Duration::from_secs(30)).await;
+            assert_eq!(p["status"], "completed");
+        }
+        // All pruned but the one whose callback waits.
+        wait_count(&app, "&status=completed", 1, Duration::from_secs(10)).await;
+        sizes.push(db_bytes(&app));
+    }
+    let written: u64 = 8 * 20 * 150_000;
+    let (last, last_wal) = *sizes.last().unwrap();
+    assert!(
+        last + last_wal < written / 3,
+        "the files hold {} bytes after {written} bytes of output: {sizes:?}",
+        last + last_wal
+    );
+    // The main file lags the log's checkpoints, so compare halves, not rounds.
+    let early = sizes[..4].iter().map(|s| s.0).max().unwrap();
+    let late = sizes[4..].iter().map(|s| s.0).max().unwrap();
+    assert!(
+        late <= early + (1 << 20),
+        "the database levels off: {sizes:?}"
+    );
+    let p = app.process(&kept).await;
+    assert_eq!(
+        p["callback"]["status"], "failed",
+        "kept while its callback waits: {p}"
+    );
+    app.stop().await;
+}
