@@ -154,3 +154,38 @@ pub async fn next_seq(
     .await?;
     Ok(next)
 }
+
+/// A stored chunk as a live reader sees it.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    pub stream: String,
+    pub seq: i64,
+    pub data: Vec<u8>,
+    pub created_at: String,
+}
+
+/// Chunks of one attempt from the given next-sequence numbers on, both
+/// streams interleaved in the order they were stored (at most `limit`).
+pub async fn since(
+    pool: &SqlitePool,
+    execution_id: &str,
+    attempt: i64,
+    stdout_from: i64,
+    stderr_from: i64,
+    limit: i64,
+) -> Result<Vec<Piece>, sqlx::Error> {
+    sqlx::query_as!(
+        Piece,
+        r#"SELECT stream, seq, data AS "data!: Vec<u8>", created_at FROM output_chunks
+            WHERE execution_id = ?1 AND attempt = ?2
+              AND ((stream = 'stdout' AND seq >= ?3) OR (stream = 'stderr' AND seq >= ?4))
+            ORDER BY created_at, stream DESC, seq LIMIT ?5"#,
+        execution_id,
+        attempt,
+        stdout_from,
+        stderr_from,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}

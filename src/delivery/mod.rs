@@ -379,6 +379,8 @@ fn build_headers(due: &Due, timestamp: i64) -> Result<HeaderMap, String> {
         HeaderValue::from_static(concat!("execd/", env!("CARGO_PKG_VERSION"))),
     );
     set(&mut headers, "x-hopx-timestamp", timestamp.to_string());
+    // The receiver's idempotency key, signed or not.
+    set(&mut headers, "webhook-id", due.id.clone());
     if let Some(secret) = &due.secret {
         let body = due.payload.as_bytes();
         set(
@@ -386,7 +388,6 @@ fn build_headers(due: &Due, timestamp: i64) -> Result<HeaderMap, String> {
             "x-hopx-signature",
             sign::hopx_signature(secret, body),
         );
-        set(&mut headers, "webhook-id", due.id.clone());
         set(&mut headers, "webhook-timestamp", timestamp.to_string());
         set(
             &mut headers,

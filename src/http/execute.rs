@@ -123,19 +123,19 @@ fn idempotency(headers: &HeaderMap, hash: &str) -> Result<Option<Idempotency>, A
 }
 
 /// What a submitting route answers with.
-struct Submitted {
-    execution_id: String,
-    process_id: String,
-    status: String,
-    name: Option<String>,
-    created_at: String,
-    callback_url: Option<String>,
-    command: Option<String>,
+pub(super) struct Submitted {
+    pub execution_id: String,
+    pub process_id: String,
+    pub status: String,
+    pub name: Option<String>,
+    pub created_at: String,
+    pub callback_url: Option<String>,
+    pub command: Option<String>,
 }
 
 /// Stores the submission as queued and wakes its lane; with an idempotency
 /// key seen before, returns the execution that key created instead.
-async fn submit(
+pub(super) async fn submit(
     state: &AppState,
     submission: Submission,
     idempotency: Option<Idempotency>,

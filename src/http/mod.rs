@@ -5,6 +5,7 @@ mod auth;
 mod callbacks;
 mod error;
 mod execute;
+mod live;
 mod processes;
 mod system;
 
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .merge(execute::router())
         .merge(processes::router())
         .merge(callbacks::router())
+        .merge(live::router())
         .merge(system::protected_router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()

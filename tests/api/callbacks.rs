@@ -160,6 +160,11 @@ async fn without_a_secret_the_callback_carries_no_signature() {
     wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
     let r = &receiver.received()[0];
     assert!(r.header("x-hopx-signature").is_none() && r.header("webhook-signature").is_none());
+    assert!(
+        r.header("webhook-id")
+            .is_some_and(|id| id.starts_with("msg_")),
+        "the idempotency key, unsigned"
+    );
     assert!(r.header("x-hopx-timestamp").is_some());
     assert_eq!(r.json()["status"], "failed");
     assert_eq!(r.json()["success"], false);

@@ -294,3 +294,84 @@ async fn a_queued_job_can_be_killed_before_it_starts() {
     assert!(p["pid"].is_null() && p["stdout"] == "", "it never ran: {p}");
     app.stop().await;
 }
+
+/// Reads a server-sent event stream to its end: (event, id, data) triples.
+async fn read_events(mut response: reqwest::Response) -> Vec<(String, String, Value)> {
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline.into(), response.chunk()).await
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.split("\n\n")
+        .filter(|block| block.contains("data:"))
+        .map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim_start().to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            (
+                field("event:"),
+                field("id:"),
+                serde_json::from_str(&field("data:")).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_follow_a_running_job_as_server_sent_events_and_resume_from_an_event_id() {
+    let app = spawn_app().await;
+    let id = app
+        .background(json!({ "code": "for i in 1 2 3 4 5; do echo out-$i; echo err-$i >&2; sleep 0.1; done; exit 3", "language": "bash" }))
+        .await;
+    let response = app
+        .get(&format!("/execute/processes/{id}/logs?follow=true"))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = read_events(response).await;
+    let text = |stream: &str, events: &[(String, String, Value)]| -> String {
+        events
+            .iter()
+            .filter(|e| e.0 == stream)
+            .map(|e| e.2["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        text("stdout", &events),
+        "out-1\nout-2\nout-3\nout-4\nout-5\n"
+    );
+    assert_eq!(
+        text("stderr", &events),
+        "err-1\nerr-2\nerr-3\nerr-4\nerr-5\n"
+    );
+    let (kind, _, end) = events.last().unwrap();
+    assert_eq!(kind, "end");
+    assert_eq!(
+        (end["status"].as_str(), end["exit_code"].as_i64()),
+        (Some("failed"), Some(3))
+    );
+
+    // Reconnecting with the id of the first event replays only what followed it.
+    let first_id = events[0].1.clone();
+    let resumed = app
+        .client
+        .get(app.path(&format!("/execute/processes/{id}/logs?follow=true")))
+        .bearer_auth(TOKEN)
+        .header("Last-Event-ID", &first_id)
+        .send()
+        .await
+        .unwrap();
+    let rest = read_events(resumed).await;
+    assert_eq!(rest.len(), events.len() - 1);
+    assert_eq!(rest.last().unwrap().0, "end");
+    app.stop().await;
+}

@@ -33,7 +33,7 @@ for _ in $(seq 1 100); do
 done
 
 status=0
-EXECD_URL="http://127.0.0.1:$port" EXECD_TOKEN="$token" EXECD_EXPECT_CALLBACK=1 bash "$here/run.sh" || status=$?
+EXECD_URL="http://127.0.0.1:$port" EXECD_TOKEN="$token" EXECD_EXPECT_CALLBACK=1 EXECD_EXPECT_STREAM=1 bash "$here/run.sh" || status=$?
 
 kill -TERM "$agent"
 wait "$agent" || { echo "the agent did not stop cleanly:" >&2; tail -20 "$log" >&2; status=1; }

@@ -1,0 +1,321 @@
+//! Live output: `GET /execute/processes/{id}/logs` as server-sent events
+//! (resumable with `Last-Event-ID`), and the WebSocket `GET /execute/stream`
+//! that the hopx-ai SDK's `run_code_stream` speaks. Both read the stored
+//! chunks from a cursor, so a reader that comes late or reconnects misses
+//! nothing, and neither holds the job: a reader that leaves changes nothing.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::execute::submit;
+use super::{parse_json, ApiError, AppState};
+use crate::db::executions::{self, ExecutionRow};
+use crate::db::output::{self, Piece};
+use crate::domain::{seconds_between, ExecuteIn, Lane, Status, Submission};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/execute/processes/{id}/logs", get(logs))
+        .route("/execute/stream", get(stream))
+}
+
+/// How often a follower looks for new output.
+const POLL: Duration = Duration::from_millis(50);
+/// Chunks read per look.
+const PAGE: i64 = 256;
+
+/// A reading position: the next chunk of each stream. Shown as `<stdout>.<stderr>`
+/// (the SSE event id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    stdout: i64,
+    stderr: i64,
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.stdout, self.stderr)
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = ApiError;
+
+    fn from_str(s: &str) -> Result<Self, ApiError> {
+        let bad = || {
+            ApiError::bad_request(
+                "INVALID_REQUEST",
+                format!("cursor {s:?} is not <stdout seq>.<stderr seq>"),
+            )
+        };
+        let (out, err) = s.split_once('.').ok_or_else(bad)?;
+        Ok(Cursor {
+            stdout: out.parse().map_err(|_| bad())?,
+            stderr: err.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// One step of following an execution.
+enum Step {
+    Pieces(Vec<(Piece, Cursor)>),
+    End(Box<ExecutionRow>),
+}
+
+/// Follows the output of one execution from a cursor until it ends.
+struct Follower {
+    state: AppState,
+    id: String,
+    attempt: i64,
+    cursor: Cursor,
+    /// Wait for more while it runs; otherwise end at what is stored now.
+    follow: bool,
+}
+
+impl Follower {
+    async fn next(&mut self) -> Result<Step, ApiError> {
+        loop {
+            // The status first: output stored before a terminal status is
+            // all the output there is.
+            let row = executions::get(&self.state.db.readers, &self.id)
+                .await?
+                .ok_or_else(|| ApiError::process_not_found(&self.id))?;
+            if row.attempt != self.attempt {
+                // Queued again after a lost attempt: follow the new one from its start.
+                self.attempt = row.attempt;
+                self.cursor = Cursor::default();
+            }
+            let c = self.cursor;
+            let pieces = output::since(
+                &self.state.db.readers,
+                &self.id,
+                self.attempt,
+                c.stdout,
+                c.stderr,
+                PAGE,
+            )
+            .await?;
+            if !pieces.is_empty() {
+                let mut out = Vec::with_capacity(pieces.len());
+                for piece in pieces {
+                    match piece.stream.as_str() {
+                        "stdout" => self.cursor.stdout = piece.seq + 1,
+                        _ => self.cursor.stderr = piece.seq + 1,
+                    }
+                    out.push((piece, self.cursor));
+                }
+                return Ok(Step::Pieces(out));
+            }
+            let terminal = row.status.parse::<Status>().is_ok_and(Status::is_terminal);
+            if terminal || !self.follow || self.state.runner.is_stopping() {
+                return Ok(Step::End(Box::new(row)));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    follow: Option<bool>,
+    cursor: Option<String>,
+}
+
+/// `GET /execute/processes/{id}/logs?follow=true`: `stdout` and `stderr`
+/// events (`{stream, data, seq, timestamp}`, id = the cursor after it), then
+/// one `end` event with the status, exit code and error.
+async fn logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<LogsQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let row = executions::get(&state.db.readers, &id)
+        .await?
+        .ok_or_else(|| ApiError::process_not_found(&id))?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let cursor = match resume.or(query.cursor) {
+        Some(text) => text.parse()?,
+        None => Cursor::default(),
+    };
+    let follower = Follower {
+        state,
+        id: row.id,
+        attempt: row.attempt,
+        cursor,
+        follow: query.follow.unwrap_or(false),
+    };
+    let events = futures::stream::unfold(Some(follower), |follower| async move {
+        let mut follower = follower?;
+        let (events, rest) = match follower.next().await {
+            Ok(Step::Pieces(pieces)) => (
+                pieces
+                    .into_iter()
+                    .map(|(p, c)| piece_event(&p, c))
+                    .collect(),
+                Some(follower),
+            ),
+            Ok(Step::End(row)) => (vec![end_event(&row)], None),
+            Err(e) => (
+                vec![Event::default().event("error").data(e.to_string())],
+                None,
+            ),
+        };
+        Some((futures::stream::iter(events), rest))
+    })
+    .flatten()
+    .map(Ok);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+fn piece_event(piece: &Piece, after: Cursor) -> Event {
+    Event::default()
+        .event(piece.stream.clone())
+        .id(after.to_string())
+        .data(
+            json!({
+                "stream": piece.stream,
+                "data": String::from_utf8_lossy(&piece.data),
+                "seq": piece.seq,
+                "timestamp": piece.created_at,
+            })
+            .to_string(),
+        )
+}
+
+fn end_event(row: &ExecutionRow) -> Event {
+    Event::default().event("end").data(
+        json!({
+            "status": row.status,
+            "exit_code": row.exit_code,
+            "error": row.error,
+            "execution_time": seconds_between(row.started_at.as_deref(), row.completed_at.as_deref()),
+        })
+        .to_string(),
+    )
+}
+
+/// The first frame of `/execute/stream`.
+#[derive(Debug, Deserialize)]
+struct StreamIn {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    #[serde(flatten)]
+    execute: ExecuteIn,
+}
+
+/// `GET /execute/stream` (WebSocket): the client sends
+/// `{"type":"execute", code, language, timeout, workdir, env}`; the agent runs
+/// it in the sync lane and sends `stdout`/`stderr` frames `{data, timestamp}`,
+/// then `result {exit_code, execution_time}` and `complete {success}`, or
+/// `error {error, code}`.
+async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| run_stream(state, socket))
+}
+
+async fn run_stream(state: AppState, mut socket: WebSocket) {
+    if let Err(e) = stream_one(&state, &mut socket).await {
+        let (message, code) = match &e {
+            ApiError::Client { message, code, .. } => (message.clone(), *code),
+            ApiError::Internal(_) => (
+                "internal error; see the agent's log".to_string(),
+                "INTERNAL_ERROR",
+            ),
+        };
+        if let ApiError::Internal(detail) = &e {
+            tracing::error!(error = %detail, "stream failed");
+        }
+        let frame = json!({ "type": "error", "error": message, "code": code });
+        let _ = socket.send(Message::Text(frame.to_string().into())).await;
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiError> {
+    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let text = match first {
+        Ok(Some(Ok(Message::Text(text)))) => text,
+        Ok(Some(Ok(Message::Binary(bytes)))) => String::from_utf8_lossy(&bytes).into_owned().into(),
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "INVALID_REQUEST",
+                "no execute frame within 30 s",
+            ))
+        }
+        _ => return Ok(()),
+    };
+    let input: StreamIn = parse_json(text.as_bytes())?;
+    if input.kind.as_deref().is_some_and(|k| k != "execute") {
+        return Err(ApiError::bad_request(
+            "INVALID_REQUEST",
+            "the first frame must have type \"execute\"",
+        ));
+    }
+    let submission = Submission::parse(input.execute, Lane::Sync, &state.limits)?;
+    let submitted = submit(state, submission, None).await?;
+    let mut follower = Follower {
+        state: state.clone(),
+        id: submitted.execution_id,
+        attempt: 1,
+        cursor: Cursor::default(),
+        follow: true,
+    };
+    loop {
+        let step = tokio::select! {
+            step = follower.next() => step?,
+            message = socket.recv() => match message {
+                // The client left: the run goes on, recorded as usual.
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Ok(_)) => continue,
+            },
+        };
+        match step {
+            Step::Pieces(pieces) => {
+                for (piece, _) in pieces {
+                    let frame = json!({
+                        "type": piece.stream,
+                        "data": String::from_utf8_lossy(&piece.data),
+                        "timestamp": piece.created_at,
+                    });
+                    if socket
+                        .send(Message::Text(frame.to_string().into()))
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            Step::End(row) => {
+                let execution_time =
+                    seconds_between(row.started_at.as_deref(), row.completed_at.as_deref())
+                        .unwrap_or(0.0);
+                let frames = [
+                    json!({ "type": "result", "exit_code": row.exit_code, "execution_time": execution_time,
+                            "status": row.status, "execution_id": row.id }),
+                    json!({ "type": "complete", "success": row.status == "completed" }),
+                ];
+                for frame in frames {
+                    let _ = socket.send(Message::Text(frame.to_string().into())).await;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
