@@ -31,12 +31,15 @@ pub enum Command {
     /// Supervise one job (started by the agent, not by hand).
     #[command(hide = true)]
     Supervise { run_dir: PathBuf },
+    #[command(flatten)]
+    Client(crate::cli::ClientCommand),
 }
 
 /// What the binary was asked to do.
 pub enum Mode {
     Serve(Box<Config>),
     Supervise(PathBuf),
+    Client(crate::cli::ClientCommand),
 }
 
 impl Cli {
@@ -44,6 +47,7 @@ impl Cli {
         match self.command {
             Some(Command::Serve(config)) => Mode::Serve(config),
             Some(Command::Supervise { run_dir }) => Mode::Supervise(run_dir),
+            Some(Command::Client(command)) => Mode::Client(command),
             None => Mode::Serve(Box::new(self.serve)),
         }
     }
@@ -52,7 +56,7 @@ impl Cli {
     pub fn into_config(self) -> Config {
         match self.mode() {
             Mode::Serve(config) => *config,
-            Mode::Supervise(_) => Cli::parse_from(["execd"]).serve,
+            Mode::Supervise(_) | Mode::Client(_) => Cli::parse_from(["execd"]).serve,
         }
     }
 }

@@ -17,6 +17,7 @@
 //!   future, which is how `main` and the integration tests start the agent.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod delivery;

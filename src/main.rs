@@ -1,6 +1,7 @@
 //! The `execd` binary: parse the configuration, set up logging, serve until
 //! SIGINT or SIGTERM. `execd supervise` (started by the agent for each job)
-//! runs without an async runtime.
+//! runs without an async runtime; the client commands (`run`, `ps`, …) on a
+//! small one.
 
 use clap::Parser;
 use execd::config::{Cli, Config, LogFormat, Mode};
@@ -9,6 +10,11 @@ use tracing_subscriber::EnvFilter;
 fn main() -> std::process::ExitCode {
     match Cli::parse().mode() {
         Mode::Supervise(run_dir) => execd::supervisor::main(&run_dir),
+        Mode::Client(command) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+            .block_on(execd::cli::main(command)),
         Mode::Serve(config) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

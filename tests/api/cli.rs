@@ -59,3 +59,167 @@ fn a_flag_that_does_not_parse_is_refused_by_the_parser() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 }
+
+#[tokio::test]
+async fn the_cli_runs_submits_lists_follows_and_kills() {
+    let app = crate::helpers::spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("job.py");
+    std::fs::write(
+        &script,
+        "import sys\nprint('from a file')\nprint('oops', file=sys.stderr)\nsys.exit(5)\n",
+    )
+    .unwrap();
+    let script = script.to_str().unwrap().to_string();
+    let run = tokio::task::spawn_blocking({
+        let (url, script) = (app.url.clone(), script.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_execd"))
+                .args(["run", &script])
+                .env("EXECD_URL", url)
+                .env("EXECD_TOKEN", crate::helpers::TOKEN)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "from a file\n");
+    assert_eq!(String::from_utf8_lossy(&run.stderr), "oops\n");
+    assert_eq!(
+        run.status.code(),
+        Some(5),
+        "the program's exit code, passed through"
+    );
+
+    let piped = {
+        let url = app.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
+                .args(["run", "-", "--language", "bash"])
+                .env("EXECD_URL", url)
+                .env("EXECD_TOKEN", crate::helpers::TOKEN)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"echo from stdin")
+                .unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(String::from_utf8_lossy(&piped.stdout), "from stdin\n");
+    assert_eq!(piped.status.code(), Some(0));
+
+    let submitted = {
+        let (url, dir) = (app.url.clone(), dir.path().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let file = dir.join("loop.sh");
+            std::fs::write(
+                &file,
+                "for i in 1 2 3; do echo tick $i; sleep 0.2; done; sleep 60",
+            )
+            .unwrap();
+            Command::new(env!("CARGO_BIN_EXE_execd"))
+                .args(["submit", file.to_str().unwrap(), "--name", "ticker"])
+                .env("EXECD_URL", url)
+                .env("EXECD_TOKEN", crate::helpers::TOKEN)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let text = String::from_utf8_lossy(&submitted.stdout).to_string();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    app.wait_for(&id, Duration::from_secs(10), |p| {
+        p["stdout"] == "tick 1\ntick 2\ntick 3\n"
+    })
+    .await;
+
+    let (url, id2) = (app.url.clone(), id.clone());
+    let outputs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_execd"))
+                .args(args)
+                .env("EXECD_URL", &url)
+                .env("EXECD_TOKEN", crate::helpers::TOKEN)
+                .output()
+                .unwrap()
+        };
+        (
+            run(&["ps", "--status", "running"]),
+            run(&["ps", "--json"]),
+            run(&["logs", &id2]),
+            run(&["kill", &id2]),
+        )
+    })
+    .await
+    .unwrap();
+    let (table, json, logs, kill) = outputs;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&id) && table.contains("ticker") && table.contains("running"),
+        "{table}"
+    );
+    assert!(!table.contains("\x1b["), "no colour when not on a terminal");
+    let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(listed["count"], 3);
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stdout),
+        "tick 1\ntick 2\ntick 3\n"
+    );
+    assert!(kill.status.success());
+    assert_eq!(app.process(&id).await["status"], "killed");
+    app.stop().await;
+}
+
+#[test]
+fn the_cli_says_clearly_when_the_agent_is_not_there() {
+    let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_execd")).args([
+        "ps",
+        "--url",
+        "http://127.0.0.1:9",
+        "--token",
+        "x",
+    ]));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach the agent at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn execd_token_prints_the_local_token_or_mints_a_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "local-token-value\n").unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args(["token", "--data-dir"])
+            .arg(dir.path())
+            .env_remove("EXECD_JWT_SECRET"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "local-token-value\n");
+    let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_execd")).args([
+        "token",
+        "--jwt-secret",
+        "0123456789abcdef-secret",
+    ]));
+    let jwt = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let auth = execd::http::Auth::jwt("0123456789abcdef-secret");
+    assert!(auth.accepts(&jwt), "{jwt}");
+}

@@ -1,0 +1,459 @@
+//! The command-line client, in the same binary: `execd run`, `submit`, `ps`,
+//! `logs`, `kill`, `token`. It talks to a running agent over HTTP (the local
+//! one and its token file by default) and says clearly when none is there.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+/// Where the agent is and how to authenticate.
+#[derive(Clone, Debug, Args)]
+pub struct ClientArgs {
+    /// The agent's base URL.
+    #[arg(long, env = "EXECD_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token; default: the token file in the data dir.
+    #[arg(long, env = "EXECD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The local agent's data dir, for its token file.
+    #[arg(long, env = "EXECD_DATA_DIR", default_value = "./execd-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Run a file (or `-` for stdin) and wait: prints its output, exits with its exit code.
+    Run {
+        #[command(flatten)]
+        conn: ClientArgs,
+        file: PathBuf,
+        /// python, javascript, bash or go; default: from the file's extension.
+        #[arg(long, short)]
+        language: Option<String>,
+        /// Seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Submit a file (or `-`) as a background process, or with --callback-url as an async execution; prints the ids.
+    Submit {
+        #[command(flatten)]
+        conn: ClientArgs,
+        file: PathBuf,
+        #[arg(long, short)]
+        language: Option<String>,
+        #[arg(long)]
+        timeout: Option<f64>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Run it as an async execution that POSTs its result here.
+        #[arg(long)]
+        callback_url: Option<String>,
+        #[arg(long)]
+        callback_secret: Option<String>,
+    },
+    /// List executions, newest first.
+    Ps {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an execution's output; with --follow, as it comes until it ends.
+    Logs {
+        #[command(flatten)]
+        conn: ClientArgs,
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Kill an execution.
+    Kill {
+        id: String,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Print the local agent's token, or mint a JWT when a secret is given.
+    Token {
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Mint an HS256 JWT signed with this secret instead.
+        #[arg(long, env = "EXECD_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// Lifetime of a minted JWT.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// A failure of the client, said in one line.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot reach the agent at {0}: is it running? (start it with `execd serve`)")]
+    Unreachable(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("the agent answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ClientCommand {
+    fn conn(&self) -> &ClientArgs {
+        match self {
+            ClientCommand::Run { conn, .. }
+            | ClientCommand::Submit { conn, .. }
+            | ClientCommand::Ps { conn, .. }
+            | ClientCommand::Logs { conn, .. }
+            | ClientCommand::Kill { conn, .. }
+            | ClientCommand::Token { conn, .. } => conn,
+        }
+    }
+}
+
+pub async fn main(command: ClientCommand) -> ExitCode {
+    let args = command.conn().clone();
+    match run(args, command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("execd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode, CliError> {
+    if let ClientCommand::Token {
+        jwt_secret, ttl, ..
+    } = &command
+    {
+        return token(&args, jwt_secret.as_deref(), *ttl);
+    }
+    let client = Client {
+        base: args.url.trim_end_matches('/').to_string(),
+        token: args.token.clone().or_else(|| read_token(&args.data_dir)),
+        http: reqwest::Client::new(),
+    };
+    match command {
+        ClientCommand::Run {
+            file,
+            language,
+            timeout,
+            ..
+        } => {
+            let body = code_body(&file, language, timeout)?;
+            let (status, out) = client
+                .send(reqwest::Method::POST, "/execute", Some(body))
+                .await?;
+            let result = if status == 408 { &out["details"] } else { &out };
+            if status != 200 && status != 408 {
+                return Err(api_error(status, &out));
+            }
+            print!("{}", result["stdout"].as_str().unwrap_or(""));
+            eprint!("{}", result["stderr"].as_str().unwrap_or(""));
+            if status == 408 {
+                eprintln!("execd: {}", out["error"].as_str().unwrap_or("timed out"));
+                return Ok(ExitCode::from(124));
+            }
+            let code = result["exit_code"].as_i64().unwrap_or(1);
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        ClientCommand::Submit {
+            file,
+            language,
+            timeout,
+            name,
+            callback_url,
+            callback_secret,
+            ..
+        } => {
+            let mut body = code_body(&file, language, timeout)?;
+            body["name"] = json!(name);
+            let path = match callback_url {
+                Some(url) => {
+                    body["callback_url"] = json!(url);
+                    body["callback_signature_secret"] = json!(callback_secret);
+                    "/execute/async"
+                }
+                None => "/execute/background",
+            };
+            let (status, out) = client.send(reqwest::Method::POST, path, Some(body)).await?;
+            if status != 200 {
+                return Err(api_error(status, &out));
+            }
+            println!("process_id    {}", out["process_id"].as_str().unwrap_or(""));
+            println!(
+                "execution_id  {}",
+                out["execution_id"].as_str().unwrap_or("")
+            );
+            println!("status        {}", out["status"].as_str().unwrap_or(""));
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientCommand::Ps {
+            status,
+            limit,
+            json,
+            ..
+        } => {
+            let mut path = format!("/execute/processes?limit={limit}");
+            if let Some(status) = status {
+                path.push_str(&format!("&status={status}"));
+            }
+            let (code, out) = client.send(reqwest::Method::GET, &path, None).await?;
+            if code != 200 {
+                return Err(api_error(code, &out));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            } else {
+                print_table(
+                    out["processes"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientCommand::Logs { id, follow, .. } => client.logs(&id, follow).await,
+        ClientCommand::Kill { id, .. } => {
+            let (status, out) = client
+                .send(reqwest::Method::POST, &format!("/execute/kill/{id}"), None)
+                .await?;
+            if status != 200 {
+                return Err(api_error(status, &out));
+            }
+            println!(
+                "{}: {}",
+                out["process_id"].as_str().unwrap_or(&id),
+                out["message"].as_str().unwrap_or("")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientCommand::Token { .. } => unreachable!("handled above"),
+    }
+}
+
+fn read_token(data_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join("token"))
+        .ok()
+        .map(|t| t.trim().to_string())
+}
+
+/// `execd token`: the token file's token, or a freshly minted JWT.
+fn token(args: &ClientArgs, jwt_secret: Option<&str>, ttl: Duration) -> Result<ExitCode, CliError> {
+    let token = match jwt_secret {
+        Some(secret) => {
+            let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &json!({ "sub": "execd-cli", "exp": exp }),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .map_err(|e| CliError::Other(format!("cannot mint a JWT: {e}")))?
+        }
+        None => read_token(&args.data_dir).ok_or_else(|| {
+            CliError::Usage(format!(
+                "no token file at {} (start the agent once, or give --jwt-secret)",
+                args.data_dir.join("token").display()
+            ))
+        })?,
+    };
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The submission body for a file (or `-`: stdin).
+fn code_body(
+    file: &Path,
+    language: Option<String>,
+    timeout: Option<f64>,
+) -> Result<Value, CliError> {
+    let code = if file == Path::new("-") {
+        let mut code = String::new();
+        std::io::stdin()
+            .read_to_string(&mut code)
+            .map_err(|e| CliError::Usage(format!("cannot read stdin: {e}")))?;
+        code
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?
+    };
+    let language = language.or_else(|| {
+        let ext = file.extension()?.to_str()?;
+        Some(
+            match ext {
+                "py" => "python",
+                "js" | "mjs" | "cjs" => "javascript",
+                "sh" | "bash" => "bash",
+                "go" => "go",
+                _ => return None,
+            }
+            .to_string(),
+        )
+    });
+    let mut body = json!({ "code": code, "language": language.unwrap_or_else(|| "python".into()) });
+    if let Some(timeout) = timeout {
+        body["timeout"] = json!(timeout);
+    }
+    Ok(body)
+}
+
+fn api_error(status: u16, body: &Value) -> CliError {
+    let message = body["error"].as_str().unwrap_or("no message").to_string();
+    CliError::Api { status, message }
+}
+
+impl Client {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), CliError> {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| self.transport(e))?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> CliError {
+        if e.is_connect() {
+            CliError::Unreachable(self.base.clone())
+        } else {
+            CliError::Other(format!("request to {} failed: {e}", self.base))
+        }
+    }
+
+    /// Prints stored output, or follows the SSE stream until the `end` event,
+    /// reconnecting from the last event id if the connection drops.
+    async fn logs(&self, id: &str, follow: bool) -> Result<ExitCode, CliError> {
+        let mut last_id: Option<String> = None;
+        for _attempt in 0..10 {
+            let mut request = self.request(
+                reqwest::Method::GET,
+                &format!("/execute/processes/{id}/logs?follow={follow}"),
+            );
+            if let Some(last) = &last_id {
+                request = request.header("Last-Event-ID", last);
+            }
+            let mut response = request.send().await.map_err(|e| self.transport(e))?;
+            if response.status() != 200 {
+                let status = response.status().as_u16();
+                return Err(api_error(
+                    status,
+                    &response.json().await.unwrap_or(Value::Null),
+                ));
+            }
+            let mut pending = String::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                pending.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = pending.find("\n\n") {
+                    let block: String = pending.drain(..end + 2).collect();
+                    if let Some(code) = print_event(&block, &mut last_id) {
+                        return Ok(code);
+                    }
+                }
+            }
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(CliError::Other("the log stream kept breaking".into()))
+    }
+}
+
+/// Prints one SSE block; returns the exit code once the `end` event came.
+fn print_event(block: &str, last_id: &mut Option<String>) -> Option<ExitCode> {
+    let field = |name: &str| {
+        block
+            .lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .map(|v| v.strip_prefix(' ').unwrap_or(v))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (event, id, data) = (field("event:"), field("id:"), field("data:"));
+    if !id.is_empty() {
+        *last_id = Some(id);
+    }
+    let data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+    match event.as_str() {
+        "stdout" => {
+            print!("{}", data["data"].as_str().unwrap_or(""));
+            let _ = std::io::stdout().flush();
+        }
+        "stderr" => eprint!("{}", data["data"].as_str().unwrap_or("")),
+        "end" => {
+            let code = data["exit_code"].as_i64().unwrap_or(1);
+            return Some(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        _ => {}
+    }
+    None
+}
+
+/// The process list as a table; status in colour on a terminal.
+fn print_table(processes: &[Value]) {
+    let colour = std::io::stdout().is_terminal();
+    println!(
+        "{:<32}  {:<16}  {:<10}  {:<10}  {:>4}  {:>9}  CREATED",
+        "PROCESS", "NAME", "STATUS", "LANGUAGE", "EXIT", "SECONDS"
+    );
+    for p in processes {
+        let status = p["status"].as_str().unwrap_or("");
+        let shown = if colour {
+            let code = match status {
+                "completed" => "32",
+                "running" | "queued" => "36",
+                _ => "31",
+            };
+            format!("\x1b[{code}m{status:<10}\x1b[0m")
+        } else {
+            format!("{status:<10}")
+        };
+        let name: String = p["name"].as_str().unwrap_or("-").chars().take(16).collect();
+        println!(
+            "{:<32}  {:<16}  {}  {:<10}  {:>4}  {:>9}  {}",
+            p["process_id"].as_str().unwrap_or(""),
+            name,
+            shown,
+            p["language"].as_str().unwrap_or(""),
+            p["exit_code"]
+                .as_i64()
+                .map_or("-".to_string(), |c| c.to_string()),
+            p["execution_time"]
+                .as_f64()
+                .map_or("-".to_string(), |t| format!("{t:.2}")),
+            p["created_at"].as_str().unwrap_or(""),
+        );
+    }
+}
