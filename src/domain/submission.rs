@@ -137,8 +137,10 @@ impl SubmissionError {
 
 /// The body of `/execute`, `/execute/background` and `/execute/async`.
 /// Every field is optional here so a missing one gets `MISSING_PARAMETER`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct ExecuteIn {
+    /// The program text (required; optional here so a missing one is MISSING_PARAMETER).
+    #[schema(required = true, min_length = 1)]
     pub code: Option<String>,
     pub language: Option<String>,
     pub timeout: Option<f64>,
@@ -153,8 +155,10 @@ pub struct ExecuteIn {
 }
 
 /// The body of `/commands/run` and `/commands/background`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct CommandIn {
+    /// The command line (required); without `args` it runs under `/bin/sh -c`.
+    #[schema(required = true, min_length = 1)]
     pub command: Option<String>,
     pub args: Option<Vec<String>>,
     pub timeout: Option<f64>,

@@ -23,7 +23,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A delivery as the API shows it; the process object carries the latest.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CallbackOut {
     pub webhook_id: String,
     pub url: String,
@@ -75,7 +75,8 @@ async fn find_async(state: &AppState, id: &str) -> Result<ExecutionRow, ApiError
     Ok(row)
 }
 
-async fn list_attempts(
+#[utoipa::path(get, path = "/execute/processes/{id}/callback", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Every delivery and attempt", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn list_attempts(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -114,7 +115,8 @@ async fn list_attempts(
 
 /// Queues a new delivery of a finished async execution's callback, or makes
 /// a waiting one due now.
-async fn redeliver(
+#[utoipa::path(post, path = "/execute/processes/{id}/callback/redeliver", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "A delivery is due now", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), (status = 409, description = "EXECUTION_NOT_FINISHED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn redeliver(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {

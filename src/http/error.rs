@@ -224,21 +224,26 @@ async fn render_error(
             )
         }
     };
-    let body = json!({
-        "error": info.message,
-        "code": info.code,
-        "message": info.message,
-        "request_id": request_id,
-        "timestamp": crate::http::timestamp_now(),
-        "path": path,
-        "details": if info.details.is_null() { json!({}) } else { info.details },
-    });
+    let body = super::openapi::ErrorOut {
+        error: info.message.clone(),
+        code: info.code.to_string(),
+        message: info.message,
+        request_id: request_id.to_string(),
+        timestamp: crate::http::timestamp_now(),
+        path: path.to_string(),
+        details: if info.details.is_null() {
+            json!({})
+        } else {
+            info.details
+        },
+    };
+    let body = serde_json::to_string(&body).expect("the error body serializes");
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Response::from_parts(parts, Body::from(body.to_string()))
+    Response::from_parts(parts, Body::from(body))
 }
 
 fn synthesize(status: StatusCode, method: &Method, path: &str, text: &str) -> ErrorInfo {

@@ -32,7 +32,8 @@ pub fn router() -> Router<AppState> {
 /// (for a queued start and the final writes). The SDK gives up at timeout + 30 s.
 const SYNC_SLACK: Duration = Duration::from_secs(20);
 
-async fn execute_sync(
+#[utoipa::path(post, path = "/execute", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "The run ended; `success` says how", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT, partial output in details", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn execute_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<ExecuteIn>,
@@ -41,7 +42,8 @@ async fn execute_sync(
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
 
-async fn command_sync(
+#[utoipa::path(post, path = "/commands/run", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "The command ended", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn command_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<CommandIn>,
@@ -50,7 +52,8 @@ async fn command_sync(
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
 
-async fn execute_background(
+#[utoipa::path(post, path = "/execute/background", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "Stored and queued", body = serde_json::Value), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn execute_background(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<ExecuteIn>,
@@ -60,7 +63,8 @@ async fn execute_background(
     Ok(Json(background_out(&submitted)))
 }
 
-async fn command_background(
+#[utoipa::path(post, path = "/commands/background", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "Stored and queued", body = serde_json::Value), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn command_background(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<CommandIn>,
@@ -72,7 +76,8 @@ async fn command_background(
     Ok(Json(out))
 }
 
-async fn execute_async(
+#[utoipa::path(post, path = "/execute/async", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "Stored and queued; the result is POSTed to callback_url", body = serde_json::Value), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn execute_async(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<ExecuteIn>,

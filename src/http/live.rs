@@ -129,7 +129,7 @@ impl Follower {
 }
 
 #[derive(Debug, Deserialize)]
-struct LogsQuery {
+pub(super) struct LogsQuery {
     follow: Option<bool>,
     cursor: Option<String>,
 }
@@ -137,7 +137,8 @@ struct LogsQuery {
 /// `GET /execute/processes/{id}/logs?follow=true`: `stdout` and `stderr`
 /// events (`{stream, data, seq, timestamp}`, id = the cursor after it), then
 /// one `end` event with the status, exit code and error.
-async fn logs(
+#[utoipa::path(get, path = "/execute/processes/{id}/logs", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id"), ("follow" = Option<bool>, Query), ("cursor" = Option<String>, Query, description = "<stdout seq>.<stderr seq>, as Last-Event-ID")), responses((status = 200, description = "Server-sent events: stdout, stderr, end", content_type = "text/event-stream", body = String), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<LogsQuery>,
@@ -225,7 +226,8 @@ struct StreamIn {
 /// it in the sync lane and sends `stdout`/`stderr` frames `{data, timestamp}`,
 /// then `result {exit_code, execution_time}` and `complete {success}`, or
 /// `error {error, code}`.
-async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+#[utoipa::path(get, path = "/execute/stream", tag = "execd", responses((status = 101, description = "WebSocket: send {type: execute, code, language, timeout, workdir, env}"), (status = 426, description = "Not a WebSocket upgrade", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| run_stream(state, socket))
 }
 

@@ -6,6 +6,7 @@ mod callbacks;
 mod error;
 mod execute;
 mod live;
+pub mod openapi;
 mod processes;
 mod system;
 
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     Router::new()
         .merge(system::public_router())
+        .merge(openapi::router())
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn_with_state(

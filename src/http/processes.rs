@@ -18,15 +18,15 @@ use crate::runner::KillOutcome;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/execute/processes", get(list))
-        .route("/processes", get(list))
+        .route("/processes", get(list_alias))
         .route("/execute/processes/{id}", get(one))
         .route("/execute/kill/{id}", post(kill_path))
-        .route("/processes/{id}/kill", post(kill_path))
+        .route("/processes/{id}/kill", post(kill_processes_path))
         .route("/execute/kill", delete(kill_query_or_body))
 }
 
 /// A process as the API shows it (API.md, "The process object").
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProcessOut {
     pub process_id: String,
     pub execution_id: String,
@@ -143,7 +143,7 @@ impl ProcessOut {
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     status: Option<String>,
     name: Option<String>,
     limit: Option<String>,
@@ -171,7 +171,8 @@ fn parse_count(
     }
 }
 
-async fn list(
+#[utoipa::path(get, path = "/execute/processes", tag = "execd", params(("status" = Option<String>, Query, description = "queued|running|completed|failed|killed|timeout"), ("name" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "1 to 1000, default 100"), ("offset" = Option<i64>, Query), ("cursor" = Option<i64>, Query, description = "next_cursor of the previous page")), responses((status = 200, description = "Newest first: {processes, count, next_cursor, timestamp}", body = serde_json::Value), crate::http::openapi::Errors))]
+pub(super) async fn list(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -207,7 +208,8 @@ async fn list(
     })))
 }
 
-async fn one(
+#[utoipa::path(get, path = "/execute/processes/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "The process, with all stored output", body = ProcessOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ProcessOut>, ApiError> {
@@ -217,11 +219,30 @@ async fn one(
     Ok(Json(ProcessOut::load(&state, row, OutputView::Full).await?))
 }
 
-async fn kill_path(
+#[utoipa::path(post, path = "/execute/kill/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished (nothing changed)", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn kill_path(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     kill(&state, &id).await
+}
+
+/// `GET /processes`: the list, as another client family spells it.
+#[utoipa::path(get, path = "/processes", tag = "execd", params(("status" = Option<String>, Query, description = "queued|running|completed|failed|killed|timeout"), ("name" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "1 to 1000, default 100"), ("offset" = Option<i64>, Query), ("cursor" = Option<i64>, Query, description = "next_cursor of the previous page")), responses((status = 200, description = "The same as GET /execute/processes", body = serde_json::Value), crate::http::openapi::Errors))]
+pub(super) async fn list_alias(
+    state: State<AppState>,
+    query: Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    list(state, query).await
+}
+
+/// `POST /processes/{id}/kill`: kill, as another client family spells it.
+#[utoipa::path(post, path = "/processes/{id}/kill", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn kill_processes_path(
+    state: State<AppState>,
+    id: Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    kill_path(state, id).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,7 +251,8 @@ struct KillIn {
     execution_id: Option<String>,
 }
 
-async fn kill_query_or_body(
+#[utoipa::path(delete, path = "/execute/kill", tag = "execd", params(("process_id" = Option<String>, Query, description = "or a JSON body {process_id}")), responses((status = 200, description = "Killed, or already finished", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+pub(super) async fn kill_query_or_body(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,

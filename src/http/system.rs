@@ -20,7 +20,8 @@ pub fn protected_router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
-async fn health(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/health", tag = "execd", security(()), responses((status = 200, description = "{status: healthy, version, uptime_seconds}", body = serde_json::Value), crate::http::openapi::Unavailable))]
+pub(super) async fn health(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "status": "healthy",
         "version": env!("CARGO_PKG_VERSION"),
@@ -29,7 +30,8 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-async fn info(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/info", tag = "execd", responses((status = 200, description = "Version, languages with interpreter versions, limits", body = serde_json::Value), crate::http::openapi::Errors))]
+pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
     let languages: Vec<Value> = state
         .limits
         .languages
@@ -54,7 +56,8 @@ async fn info(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /metrics`: Prometheus text, with the database's state read now.
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/metrics", tag = "execd", responses((status = 200, description = "Prometheus text", content_type = "application/openmetrics-text", body = String), crate::http::openapi::Errors))]
+pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     use crate::metrics::{LaneLabels, RunLabels, StatusLabels};
     let m = crate::metrics::get();
     let counts = executions::counts(&state.db.readers).await?;

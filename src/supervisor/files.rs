@@ -127,8 +127,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<T> 
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Writes `value` as JSON to `path` atomically (temp file, fsync, rename),
-/// readable by the owner only. A reader sees the old file or the whole new one.
+/// Writes `value` as JSON to `path` atomically (temp file, rename), readable
+/// by the owner only: a reader sees the old file or the whole new one. No
+/// fsync: these files matter while processes live, and a power loss takes
+/// the processes too (the database alone must survive that).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
@@ -138,12 +140,7 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    std::fs::rename(&tmp, path)
 }
 
 /// The start time of process `pid` in clock ticks since boot, if it is alive

@@ -237,7 +237,6 @@ fn copy_capped(mut pipe: impl Read, mut out: File, cap: u64, marker: &Path) {
             let _ = File::create(marker);
         }
     }
-    let _ = out.sync_all();
 }
 
 /// Writes `status.json`: the last thing the supervisor does.

@@ -372,3 +372,58 @@ async fn every_response_carries_a_request_id_and_a_given_one_is_echoed() {
     assert_eq!(response.headers()["x-request-id"], "abc-123");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route_and_the_error_body() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(app.path("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "served without a token");
+    let doc: Value = response.json().await.unwrap();
+    for (path, method) in [
+        ("/execute", "post"),
+        ("/execute/background", "post"),
+        ("/execute/async", "post"),
+        ("/execute/processes", "get"),
+        ("/execute/processes/{id}", "get"),
+        ("/execute/processes/{id}/logs", "get"),
+        ("/execute/processes/{id}/callback", "get"),
+        ("/execute/processes/{id}/callback/redeliver", "post"),
+        ("/execute/kill/{id}", "post"),
+        ("/execute/kill", "delete"),
+        ("/processes/{id}/kill", "post"),
+        ("/processes", "get"),
+        ("/commands/run", "post"),
+        ("/commands/background", "post"),
+        ("/execute/stream", "get"),
+        ("/health", "get"),
+        ("/info", "get"),
+        ("/metrics", "get"),
+    ] {
+        let operation = &doc["paths"][path][method];
+        assert!(operation.is_object(), "{method} {path} missing");
+        if path != "/health" {
+            assert!(
+                operation["responses"]["401"].is_object(),
+                "{method} {path} documents 401"
+            );
+        }
+    }
+    let error = &doc["components"]["schemas"]["ErrorOut"]["properties"];
+    for field in [
+        "error",
+        "code",
+        "message",
+        "request_id",
+        "timestamp",
+        "path",
+        "details",
+    ] {
+        assert!(error[field].is_object(), "ErrorOut.{field}");
+    }
+    app.stop().await;
+}

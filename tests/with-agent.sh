@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Starts the execd binary on a free loopback port with a fresh data dir, runs
-# the hopx-ai SDK check against it (tests/sdk/run.sh), stops the agent, and
-# fails if any program of a job is left running.
+# Starts the execd binary on a free loopback port with a fresh data dir (the
+# default ./execd-data, as a newcomer would), runs COMMAND with EXECD_URL and
+# EXECD_TOKEN set, stops the agent with SIGTERM, and fails if the command
+# failed, the agent did not stop cleanly, or any program of a job is left.
 #
-#   tests/sdk/against-local-agent.sh [path/to/execd]   (default: target/debug/execd)
+#   EXECD_BIN=target/debug/execd tests/with-agent.sh COMMAND [ARGS…]
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
-bin="$(realpath "${1:-$repo/target/debug/execd}")"
+repo="$(cd "$here/.." && pwd)"
+bin="$(realpath "${EXECD_BIN:-$repo/target/debug/execd}")"
+(($#)) || { echo "usage: tests/with-agent.sh COMMAND [ARGS…]" >&2; exit 2; }
 [[ -x "$bin" ]] || { echo "no execd binary at $bin (run cargo build first)" >&2; exit 2; }
 
 data="$(mktemp -d)"
@@ -33,7 +35,7 @@ for _ in $(seq 1 100); do
 done
 
 status=0
-EXECD_URL="http://127.0.0.1:$port" EXECD_TOKEN="$token" EXECD_EXPECT_CALLBACK=1 EXECD_EXPECT_STREAM=1 bash "$here/run.sh" || status=$?
+EXECD_URL="http://127.0.0.1:$port" EXECD_TOKEN="$token" "$@" || status=$?
 
 kill -TERM "$agent"
 wait "$agent" || { echo "the agent did not stop cleanly:" >&2; tail -20 "$log" >&2; status=1; }

@@ -1,0 +1,109 @@
+//! The OpenAPI document, generated from the handlers' annotations and the
+//! wire types (`GET /openapi.json`), and the error responses every route shares.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
+
+use super::AppState;
+
+/// The error body of every non-2xx response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorOut {
+    /// A human sentence.
+    pub error: String,
+    /// UPPER_SNAKE: INVALID_JSON, MISSING_PARAMETER, INVALID_REQUEST, DIRECTORY_NOT_FOUND,
+    /// EXECUTION_TIMEOUT, PROCESS_NOT_FOUND, METHOD_NOT_ALLOWED, INTERNAL_ERROR, …
+    pub code: String,
+    /// The same sentence as `error` (one client family reads this one).
+    pub message: String,
+    pub request_id: String,
+    pub timestamp: String,
+    pub path: String,
+    pub details: serde_json::Value,
+}
+
+/// The errors any authenticated route may answer with.
+#[allow(dead_code)]
+#[derive(IntoResponses)]
+pub enum Errors {
+    #[response(
+        status = 400,
+        description = "Bad input: INVALID_JSON, MISSING_PARAMETER, INVALID_REQUEST, DIRECTORY_NOT_FOUND"
+    )]
+    BadRequest(ErrorOut),
+    #[response(status = 401, description = "AUTHENTICATION_REQUIRED or INVALID_TOKEN")]
+    Unauthorized(ErrorOut),
+    #[response(status = 405, description = "METHOD_NOT_ALLOWED")]
+    MethodNotAllowed(ErrorOut),
+    #[response(
+        status = 413,
+        description = "PAYLOAD_TOO_LARGE: the body or the code is over its limit"
+    )]
+    TooLarge(ErrorOut),
+    #[response(status = 415, description = "The body is not JSON")]
+    NotJson(ErrorOut),
+    #[response(status = 500, description = "INTERNAL_ERROR")]
+    Internal(ErrorOut),
+    #[response(status = 503, description = "SHUTTING_DOWN: the agent is stopping")]
+    Unavailable(ErrorOut),
+}
+
+/// The errors `/health` may answer with.
+#[allow(dead_code)]
+#[derive(IntoResponses)]
+pub enum Unavailable {
+    #[response(status = 503, description = "SHUTTING_DOWN: the agent is stopping")]
+    Unavailable(ErrorOut),
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "execd",
+        description = "A durable execution agent with a HopX-compatible REST API. Every route but /health and /openapi.json needs `Authorization: Bearer <token>`."
+    ),
+    paths(
+        super::execute::execute_sync,
+        super::execute::execute_background,
+        super::execute::execute_async,
+        super::execute::command_sync,
+        super::execute::command_background,
+        super::processes::list,
+        super::processes::list_alias,
+        super::processes::one,
+        super::processes::kill_path,
+        super::processes::kill_processes_path,
+        super::processes::kill_query_or_body,
+        super::callbacks::list_attempts,
+        super::callbacks::redeliver,
+        super::live::logs,
+        super::live::stream,
+        super::system::health,
+        super::system::info,
+        super::system::metrics,
+    ),
+    components(schemas(ErrorOut, super::processes::ProcessOut, super::callbacks::CallbackOut)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+/// `GET /openapi.json` (no auth: it holds no secret).
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+}
