@@ -194,6 +194,10 @@ pub struct Config {
     #[arg(long, env = "EXECD_RETENTION_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
 
+    /// Supervisors started ahead of need, so a job's start does not wait for one (0: none).
+    #[arg(long, env = "EXECD_WARM_SUPERVISORS", default_value_t = 2)]
+    pub warm_supervisors: usize,
+
     /// The `execd` binary that supervises each job. Default: this binary.
     #[arg(long, env = "EXECD_SUPERVISOR_BIN")]
     pub supervisor_bin: Option<PathBuf>,
@@ -349,6 +353,7 @@ impl fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("dead_callback_retention", &self.dead_callback_retention)
             .field("retention_interval", &self.retention_interval)
+            .field("warm_supervisors", &self.warm_supervisors)
             .field("supervisor_bin", &self.supervisor_bin)
             .field("log_format", &self.log_format)
             .finish()

@@ -425,7 +425,7 @@ pub async fn lose(
     error: &str,
     now: &str,
 ) -> Result<Option<Status>, sqlx::Error> {
-    let retried = sqlx::query!(
+    let marked = sqlx::query!(
         r#"UPDATE executions SET error = ?, completed_at = ?
             WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
         error,
@@ -436,7 +436,7 @@ pub async fn lose(
     )
     .execute(&mut *conn)
     .await?;
-    if retried.rows_affected() == 0 {
+    if marked.rows_affected() == 0 {
         return Ok(None);
     }
     record_attempt(conn, &fence.id, "lost").await?;

@@ -3,14 +3,13 @@
 //! output into the database, kills passed on — until it ends, is lost, or the
 //! agent stops and leaves it to its supervisor.
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use super::tail::{Tail, FLUSH_INTERVAL};
@@ -51,41 +50,25 @@ impl Runner {
             .map_err(|e| format!("could not start: {e}"))?;
         files::write_json_atomic(&run.spec(), &spec)
             .map_err(|e| format!("could not write the job spec: {e}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(run.log())
-            .map_err(|e| format!("could not open the supervisor log: {e}"))?;
-        let mut command = Command::new(&self.config.supervisor_bin);
-        command
-            .arg("supervise")
-            .arg(run.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(false);
-        // The agent's own settings (its token among them) are not the job's business.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("EXECD_") {
-                command.env_remove(name);
+        let mut child = match self.warm.take() {
+            Some(mut warm) => {
+                // A warm supervisor: hand it the run directory and it starts at once.
+                let path = format!("{}\n", run.path().display());
+                let mut stdin = warm.stdin.take().expect("piped");
+                let handed = stdin.write_all(path.as_bytes()).await;
+                drop(stdin);
+                handed.map_err(|e| format!("could not hand the job to its supervisor: {e}"))?;
+                warm
             }
-        }
-        // SAFETY: setsid is async-signal-safe. Its own session: the supervisor
-        // does not share the agent's fate (terminal hang-up, group signals).
-        unsafe {
-            command.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(drop)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = command.spawn().map_err(|e| {
-            format!(
-                "could not start the supervisor {}: {e}",
-                self.config.supervisor_bin.display()
-            )
-        })?;
+            None => supervisor_command(&self.config.supervisor_bin, run.path().as_os_str())
+                .spawn()
+                .map_err(|e| {
+                    format!(
+                        "could not start the supervisor {}: {e}",
+                        self.config.supervisor_bin.display()
+                    )
+                })?,
+        };
         let stdout = child.stdout.take().expect("piped");
         let mut line = String::new();
         let read = tokio::time::timeout(
@@ -98,12 +81,14 @@ impl Runner {
             .strip_prefix("pid ")
             .and_then(|p| p.parse::<i64>().ok())
         {
+            // The program runs from now, whenever the write lands.
+            let spawned_at = db::now();
             let fence = fence.clone();
             let stored = self
                 .db
                 .writer
                 .write(move |c| {
-                    Box::pin(async move { executions::set_pid(c, &fence, pid, &db::now()).await })
+                    Box::pin(async move { executions::set_pid(c, &fence, pid, &spawned_at).await })
                 })
                 .await;
             if let Err(e) = stored {
@@ -113,6 +98,8 @@ impl Runner {
         } else if read.is_err() {
             tracing::warn!("the supervisor did not report the program's start in time");
         }
+        // The next job finds a warm supervisor too.
+        self.warm.refill();
         // An `error …` line: the supervisor also wrote status.json; follow() reads it.
         Ok(Attached {
             tails: [
@@ -231,6 +218,80 @@ impl Runner {
         let writer = &self.db.writer;
         let [out, err] = &mut job.tails;
         tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
+    }
+}
+
+/// `execd supervise ARG`, detached in its own session, with no `EXECD_*`
+/// variables (the agent's token among them is not the job's business).
+/// ARG is the run directory, or `-` for a warm supervisor that reads it from stdin.
+fn supervisor_command(bin: &Path, arg: &std::ffi::OsStr) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .arg("supervise")
+        .arg(arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(false);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EXECD_") {
+            command.env_remove(name);
+        }
+    }
+    // SAFETY: setsid is async-signal-safe. Its own session: the supervisor
+    // does not share the agent's fate (terminal hang-up, group signals).
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    command
+}
+
+/// Supervisors started ahead of need, waiting on stdin for a run directory:
+/// a job's start does not wait for a process to be executed. One that is
+/// never used exits when the agent goes (its stdin closes).
+pub struct WarmPool {
+    bin: PathBuf,
+    size: usize,
+    /// Idle supervisors, ready to take a job.
+    idle: std::sync::Mutex<Vec<Child>>,
+}
+
+impl WarmPool {
+    pub fn new(bin: PathBuf, size: usize) -> WarmPool {
+        WarmPool {
+            bin,
+            size,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle supervisor that is still alive, if any.
+    fn take(&self) -> Option<Child> {
+        let mut idle = self.idle.lock().unwrap();
+        while let Some(mut child) = idle.pop() {
+            if matches!(child.try_wait(), Ok(None)) {
+                return Some(child);
+            }
+        }
+        None
+    }
+
+    /// Starts idle supervisors up to the pool's size.
+    pub fn refill(&self) {
+        let mut idle = self.idle.lock().unwrap();
+        while idle.len() < self.size {
+            match supervisor_command(&self.bin, std::ffi::OsStr::new("-")).spawn() {
+                Ok(child) => idle.push(child),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a warm supervisor");
+                    break;
+                }
+            }
+        }
     }
 }
 

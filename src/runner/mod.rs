@@ -27,7 +27,7 @@ use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
-use job::{Attached, Followed};
+use job::{Attached, Followed, WarmPool};
 
 pub use tail::FLUSH_INTERVAL;
 
@@ -40,6 +40,8 @@ pub struct RunnerConfig {
     pub runs_dir: PathBuf,
     /// The `execd` binary that runs `execd supervise` for each job.
     pub supervisor_bin: PathBuf,
+    /// Supervisors kept started ahead of need (0: start one per job).
+    pub warm_supervisors: usize,
     pub max_output_bytes: u64,
     pub kill_grace: Duration,
     pub poll_interval: Duration,
@@ -97,6 +99,8 @@ pub struct Runner {
     tasks: TaskTracker,
     /// Cancelled when the agent stops: loops end, waiters give up.
     stopping: CancellationToken,
+    /// Supervisors started ahead of need.
+    warm: WarmPool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +118,8 @@ impl Runner {
         deliverer: Arc<Deliverer>,
         stopping: CancellationToken,
     ) -> Arc<Runner> {
+        let config_bin = config.supervisor_bin.clone();
+        let warm_supervisors = config.warm_supervisors;
         Arc::new(Runner {
             db,
             deliverer,
@@ -128,6 +134,7 @@ impl Runner {
             finished: broadcast::channel(1024).0,
             tasks: TaskTracker::new(),
             stopping,
+            warm: WarmPool::new(config_bin, warm_supervisors),
         })
     }
 
@@ -143,6 +150,7 @@ impl Runner {
     /// Starts the claim loops. When the agent stops they take no more work,
     /// and every followed job is let go (its output flushed) to its supervisor.
     pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.warm.refill();
         let loops = TaskTracker::new();
         for lane in Lane::ALL {
             loops.spawn(self.clone().claim_loop(lane));

@@ -36,7 +36,25 @@ enum Event {
 /// Runs the job of `run_dir` to its end. Exit code 0 once `status.json` is
 /// written; 2 when the run directory is unusable.
 pub fn main(run_dir: &Path) -> ExitCode {
+    // `-`: a warm supervisor, started ahead of need; its job's run directory
+    // comes on stdin. End of input (the agent went away) means no job.
+    let run_dir = if run_dir == Path::new("-") {
+        let mut line = String::new();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(n) if n > 0 && !line.trim().is_empty() => {
+                std::path::PathBuf::from(line.trim_end_matches('\n'))
+            }
+            _ => return ExitCode::SUCCESS,
+        }
+    } else {
+        run_dir.to_path_buf()
+    };
     let dir = RunDir::new(run_dir);
+    // Complaints go to the run directory's log from here on.
+    if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
+        use std::os::fd::AsRawFd;
+        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
+    }
     let spec = match dir.read_spec() {
         Ok(spec) => spec,
         Err(e) => {
