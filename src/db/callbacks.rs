@@ -18,6 +18,7 @@ pub struct Source {
     pub stderr_truncated: bool,
     pub callback_url: String,
     pub callback_headers: Option<String>,
+    pub callback_secret: Option<String>,
 }
 
 /// The payload source of `execution_id`, if it is an async execution.
@@ -30,7 +31,7 @@ pub async fn source(
         r#"SELECT id AS "id!", process_id, attempt, status, exit_code, error, started_at, completed_at,
                   stdout_truncated AS "stdout_truncated: bool",
                   stderr_truncated AS "stderr_truncated: bool",
-                  callback_url AS "callback_url!", callback_headers
+                  callback_url AS "callback_url!", callback_headers, callback_secret
              FROM executions WHERE id = ? AND callback_url IS NOT NULL"#,
         execution_id
     )
@@ -47,19 +48,26 @@ pub struct NewCallback {
     pub headers: String,
     pub payload: String,
     pub now: String,
+    /// Leased at once to this owner until then: its first attempt needs no claim.
+    pub lease: Option<(String, String)>,
 }
 
 /// Queues a delivery, due at once.
 pub async fn insert(conn: &mut SqliteConnection, new: &NewCallback) -> Result<(), sqlx::Error> {
+    let lease_owner = new.lease.as_ref().map(|l| l.0.as_str());
+    let lease_until = new.lease.as_ref().map(|l| l.1.as_str());
     sqlx::query!(
-        r#"INSERT INTO callbacks (id, execution_id, url, headers, payload, status, next_attempt_at, created_at, updated_at)
-           VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6)"#,
+        r#"INSERT INTO callbacks (id, execution_id, url, headers, payload, status, next_attempt_at,
+                                  created_at, updated_at, lease_owner, lease_until)
+           VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?7, ?8)"#,
         new.id,
         new.execution_id,
         new.url,
         new.headers,
         new.payload,
         new.now,
+        lease_owner,
+        lease_until,
     )
     .execute(&mut *conn)
     .await?;

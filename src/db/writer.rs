@@ -38,7 +38,15 @@ impl From<sqlx::Error> for WriteError {
 type Reply = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
 /// A job: runs its statements on the writer connection, says whether they
 /// succeeded (to keep or roll back its savepoint) and how to answer.
-type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bool, Reply)> + Send>;
+type Run = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bool, Reply)> + Send>;
+
+/// A job and whether it needs a savepoint of its own.
+struct Job {
+    run: Run,
+    /// False for a job whose only write is a single statement: SQLite undoes
+    /// a failed statement by itself, and two round trips are saved.
+    guarded: bool,
+}
 
 /// A handle to the writer task; cheap to clone.
 #[derive(Clone)]
@@ -66,8 +74,30 @@ impl Writer {
             + Send
             + 'static,
     {
+        self.submit(f, true).await
+    }
+
+    /// Like `write`, for a job whose only write is one statement (reads
+    /// around it are fine): it runs without a savepoint of its own.
+    pub async fn write_one<T, F>(&self, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    async fn submit<T, F>(&self, f: F, guarded: bool) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 'static,
+    {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let run: Run = Box::new(move |conn| {
             Box::pin(async move {
                 let result = f(conn).await;
                 let ok = result.is_ok();
@@ -82,6 +112,7 @@ impl Writer {
                 (ok, reply)
             })
         });
+        let job = Job { run, guarded };
         self.jobs.send(job).await.map_err(|_| WriteError::NotDone)?;
         reply_rx.await.map_err(|_| WriteError::NotDone)?
     }
@@ -128,8 +159,12 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
         return;
     }
     for job in batch.drain(..) {
+        if !job.guarded {
+            replies.push((job.run)(conn).await.1);
+            continue;
+        }
         let _ = sqlx::query("SAVEPOINT job").execute(&mut *conn).await;
-        let (ok, reply) = job(conn).await;
+        let (ok, reply) = (job.run)(conn).await;
         if !ok {
             let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
         }

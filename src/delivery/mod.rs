@@ -44,16 +44,21 @@ pub struct DeliveryConfig {
     pub poll_interval: Duration,
 }
 
+/// A lease taken with the insert: (owner, until).
+pub type Lease = (String, String);
+
 /// Queues the callback of `execution_id` if it is an async execution: its
-/// payload is frozen now, from what is in the same transaction. Returns
-/// whether a delivery was queued.
+/// payload is frozen now, from what is in the same transaction. With a
+/// `lease`, the delivery is leased at once and returned, to be handed to the
+/// delivery loop without a claim (`Deliverer::dispatch`).
 pub async fn enqueue(
     conn: &mut SqliteConnection,
     execution_id: &str,
     payload_output_bytes: usize,
-) -> Result<bool, sqlx::Error> {
+    lease: Option<Lease>,
+) -> Result<Option<Due>, sqlx::Error> {
     let Some(source) = callbacks::source(conn, execution_id).await? else {
-        return Ok(false);
+        return Ok(None);
     };
     let (bytes, cut) = output::read_tail(
         &mut *conn,
@@ -84,9 +89,19 @@ pub async fn enqueue(
             .unwrap_or_else(|| "{}".into()),
         payload: payload::build(&source, &stdout, &stderr, &crate::http::timestamp_now()),
         now,
+        lease,
     };
     callbacks::insert(conn, &new).await?;
-    Ok(true)
+    Ok(Some(Due {
+        id: new.id,
+        execution_id: new.execution_id,
+        url: new.url,
+        headers: new.headers,
+        payload: new.payload,
+        attempts: 0,
+        secret: source.callback_secret,
+        created_at: new.now,
+    }))
 }
 
 pub struct Deliverer {
@@ -97,6 +112,9 @@ pub struct Deliverer {
     wake: Notify,
     /// Attempts in flight, waited for on shutdown.
     tasks: TaskTracker,
+    /// Deliveries leased with their insert, waiting for a permit: their
+    /// first attempt skips the claim.
+    ready: std::sync::Mutex<std::collections::VecDeque<Due>>,
 }
 
 impl Deliverer {
@@ -112,12 +130,29 @@ impl Deliverer {
             client,
             wake: Notify::new(),
             tasks: TaskTracker::new(),
+            ready: std::sync::Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
     /// Wakes the loop: a delivery was queued.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// A lease for deliveries inserted now: long enough for an attempt and
+    /// its record; a crash frees it at the next start.
+    pub fn lease(&self) -> Lease {
+        let until = chrono::Utc::now() + self.config.timeout + Duration::from_secs(30);
+        (self.config.owner.clone(), db::timestamp(until))
+    }
+
+    /// Hands over deliveries leased with their insert (committed).
+    pub fn dispatch(&self, due: Vec<Due>) {
+        if due.is_empty() {
+            return;
+        }
+        self.ready.lock().unwrap().extend(due);
+        self.wake();
     }
 
     /// Frees the leases of earlier boots (their POSTs died with them), then
@@ -129,7 +164,7 @@ impl Deliverer {
             let released = this
                 .db
                 .writer
-                .write(move |c| {
+                .write_one(move |c| {
                     Box::pin(async move { callbacks::release_foreign_leases(c, &owner).await })
                 })
                 .await;
@@ -150,6 +185,14 @@ impl Deliverer {
     async fn run(self: &Arc<Self>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         loop {
+            // Deliveries leased with their insert go first, without a claim.
+            while let Ok(permit) = permits.clone().try_acquire_owned() {
+                let Some(due) = self.ready.lock().unwrap().pop_front() else {
+                    break;
+                };
+                self.tasks
+                    .spawn(self.clone().attempt(due, permit, shutdown.clone()));
+            }
             let free = permits.available_permits();
             let mut sleep_for = self.config.poll_interval;
             if free > 0 {
@@ -203,7 +246,7 @@ impl Deliverer {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.db
             .writer
-            .write(move |c| {
+            .write_one(move |c| {
                 Box::pin(async move {
                     let now = chrono::Utc::now();
                     let until = db::timestamp(now + lease);

@@ -66,6 +66,7 @@ mod tests {
             stderr_truncated: false,
             callback_url: "http://127.0.0.1/x".into(),
             callback_headers: None,
+            callback_secret: None,
         }
     }
 

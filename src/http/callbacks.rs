@@ -142,7 +142,7 @@ pub(super) async fn redeliver(
                 if callbacks::hurry(c, &execution_id, &now).await? {
                     return Ok(true);
                 }
-                delivery::enqueue(c, &execution_id, cap).await?;
+                delivery::enqueue(c, &execution_id, cap, None).await?;
                 Ok(false)
             })
         })

@@ -163,7 +163,7 @@ pub(super) async fn submit(
     let inserted = state
         .db
         .writer
-        .write(move |c| {
+        .write_one(move |c| {
             Box::pin(async move {
                 executions::insert(
                     c,

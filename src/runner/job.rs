@@ -87,7 +87,7 @@ impl Runner {
             let stored = self
                 .db
                 .writer
-                .write(move |c| {
+                .write_one(move |c| {
                     Box::pin(async move { executions::set_pid(c, &fence, pid, &spawned_at).await })
                 })
                 .await;

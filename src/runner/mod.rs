@@ -210,7 +210,7 @@ impl Runner {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.db
             .writer
-            .write(move |c| {
+            .write_one(move |c| {
                 Box::pin(async move { executions::claim(c, lane, limit, &owner, &db::now()).await })
             })
             .await
@@ -449,23 +449,22 @@ impl Runner {
             + 'static,
     {
         let cap = self.config.callback_output_bytes;
-        let (ended, value, queued) = self
+        let lease = self.deliverer.lease();
+        let (ended, value, due) = self
             .db
             .writer
             .write(move |c| {
                 Box::pin(async move {
                     let (ended, value) = change(&mut *c).await?;
-                    let mut queued = false;
+                    let mut due = Vec::new();
                     for id in &ended {
-                        queued |= delivery::enqueue(c, id, cap).await?;
+                        due.extend(delivery::enqueue(c, id, cap, Some(lease.clone())).await?);
                     }
-                    Ok((ended, value, queued))
+                    Ok((ended, value, due))
                 })
             })
             .await?;
-        if queued {
-            self.deliverer.wake();
-        }
+        self.deliverer.dispatch(due);
         for id in &ended {
             let _ = self.finished.send(id.clone());
         }

@@ -39,7 +39,7 @@ impl Runner {
             let adopted = self
                 .db
                 .writer
-                .write(move |c| {
+                .write_one(move |c| {
                     Box::pin(async move { executions::adopt(c, &id, attempt, &owner).await })
                 })
                 .await?;

@@ -18,8 +18,10 @@ use crate::supervisor::files::RunDir;
 /// How often a running job's new output is moved into the database: the
 /// API shows it within about this delay.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
-/// The largest chunk written at once.
+/// The largest chunk (one row).
 const CHUNK_BYTES: usize = 1 << 20;
+/// The most output moved in one write (one commit).
+const BATCH_BYTES: u64 = 4 << 20;
 
 /// One stream's progress from its file into the database.
 pub struct Tail {
@@ -61,43 +63,61 @@ impl Tail {
             }
         }
         let file = self.file.as_mut().expect("opened above");
-        if file.seek(SeekFrom::Start(self.offset)).await.is_err() {
-            return;
-        }
-        let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
-            let mut filled = 0;
-            while filled < buf.len() {
-                match file.read(&mut buf[filled..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => filled += n,
-                }
-            }
-            let truncated = !self.flagged
-                && filled < buf.len()
-                && self.run.truncated_marker(self.stream).exists();
-            if filled == 0 && !truncated {
+            // Only what is there: an idle job costs a stat, not a buffer.
+            let size = match file.metadata().await {
+                Ok(meta) => meta.len(),
+                Err(_) => return,
+            };
+            let waiting = size.saturating_sub(self.offset);
+            let truncated = !self.flagged && self.run.truncated_marker(self.stream).exists();
+            if waiting == 0 && !truncated {
                 return;
             }
-            let chunk = Chunk {
-                stream: self.stream,
-                seq: self.seq,
-                data: buf[..filled].to_vec(),
-                truncated,
-            };
+            if file.seek(SeekFrom::Start(self.offset)).await.is_err() {
+                return;
+            }
+            // Up to BATCH_BYTES in one write, as chunks of at most CHUNK_BYTES.
+            let mut chunks = Vec::new();
+            let mut taken = 0u64;
+            while taken < waiting.min(BATCH_BYTES) {
+                let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
+                let mut data = vec![0u8; want];
+                if file.read_exact(&mut data).await.is_err() {
+                    break;
+                }
+                taken += want as u64;
+                chunks.push(Chunk {
+                    stream: self.stream,
+                    seq: self.seq + chunks.len() as i64,
+                    data,
+                    truncated: false,
+                });
+            }
+            // The flag goes with the last of the output (or alone, once the rest is in).
+            let flag_now = truncated && taken == waiting;
+            match chunks.last_mut() {
+                Some(last) => last.truncated = flag_now,
+                None if flag_now => chunks.push(Chunk {
+                    stream: self.stream,
+                    seq: self.seq,
+                    data: Vec::new(),
+                    truncated: true,
+                }),
+                None => return,
+            }
+            let count = chunks.iter().filter(|c| !c.data.is_empty()).count() as i64;
             let fence = fence.clone();
             let written = writer
                 .write(move |c| {
-                    Box::pin(async move {
-                        output::append(c, &fence, std::slice::from_ref(&chunk), &db::now()).await
-                    })
+                    Box::pin(async move { output::append(c, &fence, &chunks, &db::now()).await })
                 })
                 .await;
             match written {
                 Ok(true) => {
-                    self.offset += filled as u64;
-                    self.seq += 1;
-                    self.flagged |= truncated;
+                    self.offset += taken;
+                    self.seq += count;
+                    self.flagged |= flag_now;
                 }
                 Ok(false) => {
                     tracing::warn!(
@@ -113,7 +133,7 @@ impl Tail {
                     return;
                 }
             }
-            if filled < buf.len() {
+            if taken == waiting {
                 return;
             }
         }

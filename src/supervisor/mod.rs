@@ -133,40 +133,42 @@ fn supervise(dir: &RunDir, spec: &Spec) -> std::io::Result<()> {
     files::write_json_atomic(&dir.started(), &started)?;
     let _ = handshake(&format!("pid {pid}"));
 
-    let copies: Vec<_> = [
+    // Both pipes as plain files: one copy loop for either.
+    let pipes = [
         (
             child
                 .stdout
                 .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+                .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
             Stream::Stdout,
         ),
         (
             child
                 .stderr
                 .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+                .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
             Stream::Stderr,
         ),
-    ]
-    .into_iter()
-    .filter_map(|(pipe, stream)| {
-        let pipe = pipe?;
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(dir.output(stream))
-            .ok()?;
-        let marker = dir.truncated_marker(stream);
-        let cap = spec.max_output_bytes;
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            copy_capped(pipe, out, cap, &marker);
-            let _ = done_tx.send(());
-        });
-        Some(done_rx)
-    })
-    .collect();
+    ];
+    let copies: Vec<_> = pipes
+        .into_iter()
+        .filter_map(|(pipe, stream)| {
+            let pipe = pipe?;
+            let out = File::options()
+                .create(true)
+                .append(true)
+                .open(dir.output(stream))
+                .ok()?;
+            let marker = dir.truncated_marker(stream);
+            let cap = spec.max_output_bytes;
+            let (done_tx, done_rx) = mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                copy_capped(pipe, out, cap, &marker);
+                let _ = done_tx.send(());
+            });
+            Some(done_rx)
+        })
+        .collect();
     let exit_events = events.clone();
     std::thread::spawn(move || {
         let _ = exit_events.send(Event::Exited(child.wait()));
@@ -232,8 +234,14 @@ fn stop(pid: u32, grace: Duration, inbox: &mpsc::Receiver<Event>) -> Option<Exit
 
 /// Copies `pipe` into `out` up to `cap` bytes; past it, reads and drops (so
 /// the program never blocks on a full pipe) and leaves `marker`.
-fn copy_capped(mut pipe: impl Read, mut out: File, cap: u64, marker: &Path) {
-    let mut buf = vec![0u8; 64 << 10];
+fn copy_capped(mut pipe: File, mut out: File, cap: u64, marker: &Path) {
+    // A larger pipe: fewer wake-ups for a program that writes a lot.
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::fcntl(
+        pipe.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+    );
+    let mut buf = vec![0u8; 1 << 20];
     let mut kept = 0u64;
     let mut dropped = false;
     loop {
