@@ -94,7 +94,7 @@ impl Runner {
             if let Err(e) = stored {
                 tracing::error!(error = %e, "pid not stored");
             }
-            tracing::debug!(pid, "program started");
+            tracing::info!(pid, "execution started");
         } else if read.is_err() {
             tracing::warn!("the supervisor did not report the program's start in time");
         }

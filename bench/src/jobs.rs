@@ -1,0 +1,561 @@
+//! Scenario 3 (trivial jobs end to end, against spawning the interpreter
+//! directly) and scenario 4 (one job writing 200 MB to stdout, against the
+//! same program writing to /dev/null), plus helpers the callback scenario uses.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::agent::{self, random_hex, Agent, Api};
+use crate::report::{self, median, thousands, Outcome, Row};
+use crate::Ctx;
+
+/// Submits `n` copies of `body` to `route` with `parallel` concurrent
+/// requests; returns the execution ids.
+pub async fn submit_many(
+    api: &Api,
+    route: &str,
+    body: Value,
+    n: usize,
+    parallel: usize,
+) -> Result<Vec<String>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let body = Arc::new(body);
+    let mut tasks = Vec::new();
+    for _ in 0..parallel {
+        let (api, next, body, route) = (api.clone(), next.clone(), body.clone(), route.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let v = api.post(&route, &body).await?;
+                ids.push(
+                    v["execution_id"]
+                        .as_str()
+                        .context("execution_id")?
+                        .to_string(),
+                );
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(n);
+    for task in tasks {
+        ids.extend(task.await??);
+    }
+    Ok(ids)
+}
+
+/// Waits until `n` executions are terminal or `limit` passed; returns when
+/// it stopped waiting and how many had ended then.
+async fn wait_terminal_bounded(
+    db: &rusqlite::Connection,
+    n: usize,
+    poll: Duration,
+    limit: Duration,
+) -> Result<(Instant, usize)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let done: i64 = db.query_row(
+            "SELECT count(*) FROM executions WHERE status NOT IN ('queued', 'running')",
+            [],
+            |r| r.get(0),
+        )?;
+        let now = Instant::now();
+        if done as usize >= n || now > deadline {
+            return Ok((now, done as usize));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Waits until at least `n` executions are terminal (polling the database,
+/// which costs the agent nothing); returns when it saw them.
+pub async fn wait_terminal(
+    db: &rusqlite::Connection,
+    n: usize,
+    poll: Duration,
+    limit: Duration,
+) -> Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let done: i64 = db.query_row(
+            "SELECT count(*) FROM executions WHERE status NOT IN ('queued', 'running')",
+            [],
+            |r| r.get(0),
+        )?;
+        if done as usize >= n {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {done} of {n} executions ended within {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// The interpreter the agent resolved for `language`, from `/info`.
+async fn agent_interpreter(agent: &Agent, language: &str) -> Option<String> {
+    let info = agent.get("/info").await.ok()?;
+    info["languages"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == language)
+        .and_then(|l| l["path"].as_str().map(String::from))
+}
+
+/// Says so when the agent runs another Python than the baseline.
+async fn check_same_python(agent: &Agent, python: &Path, out: &mut Outcome) {
+    let theirs = agent_interpreter(agent, "python").await;
+    let ours = std::fs::canonicalize(python).unwrap_or_else(|_| python.to_path_buf());
+    if theirs.as_deref().map(PathBuf::from) != Some(ours.clone()) {
+        out.note(format!(
+            "the agent runs python {:?}, the baseline {}: figures are not like for like",
+            theirs,
+            ours.display()
+        ));
+    }
+}
+
+pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
+    let mut out = Outcome::default();
+    let n = ctx.pick(2000, 200);
+    // Each of the four runs stops at this bound (a busy machine, a slow
+    // interpreter); the rate is then over the jobs done by then.
+    let limit = Duration::from_secs(ctx.pick(100, 30));
+    for c in [2usize, 4] {
+        // The baseline first, with no agent alive, so this process's
+        // children CPU time is the spawned interpreters' alone.
+        let python = ctx.python.clone();
+        let (direct_done, direct, direct_cpu) =
+            tokio::task::spawn_blocking(move || direct_spawns(&python, n, c, limit)).await??;
+        let direct_rate = direct_done as f64 / direct.as_secs_f64();
+        if direct_done < n {
+            out.note(format!(
+                "C={c}: direct spawns stopped at the {} s bound after {direct_done} of {n}",
+                limit.as_secs()
+            ));
+        }
+
+        let token = random_hex(16);
+        let flags = ["--background-concurrency", &c.to_string()].map(String::from);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let agent = Agent::start(
+            &ctx.agent_same_python,
+            &ctx.data_dir(&format!("s3-c{c}")),
+            &token,
+            &flags,
+        )
+        .await?;
+        if c == 2 {
+            check_same_python(&agent, &ctx.python, &mut out).await;
+        }
+        let db = report::open_db_read(&agent.db_path())?;
+        let pid = agent.pid();
+        let (cpu0, child_cpu0) = agent::cpu_seconds(pid).unwrap_or_default();
+        let start = Instant::now();
+        let body = json!({"code": "print(1)", "language": "python"});
+        submit_many(&agent.api, "/execute/background", body, n, 8).await?;
+        let submitted = start.elapsed();
+        let (end, done) = wait_terminal_bounded(
+            &db,
+            n,
+            Duration::from_millis(10),
+            limit.saturating_sub(submitted),
+        )
+        .await?;
+        let wall = end - start;
+        if done < n {
+            out.note(format!(
+                "C={c}: the agent run stopped at the {} s bound after {done} of {n} jobs",
+                limit.as_secs()
+            ));
+        }
+        let (cpu1, child_cpu1) = agent::cpu_seconds(pid).unwrap_or_default();
+        agent.stop().await?;
+        let ok: i64 = db.query_row(
+            "SELECT count(*) FROM executions WHERE status = 'completed' AND stdout_bytes = 2",
+            [],
+            |r| r.get(0),
+        )?;
+        if ok as usize != done {
+            out.note(format!(
+                "C={c}: only {ok} of {done} ended jobs completed with their 2 bytes of output"
+            ));
+        }
+        let rate = done as f64 / wall.as_secs_f64();
+        let ratio = rate / direct_rate;
+        out.note(format!(
+            "C={c}: agent {done} jobs in {:.2} s (submitted in {:.2} s), agent CPU {:.2} ms/job, job processes (interpreter + any per-job helper) {:.2} ms/job; \
+             direct {direct_done} in {:.2} s, interpreters {:.2} ms/spawn",
+            wall.as_secs_f64(),
+            submitted.as_secs_f64(),
+            (cpu1 - cpu0) * 1e3 / done.max(1) as f64,
+            (child_cpu1 - child_cpu0) * 1e3 / done.max(1) as f64,
+            direct.as_secs_f64(),
+            direct_cpu * 1e3 / direct_done.max(1) as f64,
+        ));
+        out.note(format!("C={c}: {}", timeline(&db, c, wall)?));
+        out.rows.push(Row::new(
+            "3",
+            &format!("{} × python print(1), concurrency {c}", thousands(n as f64)),
+            format!("{rate:.0} jobs/s ({ratio:.2}× direct)"),
+            "≥ 0.95× direct",
+            format!("direct spawn {direct_rate:.0}/s"),
+            Some(ratio >= 0.95 && ok as usize == done),
+        ));
+    }
+    Ok(out)
+}
+
+/// Where a job's time went, from the rows: medians of each step, and how
+/// busy the lane's `c` slots were (claimed → completed, summed, over c × wall).
+fn timeline(db: &rusqlite::Connection, c: usize, wall: Duration) -> Result<String> {
+    let spawned_col = report::has_column(db, "executions", "spawned_at");
+    let sql = format!(
+        "SELECT created_at, started_at, {}, completed_at FROM executions WHERE completed_at IS NOT NULL",
+        if spawned_col { "spawned_at" } else { "started_at" }
+    );
+    let mut stmt = db.prepare(&sql)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let (mut spawn, mut run, mut busy) = (Vec::new(), Vec::new(), 0.0);
+    for row in rows {
+        let (_, started, spawned, completed) = row?;
+        let (Some(started), Some(spawned)) = (started, spawned) else {
+            continue;
+        };
+        let ms = |a: &str, b: &str| report::micros_between(a, b).unwrap_or(0) as f64 / 1000.0;
+        spawn.push(ms(&started, &spawned));
+        run.push(ms(&spawned, &completed));
+        busy += ms(&started, &completed) / 1000.0;
+    }
+    let slots = busy / (c as f64 * wall.as_secs_f64());
+    Ok(format!(
+        "median claimed→{} {:.2} ms, then →completed {:.1} ms; lane slots busy {:.0}% of the wall",
+        if spawned_col {
+            "spawned"
+        } else {
+            "claimed (no spawned_at)"
+        },
+        median(spawn),
+        median(run),
+        slots * 100.0
+    ))
+}
+
+/// `n` runs of `python -c 'print(1)'` with `parallel` workers, output
+/// captured, stopping at `limit`; returns the runs done, the wall time and
+/// the interpreters' CPU seconds.
+fn direct_spawns(
+    python: &Path,
+    n: usize,
+    parallel: usize,
+    limit: Duration,
+) -> Result<(usize, Duration, f64)> {
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let cpu0 = children_cpu_seconds();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    while start.elapsed() < limit && next.fetch_add(1, Ordering::Relaxed) < n {
+                        let output = Command::new(python)
+                            .args(["-c", "print(1)"])
+                            .stdin(Stdio::null())
+                            .output()?;
+                        if output.stdout != b"1\n" {
+                            bail!(
+                                "python printed {:?}",
+                                String::from_utf8_lossy(&output.stdout)
+                            );
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("worker panicked"))
+    })?;
+    Ok((
+        done.into_inner(),
+        start.elapsed(),
+        children_cpu_seconds() - cpu0,
+    ))
+}
+
+/// CPU seconds of this process's reaped children.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+/// 3,200 writes of 64 KiB: 209,715,200 bytes.
+const BIG_OUTPUT: &str =
+    "import sys\nb = b'x'*65536\nfor _ in range(3200): sys.stdout.buffer.write(b)";
+
+pub async fn output(ctx: &Ctx) -> Result<Outcome> {
+    let mut out = Outcome::default();
+    let runs = ctx.pick(3, 1);
+
+    let mut direct = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let status = Command::new(&ctx.python)
+            .args(["-c", BIG_OUTPUT])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                std::fs::OpenOptions::new().write(true).open("/dev/null")?,
+            ))
+            .status()?;
+        if !status.success() {
+            bail!("the program failed on its own: {status}");
+        }
+        direct.push(t.elapsed().as_secs_f64());
+    }
+    let direct = median(direct);
+    // Context: the same program into a plain pipe reader (64 KiB reads,
+    // discarded), the least any capturing agent pays for the pipe.
+    let mut piped = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut child = Command::new(&ctx.python)
+            .args(["-c", BIG_OUTPUT])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let mut buf = vec![0u8; 64 << 10];
+        while std::io::Read::read(&mut stdout, &mut buf)? > 0 {}
+        child.wait()?;
+        piped.push(t.elapsed().as_secs_f64());
+    }
+    let piped = median(piped);
+
+    let token = random_hex(16);
+    let agent = Agent::start(&ctx.agent_same_python, &ctx.data_dir("s4"), &token, &[]).await?;
+    check_same_python(&agent, &ctx.python, &mut out).await;
+    let cap = agent.get("/info").await?["limits"]["max_output_bytes"]
+        .as_u64()
+        .context("limits.max_output_bytes")?;
+    let db = report::open_db_read(&agent.db_path())?;
+    let spawned_col = report::has_column(&db, "executions", "spawned_at");
+
+    // Memory of the agent and of every process under it, sampled while the
+    // jobs run (a job's processes are gone by the time it is terminal).
+    let sampler = Sampler::start(agent.pid());
+    let cpu0 = agent::cpu_seconds(agent.pid()).unwrap_or_default().0;
+    let mut walls = Vec::new();
+    let mut last_id = String::new();
+    let mut stored_ok = true;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let v = agent
+            .post(
+                "/execute/background",
+                &json!({"code": BIG_OUTPUT, "language": "python", "timeout": 120}),
+            )
+            .await?;
+        let id = v["execution_id"]
+            .as_str()
+            .context("execution_id")?
+            .to_string();
+        let deadline = t + Duration::from_secs(120);
+        // Poll the status alone (cheap); read the stored output once it ended.
+        loop {
+            let status: String =
+                db.query_row("SELECT status FROM executions WHERE id = ?1", [&id], |r| {
+                    r.get(0)
+                })?;
+            if !matches!(status.as_str(), "queued" | "running") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the 200 MB job did not end within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let (status, bytes, truncated, chunk_bytes, created, spawned, completed) = db.query_row(
+            &format!(
+                "SELECT status, stdout_bytes, stdout_truncated, \
+                   (SELECT coalesce(sum(length(data)), 0) FROM output_chunks WHERE execution_id = e.id AND stream = 'stdout'), \
+                   created_at, {}, completed_at FROM executions e WHERE id = ?1",
+                if spawned_col { "spawned_at" } else { "started_at" }
+            ),
+            [&id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            },
+        )?;
+        walls.push(wall);
+        let us = |a: &str, b: &Option<String>| {
+            b.as_deref()
+                .and_then(|b| report::micros_between(a, b))
+                .map_or(f64::NAN, |u| u as f64 / 1000.0)
+        };
+        let spawned_at = spawned.clone().unwrap_or_default();
+        out.note(format!(
+            "run: wall {:.0} ms = created→{} {:.1} ms + program in agent {:.0} ms + end seen {:.1} ms later; \
+             status {status}, {bytes} B counted, {chunk_bytes} B in chunks, truncated {truncated}",
+            wall * 1e3,
+            if spawned_col { "spawned" } else { "started" },
+            us(&created, &spawned),
+            us(&spawned_at, &completed),
+            wall * 1e3 - us(&created, &completed),
+        ));
+        stored_ok &=
+            status == "completed" && bytes as u64 == cap && chunk_bytes as u64 == cap && truncated;
+        last_id = id;
+    }
+    // Peak memory of the runs, read before the check below (which makes the
+    // agent build a 10 MiB response and would count it).
+    let (agent_peak, children) = sampler.stop();
+    let agent_cpu = agent::cpu_seconds(agent.pid()).unwrap_or_default().0 - cpu0;
+    out.note(format!(
+        "agent CPU {:.0} ms per 200 MB job; the program into a plain 64 KiB pipe reader: {:.0} ms",
+        agent_cpu * 1e3 / runs as f64,
+        piped * 1e3
+    ));
+    let agent_hwm = agent::status_kib(agent.pid(), "VmHWM")
+        .unwrap_or(0)
+        .max(agent_peak);
+    // The API's view of the last run agrees with the table.
+    let process = agent.get(&format!("/execute/processes/{last_id}")).await?;
+    let api_ok = process["stdout_truncated"] == true
+        && process["stdout"].as_str().map(str::len) == Some(cap as usize);
+    stored_ok &= api_ok;
+    let after_get = agent::status_kib(agent.pid(), "VmHWM").unwrap_or(0);
+    out.note(format!(
+        "agent VmHWM {:.1} MB after the runs; {:.1} MB after one GET of the 10 MiB process",
+        agent_hwm as f64 * 1024.0 / 1e6,
+        after_get as f64 * 1024.0 / 1e6
+    ));
+    agent.stop().await?;
+
+    let wall = median(walls);
+    let ratio = wall / direct;
+    let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
+    // Per command name: the job's program and any helper the agent runs
+    // per job (a supervisor process, if it has one).
+    let under = if children.is_empty() {
+        "none sampled".to_string()
+    } else {
+        children
+            .iter()
+            .map(|(comm, kib)| format!("{comm} {:.1} MB", mb(*kib)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    out.note(format!(
+        "processes under the agent (peak VmHWM seen): {under}"
+    ));
+    if !api_ok {
+        out.note("GET /execute/processes/{id} did not show the capped stdout with stdout_truncated: true");
+    }
+    out.rows.push(Row::new(
+        "4",
+        "one job writing 200 MB to stdout",
+        format!("wall {:.0} ms ({ratio:.2}× direct)", wall * 1e3),
+        "≤ 1.3× direct",
+        format!("direct to /dev/null {:.0} ms", direct * 1e3),
+        Some(ratio <= 1.3),
+    ));
+    out.rows.push(Row::new(
+        "4",
+        "  ↳ agent peak RSS (VmHWM)",
+        format!("{:.1} MB (under it: {under})", mb(agent_hwm)),
+        "< 100 MB",
+        "–".into(),
+        Some(mb(agent_hwm) < 100.0),
+    ));
+    out.rows.push(Row::new(
+        "4",
+        "  ↳ output stored up to the cap",
+        format!(
+            "{} B stored, truncated flagged: {}",
+            thousands(cap as f64),
+            if stored_ok { "yes" } else { "NO" }
+        ),
+        "= cap, flagged",
+        "–".into(),
+        Some(stored_ok),
+    ));
+    Ok(out)
+}
+
+/// Peak VmRSS of the root; peak VmHWM per command name below it.
+type Peaks = (u64, Vec<(String, u64)>);
+
+/// Samples memory of a process tree every 10 ms on its own thread.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    seen: Arc<Mutex<Peaks>>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<Peaks>> = Arc::default();
+        let thread = {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let rss = agent::status_kib(pid, "VmRSS").unwrap_or(0);
+                    let kids: Vec<_> = agent::descendants(pid)
+                        .into_iter()
+                        .filter_map(|(p, comm)| Some((comm, agent::status_kib(p, "VmHWM")?)))
+                        .collect();
+                    let mut seen = seen.lock().unwrap();
+                    seen.0 = seen.0.max(rss);
+                    for (comm, kib) in kids {
+                        match seen.1.iter_mut().find(|(c, _)| *c == comm) {
+                            Some(entry) => entry.1 = entry.1.max(kib),
+                            None => seen.1.push((comm, kib)),
+                        }
+                    }
+                    drop(seen);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        Sampler { stop, thread, seen }
+    }
+
+    fn stop(self) -> Peaks {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        let seen = self.seen.lock().unwrap();
+        (seen.0, seen.1.clone())
+    }
+}
