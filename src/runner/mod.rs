@@ -228,14 +228,31 @@ impl Runner {
         handle
     }
 
-    #[tracing::instrument(skip_all, fields(execution_id = %job.id, lane = lane.as_str()))]
+    /// Runs a claimed job and then, while the lane has queued work, the next
+    /// one claimed in the same transaction as this one's end: the slot does
+    /// not sit idle waiting for a wake-up and a claim of its own.
     async fn run_job(
         self: Arc<Self>,
         lane: Lane,
-        job: Claimed,
-        handle: Arc<Running>,
+        mut job: Claimed,
+        mut handle: Arc<Running>,
         permit: OwnedSemaphorePermit,
     ) {
+        while let Some((next, next_handle)) = self.run_one(lane, job, &handle).await {
+            job = next;
+            handle = next_handle;
+        }
+        drop(permit);
+        self.wake(lane);
+    }
+
+    #[tracing::instrument(skip_all, fields(execution_id = %job.id, lane = lane.as_str()))]
+    async fn run_one(
+        &self,
+        lane: Lane,
+        job: Claimed,
+        handle: &Running,
+    ) -> Option<(Claimed, Arc<Running>)> {
         let fence = Fence {
             id: job.id.clone(),
             owner: self.config.owner.clone(),
@@ -251,7 +268,7 @@ impl Runner {
             })
         } else {
             match self.start_job(&job, &fence).await {
-                Ok(attached) => self.follow(&fence, attached, &handle).await,
+                Ok(attached) => self.follow(&fence, attached, handle).await,
                 Err(error) => Followed::Ended(Finish {
                     status: Status::Failed,
                     exit_code: None,
@@ -264,9 +281,8 @@ impl Runner {
             language: job.language.clone(),
             started_at: Some(job.started_at.clone()),
         };
-        self.conclude(lane, &fence, meta, followed).await;
-        drop(permit);
-        self.wake(lane);
+        let chain = !self.stopping.is_cancelled();
+        self.conclude(lane, &fence, meta, followed, chain).await
     }
 
     /// Follows a job re-attached after a restart, as `run_job` does.
@@ -280,18 +296,27 @@ impl Runner {
         permit: Option<OwnedSemaphorePermit>,
     ) {
         let followed = self.follow(&fence, attached, &handle).await;
-        self.conclude(lane, &fence, meta, followed).await;
+        self.conclude(lane, &fence, meta, followed, false).await;
         drop(permit);
         self.wake(lane);
     }
 
     /// Writes how a followed job came out, and tidies its run directory once
-    /// that is on disk. `meta` is for the run-time metric.
-    async fn conclude(&self, lane: Lane, fence: &Fence, meta: JobMeta, followed: Followed) {
+    /// that is on disk. `meta` is for the run-time metric. With `chain`, the
+    /// end's transaction also claims the lane's next queued job, returned.
+    async fn conclude(
+        &self,
+        lane: Lane,
+        fence: &Fence,
+        meta: JobMeta,
+        followed: Followed,
+        chain: bool,
+    ) -> Option<(Claimed, Arc<Running>)> {
+        let mut next = None;
         let written = match followed {
             Followed::Detached => {
                 self.running.lock().unwrap().remove(&fence.id);
-                return;
+                return None;
             }
             Followed::Ended(finish) => {
                 tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
@@ -308,14 +333,26 @@ impl Runner {
                         .observe(secs);
                 }
                 let fence = fence.clone();
+                let owner = self.config.owner.clone();
                 self.end(move |c| {
                     Box::pin(async move {
                         let ended = executions::finish(c, &fence, &finish).await?;
-                        Ok((if ended { vec![fence.id] } else { vec![] }, ()))
+                        let next = match chain {
+                            true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
+                            false => Vec::new(),
+                        };
+                        Ok((if ended { vec![fence.id] } else { vec![] }, next))
                     })
                 })
                 .await
-                .map(|(ended, ())| !ended.is_empty())
+                .map(|(ended, claimed)| {
+                    // Registered at once, so a kill arriving meanwhile finds it.
+                    next = claimed.into_iter().next().map(|job| {
+                        let handle = self.register(&job.id);
+                        (job, handle)
+                    });
+                    !ended.is_empty()
+                })
             }
             Followed::Lost(error) => self.lose(lane, fence, error).await,
         };
@@ -327,6 +364,7 @@ impl Runner {
             Err(e) => tracing::error!(error = %e, "status not written"),
         }
         self.running.lock().unwrap().remove(&fence.id);
+        next
     }
 
     /// Resolves a job whose process is gone: queued again when it has

@@ -73,7 +73,8 @@ async fn the_database_file_stays_bounded_under_churn_while_waiting_callbacks_are
     let written: u64 = 8 * 20 * 150_000;
     let (last, last_wal) = *sizes.last().unwrap();
     assert!(
-        last + last_wal < written / 3,
+        // The log alone may hold a few MiB between checkpoints.
+        last + last_wal < written / 2,
         "the files hold {} bytes after {written} bytes of output: {sizes:?}",
         last + last_wal
     );
