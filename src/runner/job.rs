@@ -321,8 +321,10 @@ pub fn finish_of(ended: &Ended) -> Finish {
     };
     let (status, error) = match ended.outcome {
         Outcome::Exited => match (ended.exit_code, ended.signal) {
-            (Some(0), _) => (Status::Completed, None),
-            (Some(code), _) => (Status::Failed, Some(format!("exited with code {code}"))),
+            (Some(code), _) => (
+                Status::from_exit_code(code),
+                (code != 0).then(|| format!("exited with code {code}")),
+            ),
             (None, Some(sig)) => (
                 Status::Failed,
                 Some(format!("terminated by signal {}", signal_text(sig))),

@@ -29,8 +29,6 @@ use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
 use job::{Attached, Followed, WarmPool};
 
-pub use tail::FLUSH_INTERVAL;
-
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
@@ -136,10 +134,6 @@ impl Runner {
             stopping,
             warm: WarmPool::new(config_bin, warm_supervisors),
         })
-    }
-
-    pub fn languages(&self) -> &Languages {
-        &self.config.languages
     }
 
     /// Whether the agent is stopping.
