@@ -81,24 +81,14 @@ pub async fn wait_terminal(
     poll: Duration,
     limit: Duration,
 ) -> Result<Instant> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let done: i64 = db.query_row(
-            "SELECT count(*) FROM executions WHERE status NOT IN ('queued', 'running')",
-            [],
-            |r| r.get(0),
-        )?;
-        if done as usize >= n {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "only {done} of {n} executions ended within {} s",
-                limit.as_secs()
-            );
-        }
-        tokio::time::sleep(poll).await;
+    let (seen, done) = wait_terminal_bounded(db, n, poll, limit).await?;
+    if done < n {
+        bail!(
+            "only {done} of {n} executions ended within {} s",
+            limit.as_secs()
+        );
     }
+    Ok(seen)
 }
 
 /// The interpreter the agent resolved for `language`, from `/info`.
@@ -383,18 +373,8 @@ pub async fn output(ctx: &Ctx) -> Result<Outcome> {
             .to_string();
         let deadline = t + Duration::from_secs(120);
         // Poll the status alone (cheap); read the stored output once it ended.
-        loop {
-            let status: String =
-                db.query_row("SELECT status FROM executions WHERE id = ?1", [&id], |r| {
-                    r.get(0)
-                })?;
-            if !matches!(status.as_str(), "queued" | "running") {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the 200 MB job did not end within 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        if !report::wait_one_terminal(&db, &id, deadline, Duration::from_millis(2)).await? {
+            bail!("the 200 MB job did not end within 120 s");
         }
         let wall = t.elapsed().as_secs_f64();
         let (status, bytes, truncated, chunk_bytes, created, spawned, completed) = db.query_row(

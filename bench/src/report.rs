@@ -107,6 +107,28 @@ pub fn open_db_read(path: &Path) -> Result<rusqlite::Connection> {
     Ok(conn)
 }
 
+/// Polls execution `id` until it is terminal; false when `deadline` came first.
+pub async fn wait_one_terminal(
+    db: &rusqlite::Connection,
+    id: &str,
+    deadline: std::time::Instant,
+    poll: Duration,
+) -> Result<bool> {
+    loop {
+        let status: String =
+            db.query_row("SELECT status FROM executions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
+        if !matches!(status.as_str(), "queued" | "running") {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Whether `table` has `column` (the schema changes while this is written).
 pub fn has_column(conn: &rusqlite::Connection, table: &str, column: &str) -> bool {
     let sql = format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1");

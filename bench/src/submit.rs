@@ -293,18 +293,8 @@ pub async fn pickup(ctx: &Ctx) -> Result<Outcome> {
         // measured interval), then wait for the end so the next one finds it idle.
         tokio::time::sleep(Duration::from_millis(30)).await;
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status: String =
-                db.query_row("SELECT status FROM executions WHERE id = ?1", [&id], |r| {
-                    r.get(0)
-                })?;
-            if !matches!(status.as_str(), "queued" | "running") {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("job {id} still {status} after 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if !report::wait_one_terminal(&db, &id, deadline, Duration::from_millis(5)).await? {
+            bail!("job {id} did not end within 10 s");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
