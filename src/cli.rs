@@ -24,29 +24,34 @@ pub struct ClientArgs {
     pub data_dir: PathBuf,
 }
 
+/// The program a `run` or `submit` sends.
+#[derive(Clone, Debug, Args)]
+pub struct CodeArgs {
+    /// A file, or `-` for stdin.
+    file: PathBuf,
+    /// python, javascript, bash or go; default: from the file's extension.
+    #[arg(long, short)]
+    language: Option<String>,
+    /// Seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Run a file (or `-` for stdin) and wait: prints its output, exits with its exit code.
     Run {
         #[command(flatten)]
         conn: ClientArgs,
-        file: PathBuf,
-        /// python, javascript, bash or go; default: from the file's extension.
-        #[arg(long, short)]
-        language: Option<String>,
-        /// Seconds.
-        #[arg(long)]
-        timeout: Option<f64>,
+        #[command(flatten)]
+        code: CodeArgs,
     },
     /// Submit a file (or `-`) as a background process, or with --callback-url as an async execution; prints the ids.
     Submit {
         #[command(flatten)]
         conn: ClientArgs,
-        file: PathBuf,
-        #[arg(long, short)]
-        language: Option<String>,
-        #[arg(long)]
-        timeout: Option<f64>,
+        #[command(flatten)]
+        code: CodeArgs,
         #[arg(long)]
         name: Option<String>,
         /// Run it as an async execution that POSTs its result here.
@@ -150,13 +155,8 @@ async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode, CliEr
         http: reqwest::Client::new(),
     };
     match command {
-        ClientCommand::Run {
-            file,
-            language,
-            timeout,
-            ..
-        } => {
-            let body = code_body(&file, language, timeout)?;
+        ClientCommand::Run { code, .. } => {
+            let body = code_body(code)?;
             let (status, out) = client
                 .send(reqwest::Method::POST, "/execute", Some(body))
                 .await?;
@@ -174,15 +174,13 @@ async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode, CliEr
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
         ClientCommand::Submit {
-            file,
-            language,
-            timeout,
+            code,
             name,
             callback_url,
             callback_secret,
             ..
         } => {
-            let mut body = code_body(&file, language, timeout)?;
+            let mut body = code_body(code)?;
             body["name"] = json!(name);
             let path = match callback_url {
                 Some(url) => {
@@ -280,10 +278,13 @@ fn token(args: &ClientArgs, jwt_secret: Option<&str>, ttl: Duration) -> Result<E
 
 /// The submission body for a file (or `-`: stdin).
 fn code_body(
-    file: &Path,
-    language: Option<String>,
-    timeout: Option<f64>,
+    CodeArgs {
+        file,
+        language,
+        timeout,
+    }: CodeArgs,
 ) -> Result<Value, CliError> {
+    let file = file.as_path();
     let code = if file == Path::new("-") {
         let mut code = String::new();
         std::io::stdin()

@@ -39,18 +39,12 @@ async fn callback_info(app: &TestApp, id: &str) -> Value {
 
 /// Waits until the execution's latest delivery has `status`.
 async fn wait_callback_status(app: &TestApp, id: &str, status: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let info = callback_info(app, id).await;
-        if info["callback"]["status"] == status {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "callback not {status} within {within:?}: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(
+        within,
+        || callback_info(app, id),
+        |info| info["callback"]["status"] == status,
+    )
+    .await
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {

@@ -125,18 +125,7 @@ impl TestApp {
         within: Duration,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let p = self.process(id).await;
-            if done(&p) {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "condition not reached within {within:?}: {p}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(within, || self.process(id), done).await
     }
 
     /// Waits until the process is in a terminal status.
@@ -193,6 +182,31 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Fetches with `fetch` every 20 ms until `done` holds for what it got, and
+/// returns that; fails the test with the last value after `within`.
+pub async fn poll_until<F, Fut>(
+    within: Duration,
+    mut fetch: F,
+    done: impl Fn(&Value) -> bool,
+) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let value = fetch().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not reached within {within:?}: {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
-use crate::helpers::alive;
+use crate::helpers::{alive, poll_until};
 use crate::receiver::TestReceiver;
 
 /// Polls the agent until the execution satisfies `done` (bounded).
@@ -19,18 +19,8 @@ async fn wait_until(
     within: Duration,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let p = agent.get(&format!("/execute/processes/{id}")).await;
-        if done(&p) {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not reached within {within:?}: {p}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/execute/processes/{id}");
+    poll_until(within, || agent.get(&path), done).await
 }
 
 fn terminal(p: &Value) -> bool {
