@@ -160,12 +160,16 @@ pub(super) async fn submit(
             Program::Code { .. } => None,
         },
     };
-    let inserted = state
+    // With a free slot, the claim is in the insert's transaction: one
+    // commit, and the job starts as soon as it is durable.
+    let permit = state.runner.try_permit(lane);
+    let owner = permit.as_ref().map(|_| state.runner.owner().to_string());
+    let (inserted, claimed) = state
         .db
         .writer
-        .write_one(move |c| {
+        .write(move |c| {
             Box::pin(async move {
-                executions::insert(
+                let inserted = executions::insert(
                     c,
                     &id,
                     &process_id,
@@ -173,13 +177,28 @@ pub(super) async fn submit(
                     idempotency.as_ref(),
                     &created_at,
                 )
-                .await
+                .await?;
+                let claimed = match (&inserted, owner) {
+                    (Inserted::New, Some(owner)) => {
+                        executions::claim(c, lane, 1, &owner, &db::now()).await?
+                    }
+                    _ => Vec::new(),
+                };
+                Ok((inserted, claimed))
             })
         })
         .await?;
     let id = match inserted {
         Inserted::New => {
-            state.runner.wake(lane);
+            // The claim takes the lane's oldest queued row: when that was
+            // not this one, this one waits for the claim loop.
+            let ours = claimed.first().is_some_and(|j| j.id == fresh.execution_id);
+            if let (Some(job), Some(permit)) = (claimed.into_iter().next(), permit) {
+                state.runner.launch(lane, job, permit);
+            }
+            if !ours {
+                state.runner.wake(lane);
+            }
             tracing::info!(execution_id = %fresh.execution_id, lane = lane.as_str(), "execution queued");
             return Ok(fresh);
         }

@@ -163,26 +163,22 @@ impl Runner {
     }
 
     async fn claim_loop(self: Arc<Self>, lane: Lane) {
-        let permits = self.permits[&lane].clone();
         let mut tick = tokio::time::interval(self.config.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let free = permits.available_permits();
-            if free > 0 && !self.stopping.is_cancelled() {
+            // The permits first: a submission may take one meanwhile (its
+            // own claim, in its insert's transaction).
+            let mut held: Vec<_> = std::iter::from_fn(|| self.try_permit(lane)).collect();
+            if !held.is_empty() {
+                let free = held.len();
                 match self.claim(lane, free).await {
                     Ok(jobs) => {
                         let full = jobs.len() == free;
                         for job in jobs {
-                            let permit = permits
-                                .clone()
-                                .try_acquire_owned()
-                                .expect("a permit per claimed job");
-                            // Registered before the task starts, so a kill
-                            // arriving meanwhile finds it.
-                            let handle = self.register(&job.id);
-                            self.tasks
-                                .spawn(self.clone().run_job(lane, job, handle, permit));
+                            let permit = held.pop().expect("a permit per claimed job");
+                            self.launch(lane, job, permit);
                         }
+                        drop(held);
                         if full {
                             continue;
                         }
@@ -208,6 +204,29 @@ impl Runner {
                 Box::pin(async move { executions::claim(c, lane, limit, &owner, &db::now()).await })
             })
             .await
+    }
+
+    /// A free slot of `lane`, unless the agent is stopping. A submission
+    /// that gets one claims in its insert's own transaction (one commit, no
+    /// hand-over to the claim loop) and then `launch`es what it claimed.
+    pub fn try_permit(&self, lane: Lane) -> Option<OwnedSemaphorePermit> {
+        if self.stopping.is_cancelled() {
+            return None;
+        }
+        self.permits[&lane].clone().try_acquire_owned().ok()
+    }
+
+    /// This agent's owner id, written on every claim.
+    pub fn owner(&self) -> &str {
+        &self.config.owner
+    }
+
+    /// Runs a claimed job in the slot `permit` holds.
+    pub fn launch(self: &Arc<Self>, lane: Lane, job: Claimed, permit: OwnedSemaphorePermit) {
+        // Registered before the task starts, so a kill arriving meanwhile finds it.
+        let handle = self.register(&job.id);
+        self.tasks
+            .spawn(self.clone().run_job(lane, job, handle, permit));
     }
 
     fn register(&self, id: &str) -> Arc<Running> {
