@@ -106,7 +106,6 @@ pub async fn serve(
             languages: languages.clone(),
             runs_dir: config.runs_dir(),
             supervisor_bin,
-            warm_supervisors: config.warm_supervisors,
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace(),
             poll_interval: config.poll_interval(),

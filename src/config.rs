@@ -28,9 +28,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (the default).
     Serve(Box<Config>),
-    /// Supervise one job (started by the agent, not by hand).
+    /// Supervise one job (started by the agent, not by hand). With
+    /// `--zygote`, RUN_DIR is the runs directory and run directories come
+    /// on stdin, one supervisor forked for each.
     #[command(hide = true)]
-    Supervise { run_dir: PathBuf },
+    Supervise {
+        #[arg(long)]
+        zygote: bool,
+        run_dir: PathBuf,
+    },
     #[command(flatten)]
     Client(crate::cli::ClientCommand),
 }
@@ -38,7 +44,7 @@ pub enum Command {
 /// What the binary was asked to do.
 pub enum Mode {
     Serve(Box<Config>),
-    Supervise(PathBuf),
+    Supervise { zygote: bool, run_dir: PathBuf },
     Client(crate::cli::ClientCommand),
 }
 
@@ -46,7 +52,7 @@ impl Cli {
     pub fn mode(self) -> Mode {
         match self.command {
             Some(Command::Serve(config)) => Mode::Serve(config),
-            Some(Command::Supervise { run_dir }) => Mode::Supervise(run_dir),
+            Some(Command::Supervise { zygote, run_dir }) => Mode::Supervise { zygote, run_dir },
             Some(Command::Client(command)) => Mode::Client(command),
             None => Mode::Serve(Box::new(self.serve)),
         }
@@ -56,7 +62,7 @@ impl Cli {
     pub fn into_config(self) -> Config {
         match self.mode() {
             Mode::Serve(config) => *config,
-            Mode::Supervise(_) | Mode::Client(_) => Cli::parse_from(["execd"]).serve,
+            Mode::Supervise { .. } | Mode::Client(_) => Cli::parse_from(["execd"]).serve,
         }
     }
 }
@@ -193,10 +199,6 @@ pub struct Config {
     /// How often retention runs.
     #[arg(long, env = "EXECD_RETENTION_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
-
-    /// Supervisors started ahead of need, so a job's start does not wait for one (0: none).
-    #[arg(long, env = "EXECD_WARM_SUPERVISORS", default_value_t = 2)]
-    pub warm_supervisors: usize,
 
     /// The `execd` binary that supervises each job. Default: this binary.
     #[arg(long, env = "EXECD_SUPERVISOR_BIN")]
@@ -353,7 +355,6 @@ impl fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("dead_callback_retention", &self.dead_callback_retention)
             .field("retention_interval", &self.retention_interval)
-            .field("warm_supervisors", &self.warm_supervisors)
             .field("supervisor_bin", &self.supervisor_bin)
             .field("log_format", &self.log_format)
             .finish()

@@ -1,5 +1,6 @@
 //! The `execd` binary: parse the configuration, set up logging, serve until
-//! SIGINT or SIGTERM. `execd supervise` (started by the agent for each job)
+//! SIGINT or SIGTERM. `execd supervise` (the agent's supervisor zygote, and the
+//! per-job supervisors it forks)
 //! runs without an async runtime; the client commands (`run`, `ps`, …) on a
 //! small one.
 
@@ -9,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     match Cli::parse().mode() {
-        Mode::Supervise(run_dir) => execd::supervisor::main(&run_dir),
+        Mode::Supervise { zygote, run_dir } => execd::supervisor::main(&run_dir, zygote),
         Mode::Client(command) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

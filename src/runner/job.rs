@@ -3,14 +3,18 @@
 //! output into the database, kills passed on — until it ends, is lost, or the
 //! agent stops and leaves it to its supervisor.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{oneshot, Notify};
 
 use super::tail::{Tail, FLUSH_INTERVAL};
 use super::{Runner, Running, StopReason};
@@ -34,9 +38,10 @@ pub enum Followed {
 /// A job's supervisor as the agent holds it.
 pub struct Attached {
     pub run: RunDir,
-    /// The supervisor, when this agent started it (its exit wakes us at once);
-    /// `None` for one adopted after a restart (followed by polling).
-    pub child: Option<Child>,
+    /// The supervisor's reports, when this agent started it (its end wakes
+    /// us at once); `None` for one adopted after a restart (followed by
+    /// polling the run directory).
+    pub watch: Option<Watch>,
     pub tails: [Tail; 2],
 }
 
@@ -50,56 +55,41 @@ impl Runner {
             .map_err(|e| format!("could not start: {e}"))?;
         files::write_json_atomic(&run.spec(), &spec)
             .map_err(|e| format!("could not write the job spec: {e}"))?;
-        let mut child = match self.warm.take() {
-            Some(mut warm) => {
-                // A warm supervisor: hand it the run directory and it starts at once.
-                let path = format!("{}\n", run.path().display());
-                let mut stdin = warm.stdin.take().expect("piped");
-                let handed = stdin.write_all(path.as_bytes()).await;
-                drop(stdin);
-                handed.map_err(|e| format!("could not hand the job to its supervisor: {e}"))?;
-                warm
-            }
-            None => supervisor_command(&self.config.supervisor_bin, run.path().as_os_str())
-                .spawn()
-                .map_err(|e| {
-                    format!(
-                        "could not start the supervisor {}: {e}",
-                        self.config.supervisor_bin.display()
-                    )
-                })?,
-        };
-        let stdout = child.stdout.take().expect("piped");
-        let mut line = String::new();
-        let read = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio::io::BufReader::new(stdout).read_line(&mut line),
-        )
-        .await;
-        let line = line.trim();
-        if let Some(pid) = line
-            .strip_prefix("pid ")
-            .and_then(|p| p.parse::<i64>().ok())
+        let mut watch = self
+            .supervisors
+            .launch(run.path())
+            .await
+            .map_err(|e| format!("could not start a supervisor: {e}"))?;
+        let reported = tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.started()).await;
+        match reported
+            .as_deref()
+            .ok()
+            .and_then(|line| line.strip_prefix("pid "))
         {
-            // The program runs from now, whenever the write lands.
-            let spawned_at = db::now();
-            let fence = fence.clone();
-            let stored = self
-                .db
-                .writer
-                .write_one(move |c| {
-                    Box::pin(async move { executions::set_pid(c, &fence, pid, &spawned_at).await })
-                })
-                .await;
-            if let Err(e) = stored {
-                tracing::error!(error = %e, "pid not stored");
+            Some(pid) => {
+                let pid: i64 = pid.parse().unwrap_or_default();
+                // The program runs from now, whenever the write lands.
+                let spawned_at = db::now();
+                let fence = fence.clone();
+                let stored = self
+                    .db
+                    .writer
+                    .write_one(move |c| {
+                        Box::pin(
+                            async move { executions::set_pid(c, &fence, pid, &spawned_at).await },
+                        )
+                    })
+                    .await;
+                if let Err(e) = stored {
+                    tracing::error!(error = %e, "pid not stored");
+                }
+                tracing::info!(pid, "execution started");
             }
-            tracing::info!(pid, "execution started");
-        } else if read.is_err() {
-            tracing::warn!("the supervisor did not report the program's start in time");
+            None if reported.is_err() => {
+                tracing::warn!("the supervisor did not report the program's start in time");
+            }
+            None => {}
         }
-        // The next job finds a warm supervisor too.
-        self.warm.refill();
         // An `error …` line: the supervisor also wrote status.json; follow() reads it.
         Ok(Attached {
             tails: [
@@ -107,7 +97,7 @@ impl Runner {
                 Tail::new(&run, Stream::Stderr, 0, 0),
             ],
             run,
-            child: Some(child),
+            watch: Some(watch),
         })
     }
 
@@ -168,9 +158,9 @@ impl Runner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut kill_sent = false;
         loop {
-            let supervisor_exit = async {
-                match job.child.as_mut() {
-                    Some(child) => child.wait().await.map(drop),
+            let supervisor_end = async {
+                match &job.watch {
+                    Some(watch) => watch.ended.notified().await,
                     None => std::future::pending().await,
                 }
             };
@@ -194,10 +184,12 @@ impl Runner {
                         }
                     }
                 }
-                _ = supervisor_exit => break,
+                () = supervisor_end => break,
                 _ = tick.tick() => {
                     self.pump(fence, &mut job).await;
-                    if job.child.is_none() && (job.run.ended().exists() || !job.run.read_started().is_some_and(|s| s.supervisor_alive())) {
+                    // Without a report (adopted; or the supervisor was
+                    // killed before it could say so), the run directory tells.
+                    if job.run.ended().exists() || !job.run.read_started().is_some_and(|s| s.supervisor_alive()) {
                         break;
                     }
                 }
@@ -221,14 +213,14 @@ impl Runner {
     }
 }
 
-/// `execd supervise ARG`, detached in its own session, with no `EXECD_*`
-/// variables (the agent's token among them is not the job's business).
-/// ARG is the run directory, or `-` for a warm supervisor that reads it from stdin.
-fn supervisor_command(bin: &Path, arg: &std::ffi::OsStr) -> Command {
+/// `execd supervise --zygote RUNS_DIR`, detached in its own session, with no
+/// `EXECD_*` variables (the agent's token among them is not the job's business).
+fn supervisor_command(bin: &Path, runs_dir: &Path) -> Command {
     let mut command = Command::new(bin);
     command
         .arg("supervise")
-        .arg(arg)
+        .arg("--zygote")
+        .arg(runs_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -250,48 +242,154 @@ fn supervisor_command(bin: &Path, arg: &std::ffi::OsStr) -> Command {
     command
 }
 
-/// Supervisors started ahead of need, waiting on stdin for a run directory:
-/// a job's start does not wait for a process to be executed. One that is
-/// never used exits when the agent goes (its stdin closes).
-pub struct WarmPool {
+/// The agent's end of the zygote (`execd supervise --zygote`, see
+/// `supervisor::zygote`): it asks for a supervisor per job and routes the
+/// supervisors' reports (`<token> pid <n>`, `<token> end`) to the jobs. The
+/// zygote is started once, and again if it dies; it ends when the agent goes
+/// (its stdin closes), and the supervisors it forked carry on.
+pub struct Supervisors {
     bin: PathBuf,
-    size: usize,
-    /// Idle supervisors, ready to take a job.
-    idle: std::sync::Mutex<Vec<Child>>,
+    runs_dir: PathBuf,
+    zygote: tokio::sync::Mutex<Option<(Child, ChildStdin)>>,
+    next_token: AtomicU64,
+    /// Jobs whose supervisor may still report, by token.
+    waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
 }
 
-impl WarmPool {
-    pub fn new(bin: PathBuf, size: usize) -> WarmPool {
-        WarmPool {
+struct Waiter {
+    started: Option<oneshot::Sender<String>>,
+    ended: Arc<Notify>,
+}
+
+/// A job's supervisor as its reports reach the agent. Dropped, it stops
+/// listening.
+pub struct Watch {
+    token: u64,
+    started: Option<oneshot::Receiver<String>>,
+    /// Notified once `status.json` is written.
+    pub ended: Arc<Notify>,
+    waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
+}
+
+impl Watch {
+    /// The start's report: `pid <n>` or `error <why>` (empty if the
+    /// supervisor went without a word).
+    async fn started(&mut self) -> String {
+        match self.started.take() {
+            Some(rx) => rx.await.unwrap_or_default(),
+            None => String::new(),
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.waiting.lock().unwrap().remove(&self.token);
+    }
+}
+
+impl Supervisors {
+    pub fn new(bin: PathBuf, runs_dir: PathBuf) -> Supervisors {
+        Supervisors {
             bin,
-            size,
-            idle: std::sync::Mutex::new(Vec::new()),
+            runs_dir,
+            zygote: tokio::sync::Mutex::new(None),
+            next_token: AtomicU64::new(1),
+            waiting: Arc::default(),
         }
     }
 
-    /// An idle supervisor that is still alive, if any.
-    fn take(&self) -> Option<Child> {
-        let mut idle = self.idle.lock().unwrap();
-        while let Some(mut child) = idle.pop() {
-            if matches!(child.try_wait(), Ok(None)) {
-                return Some(child);
+    /// Starts the zygote ahead of the first job.
+    pub async fn warm_up(&self) {
+        let mut zygote = self.zygote.lock().await;
+        if zygote.is_none() {
+            match self.spawn() {
+                Ok(z) => *zygote = Some(z),
+                Err(e) => tracing::warn!(error = %e, "cannot start the supervisor zygote"),
             }
         }
-        None
     }
 
-    /// Starts idle supervisors up to the pool's size.
-    pub fn refill(&self) {
-        let mut idle = self.idle.lock().unwrap();
-        while idle.len() < self.size {
-            match supervisor_command(&self.bin, std::ffi::OsStr::new("-")).spawn() {
-                Ok(child) => idle.push(child),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a warm supervisor");
-                    break;
-                }
+    /// Has a supervisor forked for the job in `run`.
+    async fn launch(&self, run: &Path) -> std::io::Result<Watch> {
+        let path = run
+            .to_str()
+            .filter(|p| !p.contains('\n'))
+            .ok_or_else(|| std::io::Error::other("the run directory's path is not plain UTF-8"))?;
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let ended = Arc::new(Notify::new());
+        self.waiting.lock().unwrap().insert(
+            token,
+            Waiter {
+                started: Some(tx),
+                ended: ended.clone(),
+            },
+        );
+        let watch = Watch {
+            token,
+            started: Some(rx),
+            ended,
+            waiting: self.waiting.clone(),
+        };
+        let line = format!("{token} {path}\n");
+        let mut zygote = self.zygote.lock().await;
+        // A zygote that died, or whose stdin broke, is replaced once.
+        for retry in [false, true] {
+            let alive = match zygote.as_mut() {
+                Some((child, _)) => matches!(child.try_wait(), Ok(None)),
+                None => false,
+            };
+            if !alive {
+                *zygote = Some(self.spawn()?);
+            }
+            let (_, stdin) = zygote.as_mut().expect("just started");
+            match stdin.write_all(line.as_bytes()).await {
+                Ok(()) => return Ok(watch),
+                Err(e) if retry => return Err(e),
+                Err(_) => *zygote = None,
             }
         }
+        unreachable!("the second try returns")
+    }
+
+    /// Starts a zygote and the task that routes its supervisors' reports.
+    fn spawn(&self) -> std::io::Result<(Child, ChildStdin)> {
+        let mut child = supervisor_command(&self.bin, &self.runs_dir)
+            .spawn()
+            .map_err(|e| {
+                std::io::Error::other(format!("cannot run {}: {e}", self.bin.display()))
+            })?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let waiting = self.waiting.clone();
+        // Ends when every supervisor of this zygote has closed its stdout.
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                route(&waiting, &line);
+            }
+        });
+        Ok((child, stdin))
+    }
+}
+
+/// Passes one report line on to the job it names.
+fn route(waiting: &Mutex<HashMap<u64, Waiter>>, line: &str) {
+    let Some((token, what)) = line.split_once(' ') else {
+        return;
+    };
+    let Ok(token) = token.parse::<u64>() else {
+        return;
+    };
+    let mut waiting = waiting.lock().unwrap();
+    let Some(waiter) = waiting.get_mut(&token) else {
+        return;
+    };
+    if what == "end" {
+        waiter.ended.notify_one();
+    } else if let Some(started) = waiter.started.take() {
+        let _ = started.send(what.to_string());
     }
 }
 

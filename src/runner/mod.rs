@@ -27,7 +27,7 @@ use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
-use job::{Attached, Followed, WarmPool};
+use job::{Attached, Followed, Supervisors};
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
@@ -38,8 +38,6 @@ pub struct RunnerConfig {
     pub runs_dir: PathBuf,
     /// The `execd` binary that runs `execd supervise` for each job.
     pub supervisor_bin: PathBuf,
-    /// Supervisors kept started ahead of need (0: start one per job).
-    pub warm_supervisors: usize,
     pub max_output_bytes: u64,
     pub kill_grace: Duration,
     pub poll_interval: Duration,
@@ -97,8 +95,8 @@ pub struct Runner {
     tasks: TaskTracker,
     /// Cancelled when the agent stops: loops end, waiters give up.
     stopping: CancellationToken,
-    /// Supervisors started ahead of need.
-    warm: WarmPool,
+    /// Forks a supervisor per job.
+    supervisors: Supervisors,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +114,7 @@ impl Runner {
         deliverer: Arc<Deliverer>,
         stopping: CancellationToken,
     ) -> Arc<Runner> {
-        let config_bin = config.supervisor_bin.clone();
-        let warm_supervisors = config.warm_supervisors;
+        let supervisors = Supervisors::new(config.supervisor_bin.clone(), config.runs_dir.clone());
         Arc::new(Runner {
             db,
             deliverer,
@@ -132,7 +129,7 @@ impl Runner {
             finished: broadcast::channel(1024).0,
             tasks: TaskTracker::new(),
             stopping,
-            warm: WarmPool::new(config_bin, warm_supervisors),
+            supervisors,
         })
     }
 
@@ -144,7 +141,8 @@ impl Runner {
     /// Starts the claim loops. When the agent stops they take no more work,
     /// and every followed job is let go (its output flushed) to its supervisor.
     pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        self.warm.refill();
+        let runner = self.clone();
+        tokio::spawn(async move { runner.supervisors.warm_up().await });
         let loops = TaskTracker::new();
         for lane in Lane::ALL {
             loops.spawn(self.clone().claim_loop(lane));

@@ -83,7 +83,7 @@ impl Runner {
             let permit = self.permits[&lane].clone().try_acquire_owned().ok();
             let attached = Attached {
                 run,
-                child: None,
+                watch: None,
                 tails,
             };
             tracing::info!(execution_id = %row.id, "re-attached to a running job");

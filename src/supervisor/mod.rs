@@ -1,20 +1,22 @@
-//! The per-job supervisor: `execd supervise RUN_DIR`.
+//! The per-job supervisor.
 //!
-//! The agent starts one per job, detached in its own session, so the job
-//! outlives the agent (upgrade, crash, OOM kill). The supervisor owns the
-//! program: it starts it in its own process group, copies its output into the
-//! run directory up to the cap, enforces the timeout, answers kill requests
-//! (SIGUSR1), and writes how it ended (`status.json`) before it exits. It is
-//! plain blocking code with a few threads: nothing here needs a runtime.
+//! One supervisor per job, in its own session, so the job outlives the agent
+//! (upgrade, crash, OOM kill). The supervisor owns the program: it starts it
+//! in its own process group, copies its output into the run directory up to
+//! the cap, enforces the timeout, answers kill requests (SIGUSR1), and writes
+//! how it ended (`status.json`) before it exits. It is plain blocking code
+//! with a few threads: nothing here needs a runtime.
 //!
-//! The handshake: the first line on the supervisor's stdout is `pid <n>` once
-//! the program runs (or `error <why>`); then stdout goes to /dev/null, so the
-//! agent may die at any time without harming the supervisor.
+//! The agent gets its supervisors from a zygote (`execd supervise --zygote`, see
+//! `zygote`), which forks one per job. `execd supervise RUN_DIR` runs one job
+//! by hand: the first line on its stdout is `pid <n>` once the program runs
+//! (or `error <why>`), and then stdout goes to /dev/null.
 
 pub mod files;
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
@@ -33,36 +35,11 @@ enum Event {
     Signal(i32),
 }
 
-/// Runs the job of `run_dir` to its end. Exit code 0 once `status.json` is
-/// written; 2 when the run directory is unusable.
-pub fn main(run_dir: &Path) -> ExitCode {
-    // `-`: a warm supervisor, started ahead of need; its job's run directory
-    // comes on stdin. End of input (the agent went away) means no job.
-    let run_dir = if run_dir == Path::new("-") {
-        let mut line = String::new();
-        match std::io::stdin().read_line(&mut line) {
-            Ok(n) if n > 0 && !line.trim().is_empty() => {
-                std::path::PathBuf::from(line.trim_end_matches('\n'))
-            }
-            _ => return ExitCode::SUCCESS,
-        }
-    } else {
-        run_dir.to_path_buf()
-    };
-    let dir = RunDir::new(run_dir);
-    // Complaints go to the run directory's log from here on.
-    if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
-        use std::os::fd::AsRawFd;
-        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
-    }
-    let spec = match dir.read_spec() {
-        Ok(spec) => spec,
-        Err(e) => {
-            eprintln!("execd supervise: cannot read {}: {e}", dir.spec().display());
-            let _ = handshake(&format!("error cannot read the spec: {e}"));
-            return ExitCode::from(2);
-        }
-    };
+/// `execd supervise RUN_DIR` runs that job to its end: exit code 0 once
+/// `status.json` is written, 2 when the run directory is unusable.
+/// `execd supervise --zygote RUNS_DIR` is the agent's zygote (see `zygote`;
+/// RUNS_DIR only names it, for whoever lists processes).
+pub fn main(run_dir: &Path, zygote: bool) -> ExitCode {
     // The agent's terminal and pipes are not ours to die of.
     for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE] {
         // SAFETY: installing SIG_IGN runs no code of ours in a handler.
@@ -70,16 +47,131 @@ pub fn main(run_dir: &Path) -> ExitCode {
             let _ = nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn);
         }
     }
-    match supervise(&dir, &spec) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("execd supervise: {e}");
-            ExitCode::from(2)
+    if zygote {
+        return self::zygote();
+    }
+    ExitCode::from(run(RunDir::new(run_dir), &Reporter::Own))
+}
+
+/// The agent's zygote: started once (detached, in its own session), it reads
+/// `<token> <run dir>` lines on stdin and forks a supervisor for each, so a
+/// job's start costs a `fork` of a small idle process, not the `exec` of a
+/// new one. The supervisors report on the zygote's stdout, which the agent
+/// reads: `<token> pid <n>` (or `<token> error <why>`) once the program runs,
+/// `<token> end` once `status.json` is written. Each supervisor is a process
+/// of its own, in its own session: the zygote's end (it ends when the agent
+/// closes its stdin) ends no job.
+fn zygote() -> ExitCode {
+    // SAFETY: SIG_IGN runs no code of ours. Forked supervisors are reaped
+    // by the kernel: the zygote waits for none of them.
+    unsafe {
+        let _ = nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigIgn);
+    }
+    // A report must never block a supervisor: one the agent does not take
+    // in time is dropped (the agent also watches the run directory).
+    let stdout = std::io::stdout();
+    if let Ok(flags) = nix::fcntl::fcntl(stdout.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL) {
+        let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        let _ = nix::fcntl::fcntl(stdout.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags));
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) | Err(_) => return ExitCode::SUCCESS,
+            Ok(_) => {}
+        }
+        let Some((token, path)) = line.trim_end_matches('\n').split_once(' ') else {
+            continue;
+        };
+        // SAFETY: the zygote has one thread, so the child may run any code.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                // SAFETY: as above, SIG_DFL runs no code of ours.
+                unsafe {
+                    let _ = nix::sys::signal::signal(
+                        Signal::SIGCHLD,
+                        nix::sys::signal::SigHandler::SigDfl,
+                    );
+                }
+                let _ = nix::unistd::setsid();
+                if let Ok(null) = File::open("/dev/null") {
+                    let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+                }
+                let code = run(RunDir::new(path), &Reporter::Shared(token.to_string()));
+                std::process::exit(i32::from(code));
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+            Err(e) => Reporter::Shared(token.to_string()).say(&format!("error cannot fork: {e}")),
         }
     }
 }
 
-fn supervise(dir: &RunDir, spec: &Spec) -> std::io::Result<()> {
+/// Where a supervisor tells the agent how its job goes.
+enum Reporter {
+    /// Started for this one job: stdout is the agent's pipe to this process.
+    /// After the start's line, stdout goes to /dev/null (the end is the
+    /// process's exit).
+    Own,
+    /// Forked by the zygote: stdout is shared, each line names the job.
+    Shared(String),
+}
+
+impl Reporter {
+    /// One line, in one write (atomic on a pipe); never fails the job.
+    fn say(&self, what: &str) {
+        let line = match self {
+            Reporter::Own => format!("{what}\n"),
+            Reporter::Shared(token) => format!("{token} {what}\n"),
+        };
+        let _ = nix::unistd::write(std::io::stdout(), line.as_bytes());
+    }
+
+    /// Tells the agent how the start went.
+    fn started(&self, what: &str) {
+        self.say(what);
+        if let Reporter::Own = self {
+            // The agent may die at any time; later writes must not fail with EPIPE.
+            if let Ok(null) = File::options().write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+            }
+        }
+    }
+
+    /// Tells the agent the job has ended (`status.json` is written).
+    fn ended(&self) {
+        if let Reporter::Shared(_) = self {
+            self.say("end");
+        }
+    }
+}
+
+/// Runs the job of `dir` to its end; the process's exit code.
+fn run(dir: RunDir, reporter: &Reporter) -> u8 {
+    // Complaints go to the run directory's log from here on.
+    if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
+        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
+    }
+    let spec = match dir.read_spec() {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("execd supervise: cannot read {}: {e}", dir.spec().display());
+            reporter.started(&format!("error cannot read the spec: {e}"));
+            return 2;
+        }
+    };
+    let code = match supervise(&dir, &spec, reporter) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("execd supervise: {e}");
+            2
+        }
+    };
+    reporter.ended();
+    code
+}
+
+fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<()> {
     let (events, inbox) = mpsc::channel();
     // Signals first, so a kill request cannot slip in before we listen.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -116,7 +208,7 @@ fn supervise(dir: &RunDir, spec: &Spec) -> std::io::Result<()> {
         Err(e) => {
             let error = format!("could not start {}: {e}", spec.program.display());
             finish(dir, Outcome::FailedToStart, None, Some(error.clone()))?;
-            let _ = handshake(&format!("error {error}"));
+            reporter.started(&format!("error {error}"));
             return Ok(());
         }
     };
@@ -131,7 +223,7 @@ fn supervise(dir: &RunDir, spec: &Spec) -> std::io::Result<()> {
         boot_id: files::boot_id(),
     };
     files::write_json_atomic(&dir.started(), &started)?;
-    let _ = handshake(&format!("pid {pid}"));
+    reporter.started(&format!("pid {pid}"));
 
     // Both pipes as plain files: one copy loop for either.
     let pipes = [
@@ -236,7 +328,6 @@ fn stop(pid: u32, grace: Duration, inbox: &mpsc::Receiver<Event>) -> Option<Exit
 /// the program never blocks on a full pipe) and leaves `marker`.
 fn copy_capped(mut pipe: File, mut out: File, cap: u64, marker: &Path) {
     // A larger pipe: fewer wake-ups for a program that writes a lot.
-    use std::os::fd::AsRawFd;
     let _ = nix::fcntl::fcntl(
         pipe.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
@@ -280,16 +371,4 @@ fn finish(
         ended_at: crate::db::now(),
     };
     files::write_json_atomic(&dir.ended(), &ended)
-}
-
-/// Tells the agent how the start went, then lets go of stdout for good.
-fn handshake(line: &str) -> std::io::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    let result = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
-    // The agent may die at any time; later writes must not fail with EPIPE.
-    if let Ok(null) = File::options().write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
-    }
-    result
 }

@@ -275,3 +275,53 @@ async fn kill_works_on_a_job_re_attached_after_a_restart() {
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+/// The agent's supervisor zygote: its child running `execd supervise --zygote`.
+fn zygote_of(agent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            String::from_utf8_lossy(&cmdline).contains("--zygote") && parent == Some(agent)
+        })
+}
+
+#[tokio::test]
+async fn jobs_outlive_the_supervisor_zygote_and_a_killed_zygote_is_replaced() {
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::start(data.path(), free_port(), &[]).await;
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": "echo up; sleep 1; echo done", "language": "bash" }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "up\n"
+    })
+    .await;
+    let zygote = zygote_of(agent.pid()).expect("the agent has a supervisor zygote");
+    kill(Pid::from_raw(zygote as i32), Signal::SIGKILL).unwrap();
+
+    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["stdout"], "up\ndone\n");
+    // The next job gets a new zygote.
+    let out = agent
+        .post(
+            "/execute",
+            json!({ "code": "echo again", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "again\n", "{out}");
+    let next = zygote_of(agent.pid()).expect("a new zygote");
+    assert_ne!(next, zygote);
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
