@@ -274,6 +274,22 @@ pub fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     Some(((n(11)? + n(12)?) / ticks, (n(13)? + n(14)?) / ticks))
 }
 
+/// CPU seconds the whole machine spent busy (all cores, every process:
+/// user, nice, system, irq, softirq, steal of `/proc/stat`).
+pub fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    busy / clock_ticks()
+}
+
 /// CPU seconds of this harness process (all its threads).
 pub fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id()).map_or(0.0, |(own, _)| own)

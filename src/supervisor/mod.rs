@@ -196,10 +196,20 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe. If the supervisor dies, the
-    // program gets SIGKILL instead of running on unsupervised.
+    // SAFETY: prctl and sigaction are async-signal-safe. If the supervisor
+    // dies, the program gets SIGKILL instead of running on unsupervised.
+    // The signals the supervisor ignores are the program's own business
+    // again (an ignored disposition would survive the exec).
     unsafe {
         command.pre_exec(|| {
+            for signal in [
+                Signal::SIGHUP,
+                Signal::SIGINT,
+                Signal::SIGPIPE,
+                Signal::SIGCHLD,
+            ] {
+                nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }

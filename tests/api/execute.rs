@@ -305,3 +305,43 @@ async fn metrics_show_executions_queues_callbacks_and_database_writes() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_program_starts_with_no_signal_ignored_so_ctrl_c_style_interrupts_work() {
+    let app = spawn_app().await;
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({
+                "code": "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)",
+                "language": "python",
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        out["stdout"], "True\n",
+        "SIGINT must reach Python's handler: {out}"
+    );
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "grep SigIgn /proc/self/status", "language": "bash" }),
+        )
+        .await;
+    let mask = out["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .trim_start_matches("SigIgn:");
+    let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+    // SIGHUP 1, SIGINT 2, SIGPIPE 13, SIGCHLD 17: bit n-1 for signal n.
+    for signal in [1, 2, 13, 17] {
+        assert_eq!(
+            mask & (1 << (signal - 1)),
+            0,
+            "signal {signal} ignored: {out}"
+        );
+    }
+    app.stop().await;
+}
