@@ -89,6 +89,18 @@ impl Writer {
         self.submit(f, false).await
     }
 
+    /// `write` when `several` (the job may write more than once), else
+    /// `write_one`: for a job that knows only when it runs.
+    pub async fn write_as<T, F>(&self, several: bool, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 'static,
+    {
+        self.submit(f, several).await
+    }
+
     async fn submit<T, F>(&self, f: F, guarded: bool) -> Result<T, WriteError>
     where
         T: Send + 'static,

@@ -164,10 +164,11 @@ pub(super) async fn submit(
     // commit, and the job starts as soon as it is durable.
     let permit = state.runner.try_permit(lane);
     let owner = permit.as_ref().map(|_| state.runner.owner().to_string());
+    // Without a claim the insert is the only write: no savepoint needed.
     let (inserted, claimed) = state
         .db
         .writer
-        .write(move |c| {
+        .write_as(owner.is_some(), move |c| {
             Box::pin(async move {
                 let inserted = executions::insert(
                     c,
