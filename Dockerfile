@@ -37,8 +37,8 @@ USER execd
 # curl is not installed; python3 is. /health needs no token.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python3", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['EXECD_LISTEN'].rsplit(':',1)[1], timeout=4)"]
-# Each job runs under a supervisor process (`execd supervise`), a child of the
-# agent; whatever is orphaned is re-parented to PID 1, which must reap it, and
+# Each job runs under a supervisor process, forked by the agent's zygote
+# (`execd supervise`); whatever is orphaned is re-parented to PID 1, which must reap it, and
 # execd is no init: tini is. tini passes SIGTERM on to execd, which stops
 # within a few seconds (jobs' programs are then ended with the container).
 ENTRYPOINT ["tini", "--", "execd"]

@@ -28,15 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (the default).
     Serve(Box<Config>),
-    /// Supervise one job (started by the agent, not by hand). With
-    /// `--zygote`, RUN_DIR is the runs directory and run directories come
-    /// on stdin, one supervisor forked for each.
+    /// The supervisor zygote (started by the agent, not by hand): run
+    /// directories come on stdin, and a supervisor is forked for each.
     #[command(hide = true)]
-    Supervise {
-        #[arg(long)]
-        zygote: bool,
-        run_dir: PathBuf,
-    },
+    Supervise { runs_dir: PathBuf },
     #[command(flatten)]
     Client(crate::cli::ClientCommand),
 }
@@ -44,7 +39,7 @@ pub enum Command {
 /// What the binary was asked to do.
 pub enum Mode {
     Serve(Box<Config>),
-    Supervise { zygote: bool, run_dir: PathBuf },
+    Supervise(PathBuf),
     Client(crate::cli::ClientCommand),
 }
 
@@ -52,7 +47,7 @@ impl Cli {
     pub fn mode(self) -> Mode {
         match self.command {
             Some(Command::Serve(config)) => Mode::Serve(config),
-            Some(Command::Supervise { zygote, run_dir }) => Mode::Supervise { zygote, run_dir },
+            Some(Command::Supervise { runs_dir }) => Mode::Supervise(runs_dir),
             Some(Command::Client(command)) => Mode::Client(command),
             None => Mode::Serve(Box::new(self.serve)),
         }
@@ -62,7 +57,7 @@ impl Cli {
     pub fn into_config(self) -> Config {
         match self.mode() {
             Mode::Serve(config) => *config,
-            Mode::Supervise { .. } | Mode::Client(_) => Cli::parse_from(["execd"]).serve,
+            Mode::Supervise(_) | Mode::Client(_) => Cli::parse_from(["execd"]).serve,
         }
     }
 }

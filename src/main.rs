@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     match Cli::parse().mode() {
-        Mode::Supervise { zygote, run_dir } => execd::supervisor::main(&run_dir, zygote),
+        Mode::Supervise(runs_dir) => execd::supervisor::main(&runs_dir),
         Mode::Client(command) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -187,8 +187,13 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
     std::fs::create_dir_all(&dir)?;
     let migrations = ctx.repo.join("migrations");
     let raw_window = Duration::from_secs_f64(ctx.pick(5.0, 1.0));
+    let pace = Pace {
+        window: raw_window,
+        most: 1_000_000,
+        gap: Duration::ZERO,
+    };
     let (rows, commit) =
-        tokio::task::spawn_blocking(move || raw_sqlite(&dir, &migrations, raw_window)).await??;
+        tokio::task::spawn_blocking(move || raw_sqlite(&dir, &migrations, pace)).await??;
     let raw_rate = rows as f64 / raw_window.as_secs_f64();
     out.note(format!(
         "raw SQLite: {rows} single-row transactions in {:.0} s; commit p50 {:.2} ms, p99 {:.2} ms \
@@ -222,11 +227,21 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
     Ok(out)
 }
 
-/// One `BEGIN IMMEDIATE; INSERT; COMMIT` per row for `window`, into a fresh
-/// WAL + synchronous=FULL file created with the agent's own migrations; the
-/// row is what the agent stores for the scenario's submission. Returns the
-/// rows and the per-commit latency.
-fn raw_sqlite(dir: &Path, migrations: &Path, window: Duration) -> Result<(u64, Histogram<u64>)> {
+/// How the raw-SQLite baseline paces its commits.
+struct Pace {
+    /// Stop after this long…
+    window: Duration,
+    /// …or this many commits.
+    most: u64,
+    /// Idle time before each commit (zero: back to back).
+    gap: Duration,
+}
+
+/// One `BEGIN IMMEDIATE; INSERT; COMMIT` per row, paced by `pace`, into a
+/// fresh WAL + synchronous=FULL file created with the agent's own migrations;
+/// the row is what the agent stores for a submission. Returns the rows and
+/// the per-commit latency.
+fn raw_sqlite(dir: &Path, migrations: &Path, pace: Pace) -> Result<(u64, Histogram<u64>)> {
     let conn = rusqlite::Connection::open(dir.join("raw.db"))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -249,8 +264,11 @@ fn raw_sqlite(dir: &Path, migrations: &Path, window: Duration) -> Result<(u64, H
     let mut commit = histogram();
     let start = Instant::now();
     let mut n: u64 = 0;
-    while start.elapsed() < window && n < 1_000_000 {
+    while start.elapsed() < pace.window && n < pace.most {
         n += 1;
+        if !pace.gap.is_zero() {
+            std::thread::sleep(pace.gap);
+        }
         let ulid = format!("01BENCH{n:019}");
         let t = Instant::now();
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -348,6 +366,23 @@ pub async fn pickup(ctx: &Ctx) -> Result<Outcome> {
         ms_at(&spawn, 0.99),
         ms_at(&submit, 0.5),
         ms_at(&submit, 0.99),
+    ));
+    // What one commit costs on an idle machine, as the pickup's commit does:
+    // the same file settings and row, one commit 30 ms after the last.
+    let dir = ctx.scratch.join("s2-raw");
+    std::fs::create_dir_all(&dir)?;
+    let migrations = ctx.repo.join("migrations");
+    let pace = Pace {
+        window: Duration::from_secs(30),
+        most: n as u64,
+        gap: Duration::from_millis(30),
+    };
+    let (_, lone) =
+        tokio::task::spawn_blocking(move || raw_sqlite(&dir, &migrations, pace)).await??;
+    out.note(format!(
+        "raw SQLite, one single-row commit 30 ms after the last (as an idle agent's): p50 {:.2} ms, p99 {:.2} ms",
+        ms_at(&lone, 0.5),
+        ms_at(&lone, 0.99),
     ));
     out.rows.push(Row::new(
         "2",

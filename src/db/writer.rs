@@ -74,7 +74,7 @@ impl Writer {
             + Send
             + 'static,
     {
-        self.submit(f, true).await
+        self.write_as(true, f).await
     }
 
     /// Like `write`, for a job whose only write is one statement (reads
@@ -86,22 +86,12 @@ impl Writer {
             + Send
             + 'static,
     {
-        self.submit(f, false).await
+        self.write_as(false, f).await
     }
 
-    /// `write` when `several` (the job may write more than once), else
-    /// `write_one`: for a job that knows only when it runs.
-    pub async fn write_as<T, F>(&self, several: bool, f: F) -> Result<T, WriteError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
-            + Send
-            + 'static,
-    {
-        self.submit(f, several).await
-    }
-
-    async fn submit<T, F>(&self, f: F, guarded: bool) -> Result<T, WriteError>
+    /// `write` when `guarded` (the job may write more than once), else
+    /// `write_one`: for a job that knows which only when it runs.
+    pub async fn write_as<T, F>(&self, guarded: bool, f: F) -> Result<T, WriteError>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>

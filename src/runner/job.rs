@@ -21,7 +21,7 @@ use super::{Runner, Running, StopReason};
 use crate::db::executions::{self, Claimed, Fence, Finish};
 use crate::db::{self};
 use crate::domain::{Language, Status, Stream};
-use crate::supervisor::files::{self, Ended, Outcome, RunDir, Spec};
+use crate::supervisor::files::{self, Ended, Outcome, RunDir, Spec, Started};
 
 /// How long a supervisor may take to start the program and say so.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,18 @@ pub struct Attached {
     /// polling the run directory).
     pub watch: Option<Watch>,
     pub tails: [Tail; 2],
+    /// Who runs the job, once read from the run directory.
+    pub started: Option<Started>,
+}
+
+impl Attached {
+    /// Who runs the job: `supervisor.json`, read once (it never changes).
+    fn started(&mut self) -> Option<&Started> {
+        if self.started.is_none() {
+            self.started = self.run.read_started();
+        }
+        self.started.as_ref()
+    }
 }
 
 impl Runner {
@@ -98,6 +110,7 @@ impl Runner {
             ],
             run,
             watch: Some(watch),
+            started: None,
         })
     }
 
@@ -175,7 +188,7 @@ impl Runner {
                         }
                         StopReason::Killed => {
                             kill_sent = true;
-                            match job.run.read_started() {
+                            match job.started() {
                                 Some(started) if started.supervisor_alive() => {
                                     let _ = kill(Pid::from_raw(started.supervisor_pid as i32), Signal::SIGUSR1);
                                 }
@@ -189,7 +202,7 @@ impl Runner {
                     self.pump(fence, &mut job).await;
                     // Without a report (adopted; or the supervisor was
                     // killed before it could say so), the run directory tells.
-                    if job.run.ended().exists() || !job.run.read_started().is_some_and(|s| s.supervisor_alive()) {
+                    if job.run.ended().exists() || !job.started().is_some_and(Started::supervisor_alive) {
                         break;
                     }
                 }
@@ -213,13 +226,12 @@ impl Runner {
     }
 }
 
-/// `execd supervise --zygote RUNS_DIR`, detached in its own session, with no
+/// `execd supervise RUNS_DIR` (the zygote), detached in its own session, with no
 /// `EXECD_*` variables (the agent's token among them is not the job's business).
 fn supervisor_command(bin: &Path, runs_dir: &Path) -> Command {
     let mut command = Command::new(bin);
     command
         .arg("supervise")
-        .arg("--zygote")
         .arg(runs_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -242,7 +254,7 @@ fn supervisor_command(bin: &Path, runs_dir: &Path) -> Command {
     command
 }
 
-/// The agent's end of the zygote (`execd supervise --zygote`, see
+/// The agent's end of the zygote (`execd supervise RUNS_DIR`, see
 /// `supervisor::zygote`): it asks for a supervisor per job and routes the
 /// supervisors' reports (`<token> pid <n>`, `<token> end`) to the jobs. The
 /// zygote is started once, and again if it dies; it ends when the agent goes

@@ -52,7 +52,8 @@ impl Runner {
                 attempt: row.attempt,
             };
             let run = RunDir::new(self.config.runs_dir.join(&row.id));
-            let alive = run.read_started().is_some_and(|s| s.supervisor_alive());
+            let started = run.read_started();
+            let alive = started.as_ref().is_some_and(|s| s.supervisor_alive());
             if !(alive || run.ended().exists()) {
                 kill_leftovers(&run);
                 let error = "the process was lost: its supervisor is gone (the machine restarted, or it was killed)";
@@ -85,6 +86,7 @@ impl Runner {
                 run,
                 watch: None,
                 tails,
+                started,
             };
             tracing::info!(execution_id = %row.id, "re-attached to a running job");
             let meta = JobMeta {

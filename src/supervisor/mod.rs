@@ -1,4 +1,4 @@
-//! The per-job supervisor.
+//! The per-job supervisor, and the zygote that forks one per job.
 //!
 //! One supervisor per job, in its own session, so the job outlives the agent
 //! (upgrade, crash, OOM kill). The supervisor owns the program: it starts it
@@ -6,11 +6,6 @@
 //! the cap, enforces the timeout, answers kill requests (SIGUSR1), and writes
 //! how it ended (`status.json`) before it exits. It is plain blocking code
 //! with a few threads: nothing here needs a runtime.
-//!
-//! The agent gets its supervisors from a zygote (`execd supervise --zygote`, see
-//! `zygote`), which forks one per job. `execd supervise RUN_DIR` runs one job
-//! by hand: the first line on its stdout is `pid <n>` once the program runs
-//! (or `error <why>`), and then stdout goes to /dev/null.
 
 pub mod files;
 
@@ -35,11 +30,9 @@ enum Event {
     Signal(i32),
 }
 
-/// `execd supervise RUN_DIR` runs that job to its end: exit code 0 once
-/// `status.json` is written, 2 when the run directory is unusable.
-/// `execd supervise --zygote RUNS_DIR` is the agent's zygote (see `zygote`;
-/// RUNS_DIR only names it, for whoever lists processes).
-pub fn main(run_dir: &Path, zygote: bool) -> ExitCode {
+/// `execd supervise RUNS_DIR`: the agent's zygote (RUNS_DIR only names it,
+/// for whoever lists processes).
+pub fn main(_runs_dir: &Path) -> ExitCode {
     // The agent's terminal and pipes are not ours to die of.
     for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGPIPE] {
         // SAFETY: installing SIG_IGN runs no code of ours in a handler.
@@ -47,10 +40,7 @@ pub fn main(run_dir: &Path, zygote: bool) -> ExitCode {
             let _ = nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn);
         }
     }
-    if zygote {
-        return self::zygote();
-    }
-    ExitCode::from(run(RunDir::new(run_dir), &Reporter::Own))
+    zygote()
 }
 
 /// The agent's zygote: started once (detached, in its own session), it reads
@@ -98,51 +88,25 @@ fn zygote() -> ExitCode {
                 if let Ok(null) = File::open("/dev/null") {
                     let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
                 }
-                let code = run(RunDir::new(path), &Reporter::Shared(token.to_string()));
+                let code = run(RunDir::new(path), &Reporter(token.to_string()));
                 std::process::exit(i32::from(code));
             }
             Ok(nix::unistd::ForkResult::Parent { .. }) => {}
-            Err(e) => Reporter::Shared(token.to_string()).say(&format!("error cannot fork: {e}")),
+            Err(e) => Reporter(token.to_string()).say(&format!("error cannot fork: {e}")),
         }
     }
 }
 
-/// Where a supervisor tells the agent how its job goes.
-enum Reporter {
-    /// Started for this one job: stdout is the agent's pipe to this process.
-    /// After the start's line, stdout goes to /dev/null (the end is the
-    /// process's exit).
-    Own,
-    /// Forked by the zygote: stdout is shared, each line names the job.
-    Shared(String),
-}
+/// How a supervisor tells the agent how its job goes: lines on the
+/// zygote's stdout (shared by every supervisor), each naming the job by its
+/// token.
+struct Reporter(String);
 
 impl Reporter {
     /// One line, in one write (atomic on a pipe); never fails the job.
     fn say(&self, what: &str) {
-        let line = match self {
-            Reporter::Own => format!("{what}\n"),
-            Reporter::Shared(token) => format!("{token} {what}\n"),
-        };
+        let line = format!("{} {what}\n", self.0);
         let _ = nix::unistd::write(std::io::stdout(), line.as_bytes());
-    }
-
-    /// Tells the agent how the start went.
-    fn started(&self, what: &str) {
-        self.say(what);
-        if let Reporter::Own = self {
-            // The agent may die at any time; later writes must not fail with EPIPE.
-            if let Ok(null) = File::options().write(true).open("/dev/null") {
-                let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
-            }
-        }
-    }
-
-    /// Tells the agent the job has ended (`status.json` is written).
-    fn ended(&self) {
-        if let Reporter::Shared(_) = self {
-            self.say("end");
-        }
     }
 }
 
@@ -156,7 +120,7 @@ fn run(dir: RunDir, reporter: &Reporter) -> u8 {
         Ok(spec) => spec,
         Err(e) => {
             eprintln!("execd supervise: cannot read {}: {e}", dir.spec().display());
-            reporter.started(&format!("error cannot read the spec: {e}"));
+            reporter.say(&format!("error cannot read the spec: {e}"));
             return 2;
         }
     };
@@ -167,7 +131,8 @@ fn run(dir: RunDir, reporter: &Reporter) -> u8 {
             2
         }
     };
-    reporter.ended();
+    // `status.json` is written (or cannot be): the agent may read it.
+    reporter.say("end");
     code
 }
 
@@ -218,7 +183,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
         Err(e) => {
             let error = format!("could not start {}: {e}", spec.program.display());
             finish(dir, Outcome::FailedToStart, None, Some(error.clone()))?;
-            reporter.started(&format!("error {error}"));
+            reporter.say(&format!("error {error}"));
             return Ok(());
         }
     };
@@ -230,10 +195,10 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
         supervisor_start: files::process_start(me).unwrap_or_default(),
         program_pid: pid,
         program_start: files::process_start(pid).unwrap_or_default(),
-        boot_id: files::boot_id(),
+        boot_id: files::boot_id().to_string(),
     };
     files::write_json_atomic(&dir.started(), &started)?;
-    reporter.started(&format!("pid {pid}"));
+    reporter.say(&format!("pid {pid}"));
 
     // Both pipes as plain files: one copy loop for either.
     let pipes = [

@@ -276,7 +276,7 @@ async fn kill_works_on_a_job_re_attached_after_a_restart() {
     assert_nothing_left(data.path()).await;
 }
 
-/// The agent's supervisor zygote: its child running `execd supervise --zygote`.
+/// The agent's supervisor zygote: its child running `execd supervise`.
 fn zygote_of(agent: u32) -> Option<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -287,7 +287,7 @@ fn zygote_of(agent: u32) -> Option<u32> {
             let parent = stat
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            String::from_utf8_lossy(&cmdline).contains("--zygote") && parent == Some(agent)
+            String::from_utf8_lossy(&cmdline).contains("supervise") && parent == Some(agent)
         })
 }
 
