@@ -164,6 +164,7 @@ pub(super) async fn submit(
     // commit, and the job starts as soon as it is durable.
     let permit = state.runner.try_permit(lane);
     let owner = permit.as_ref().map(|_| state.runner.owner().to_string());
+    let launcher = state.runner.launcher();
     // Without a claim the insert is the only write: no savepoint needed.
     let (inserted, claimed) = state
         .db
@@ -181,7 +182,9 @@ pub(super) async fn submit(
                 .await?;
                 let claimed = match (&inserted, owner) {
                     (Inserted::New, Some(owner)) => {
-                        executions::claim(c, lane, 1, &owner, &db::now()).await?
+                        let jobs = executions::claim(c, lane, 1, &owner, &db::now()).await?;
+                        launcher.prelaunch(&jobs);
+                        jobs
                     }
                     _ => Vec::new(),
                 };

@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use super::tail::{Tail, FLUSH_INTERVAL};
-use super::{Runner, Running, StopReason};
+use super::{Runner, RunnerConfig, Running, StopReason};
 use crate::db::executions::{self, Claimed, Fence, Finish};
 use crate::db::{self};
 use crate::domain::{Language, Status, Stream};
@@ -57,65 +57,106 @@ impl Attached {
     }
 }
 
-impl Runner {
-    /// Writes the run directory of `job` and starts its supervisor; returns
-    /// once the program runs (its pid stored) or could not start.
-    pub(super) async fn start_job(&self, job: &Claimed, fence: &Fence) -> Result<Attached, String> {
-        let run = RunDir::new(self.config.runs_dir.join(&job.id));
-        let spec = self
-            .prepare(job, &run)
-            .map_err(|e| format!("could not start: {e}"))?;
-        files::write_json_atomic(&run.spec(), &spec)
-            .map_err(|e| format!("could not write the job spec: {e}"))?;
-        let mut watch = self
-            .supervisors
-            .launch(run.path())
-            .await
-            .map_err(|e| format!("could not start a supervisor: {e}"))?;
-        let reported = tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.started()).await;
-        match reported
-            .as_deref()
-            .ok()
-            .and_then(|line| line.strip_prefix("pid "))
-        {
-            Some(pid) => {
-                let pid: i64 = pid.parse().unwrap_or_default();
-                // The program runs from now, whenever the write lands.
-                let spawned_at = db::now();
-                let fence = fence.clone();
-                let stored = self
-                    .db
-                    .writer
-                    .write_one(move |c| {
-                        Box::pin(
-                            async move { executions::set_pid(c, &fence, pid, &spawned_at).await },
-                        )
-                    })
-                    .await;
-                if let Err(e) = stored {
-                    tracing::error!(error = %e, "pid not stored");
-                }
-                tracing::info!(pid, "execution started");
-            }
-            None if reported.is_err() => {
-                tracing::warn!("the supervisor did not report the program's start in time");
-            }
-            None => {}
-        }
-        // An `error …` line: the supervisor also wrote status.json; follow() reads it.
-        Ok(Attached {
-            tails: [
-                Tail::new(&run, Stream::Stdout, 0, 0),
-                Tail::new(&run, Stream::Stderr, 0, 0),
-            ],
-            run,
-            watch: Some(watch),
-            started: None,
+/// Starts supervisors: the run directory of a claimed job and the fork of
+/// its supervisor are made while the claim's commit is still in flight
+/// (`prelaunch`, called in the claim's transaction); the program then
+/// waits at its gate until `start_job` opens it, after the commit.
+pub struct Launcher {
+    config: RunnerConfig,
+    supervisors: Supervisors,
+    /// Jobs being prepared, by execution id, since when.
+    prepared: Mutex<HashMap<String, (Instant, Prepared)>>,
+}
+
+type Prepared = tokio::task::JoinHandle<Result<Watch, String>>;
+
+impl Launcher {
+    pub fn new(config: RunnerConfig) -> Arc<Launcher> {
+        Arc::new(Launcher {
+            supervisors: Supervisors::new(config.supervisor_bin.clone(), config.runs_dir.clone()),
+            config,
+            prepared: Mutex::default(),
         })
     }
 
+    /// Starts the zygote ahead of the first job.
+    pub async fn warm_up(&self) {
+        self.supervisors.warm_up().await;
+    }
+
+    /// Starts preparing `jobs`, just claimed in a transaction not yet
+    /// committed. Nothing runs before `start_job` says go; a preparation
+    /// nobody takes (its claim was rolled back) is dropped after a while.
+    pub fn prelaunch(self: &Arc<Self>, jobs: &[Claimed]) {
+        let mut prepared = self.prepared.lock().unwrap();
+        let now = Instant::now();
+        let stale: Vec<String> = prepared
+            .iter()
+            .filter(|(_, (since, _))| now.duration_since(*since) > HANDSHAKE_TIMEOUT)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            if let Some((_, old)) = prepared.remove(&id) {
+                self.dismiss(old);
+            }
+        }
+        for job in jobs {
+            let this = self.clone();
+            let job = job.clone();
+            let id = job.id.clone();
+            let task = tokio::spawn(async move { this.prepare(&job).await });
+            if let Some((_, old)) = prepared.insert(id, (now, task)) {
+                self.dismiss(old);
+            }
+        }
+    }
+
+    /// The job's supervisor, forked and waiting at the gate: the one
+    /// prepared ahead, or a new one.
+    async fn take(&self, job: &Claimed) -> Result<Watch, String> {
+        let prepared = self.prepared.lock().unwrap().remove(&job.id);
+        match prepared {
+            Some((_, task)) => task
+                .await
+                .unwrap_or_else(|e| Err(format!("could not start: {e}"))),
+            None => self.prepare(job).await,
+        }
+    }
+
+    /// Drops the preparation of `id`, if any: a job that will not start.
+    pub fn forget(self: &Arc<Self>, id: &str) {
+        let prepared = self.prepared.lock().unwrap().remove(id);
+        if let Some((_, task)) = prepared {
+            self.dismiss(task);
+        }
+    }
+
+    /// Drops a preparation: its program never runs.
+    fn dismiss(self: &Arc<Self>, task: Prepared) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(watch)) = task.await {
+                this.supervisors.send(watch.token, "drop").await;
+            }
+        });
+    }
+
+    /// Writes the run directory of `job` and forks its supervisor.
+    async fn prepare(&self, job: &Claimed) -> Result<Watch, String> {
+        let run = RunDir::new(self.config.runs_dir.join(&job.id));
+        let spec = self
+            .spec(job, &run)
+            .map_err(|e| format!("could not start: {e}"))?;
+        files::write_json_atomic(&run.spec(), &spec)
+            .map_err(|e| format!("could not write the job spec: {e}"))?;
+        self.supervisors
+            .launch(run.path())
+            .await
+            .map_err(|e| format!("could not start a supervisor: {e}"))
+    }
+
     /// The spec of `job`, with its code written into the run directory.
-    fn prepare(&self, job: &Claimed, run: &RunDir) -> std::io::Result<Spec> {
+    fn spec(&self, job: &Claimed, run: &RunDir) -> std::io::Result<Spec> {
         // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
         match std::fs::remove_dir_all(run.path()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -158,6 +199,64 @@ impl Runner {
             kill_grace_ms: self.config.kill_grace.as_millis() as u64,
             max_output_bytes: self.config.max_output_bytes,
         })
+    }
+}
+
+impl Runner {
+    /// Starts the job's program (prepared while its claim committed): opens
+    /// its gate and returns once it runs (its pid stored) or could not start.
+    pub(super) async fn start_job(&self, job: &Claimed, fence: &Fence) -> Result<Attached, String> {
+        let mut watch = self.launcher.take(job).await?;
+        let run = RunDir::new(self.config.runs_dir.join(&job.id));
+        let attached = |watch: Watch| Attached {
+            tails: [
+                Tail::new(&run, Stream::Stdout, 0, 0),
+                Tail::new(&run, Stream::Stderr, 0, 0),
+            ],
+            run: run.clone(),
+            watch: Some(watch),
+            started: None,
+        };
+        // `pid <n>` from the forked program at its gate; anything else (an
+        // `error …` of the zygote, silence) leaves it to follow().
+        let reported = tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next()).await;
+        let Some(pid) = reported
+            .as_deref()
+            .ok()
+            .and_then(|line| line.strip_prefix("pid "))
+            .and_then(|pid| pid.parse::<i64>().ok())
+        else {
+            if reported.is_err() {
+                tracing::warn!("the supervisor did not report the program's pid in time");
+            }
+            return Ok(attached(watch));
+        };
+        self.launcher.supervisors.send(watch.token, "go").await;
+        // The program runs from now (its pid known, its `exec` under way).
+        let spawned_at = db::now();
+        // `started` once it has `exec`ed and `supervisor.json` is written;
+        // `error …` (with status.json written) if it could not start.
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next()).await {
+            Ok(line) if line == "started" => {
+                let fence = fence.clone();
+                let stored = self
+                    .db
+                    .writer
+                    .write_one(move |c| {
+                        Box::pin(
+                            async move { executions::set_pid(c, &fence, pid, &spawned_at).await },
+                        )
+                    })
+                    .await;
+                if let Err(e) = stored {
+                    tracing::error!(error = %e, "pid not stored");
+                }
+                tracing::info!(pid, "execution started");
+            }
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the supervisor did not report the program's start in time"),
+        }
+        Ok(attached(watch))
     }
 
     /// Follows a job until it ends, is lost, or the agent stops.
@@ -255,8 +354,9 @@ fn supervisor_command(bin: &Path, runs_dir: &Path) -> Command {
 }
 
 /// The agent's end of the zygote (`execd supervise RUNS_DIR`, see
-/// `supervisor::zygote`): it asks for a supervisor per job and routes the
-/// supervisors' reports (`<token> pid <n>`, `<token> end`) to the jobs. The
+/// `supervisor::zygote`): it asks for a supervisor per job, opens or drops
+/// its gate (`<token> go`, `<token> drop`), and routes the reports
+/// (`<token> pid <n>`, `started`, `error <why>`, `end`) to the jobs. The
 /// zygote is started once, and again if it dies; it ends when the agent goes
 /// (its stdin closes), and the supervisors it forked carry on.
 pub struct Supervisors {
@@ -269,7 +369,7 @@ pub struct Supervisors {
 }
 
 struct Waiter {
-    started: Option<oneshot::Sender<String>>,
+    reports: mpsc::UnboundedSender<String>,
     ended: Arc<Notify>,
 }
 
@@ -277,20 +377,17 @@ struct Waiter {
 /// listening.
 pub struct Watch {
     token: u64,
-    started: Option<oneshot::Receiver<String>>,
+    reports: mpsc::UnboundedReceiver<String>,
     /// Notified once `status.json` is written.
     pub ended: Arc<Notify>,
     waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
 }
 
 impl Watch {
-    /// The start's report: `pid <n>` or `error <why>` (empty if the
-    /// supervisor went without a word).
-    async fn started(&mut self) -> String {
-        match self.started.take() {
-            Some(rx) => rx.await.unwrap_or_default(),
-            None => String::new(),
-        }
+    /// The next report: `pid <n>`, `started`, `error <why>`, `end` (empty
+    /// if the supervisor's zygote went without a word).
+    async fn next(&mut self) -> String {
+        self.reports.recv().await.unwrap_or_default()
     }
 }
 
@@ -329,18 +426,18 @@ impl Supervisors {
             .filter(|p| !p.contains('\n'))
             .ok_or_else(|| std::io::Error::other("the run directory's path is not plain UTF-8"))?;
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let ended = Arc::new(Notify::new());
         self.waiting.lock().unwrap().insert(
             token,
             Waiter {
-                started: Some(tx),
+                reports: tx,
                 ended: ended.clone(),
             },
         );
         let watch = Watch {
             token,
-            started: Some(rx),
+            reports: rx,
             ended,
             waiting: self.waiting.clone(),
         };
@@ -363,6 +460,15 @@ impl Supervisors {
             }
         }
         unreachable!("the second try returns")
+    }
+
+    /// Tells the zygote `<token> <what>` (`go`, `drop`) about a job it
+    /// forked. A zygote that died took the job's gate with it: nothing to tell.
+    async fn send(&self, token: u64, what: &str) {
+        let line = format!("{token} {what}\n");
+        if let Some((_, stdin)) = self.zygote.lock().await.as_mut() {
+            let _ = stdin.write_all(line.as_bytes()).await;
+        }
     }
 
     /// Starts a zygote and the task that routes its supervisors' reports.
@@ -400,9 +506,8 @@ fn route(waiting: &Mutex<HashMap<u64, Waiter>>, line: &str) {
     };
     if what == "end" {
         waiter.ended.notify_one();
-    } else if let Some(started) = waiter.started.take() {
-        let _ = started.send(what.to_string());
     }
+    let _ = waiter.reports.send(what.to_string());
 }
 
 /// Kills whatever is left of a job whose supervisor is gone: nothing of a

@@ -27,7 +27,8 @@ use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
-use job::{Attached, Followed, Supervisors};
+pub use job::Launcher;
+use job::{Attached, Followed};
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
@@ -95,8 +96,8 @@ pub struct Runner {
     tasks: TaskTracker,
     /// Cancelled when the agent stops: loops end, waiters give up.
     stopping: CancellationToken,
-    /// Forks a supervisor per job.
-    supervisors: Supervisors,
+    /// Prepares and starts each job's supervisor.
+    launcher: Arc<Launcher>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +115,7 @@ impl Runner {
         deliverer: Arc<Deliverer>,
         stopping: CancellationToken,
     ) -> Arc<Runner> {
-        let supervisors = Supervisors::new(config.supervisor_bin.clone(), config.runs_dir.clone());
+        let launcher = Launcher::new(config.clone());
         Arc::new(Runner {
             db,
             deliverer,
@@ -129,7 +130,7 @@ impl Runner {
             finished: broadcast::channel(1024).0,
             tasks: TaskTracker::new(),
             stopping,
-            supervisors,
+            launcher,
         })
     }
 
@@ -142,7 +143,7 @@ impl Runner {
     /// and every followed job is let go (its output flushed) to its supervisor.
     pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let runner = self.clone();
-        tokio::spawn(async move { runner.supervisors.warm_up().await });
+        tokio::spawn(async move { runner.launcher.warm_up().await });
         let loops = TaskTracker::new();
         for lane in Lane::ALL {
             loops.spawn(self.clone().claim_loop(lane));
@@ -196,12 +197,23 @@ impl Runner {
     pub async fn claim(&self, lane: Lane, limit: usize) -> Result<Vec<Claimed>, db::WriteError> {
         let owner = self.config.owner.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let launcher = self.launcher.clone();
         self.db
             .writer
             .write_one(move |c| {
-                Box::pin(async move { executions::claim(c, lane, limit, &owner, &db::now()).await })
+                Box::pin(async move {
+                    let jobs = executions::claim(c, lane, limit, &owner, &db::now()).await?;
+                    launcher.prelaunch(&jobs);
+                    Ok(jobs)
+                })
             })
             .await
+    }
+
+    /// What prepares a claimed job's start while its claim commits: call
+    /// `prelaunch` with what a claim returned, in the claim's transaction.
+    pub fn launcher(&self) -> Arc<Launcher> {
+        self.launcher.clone()
     }
 
     /// A free slot of `lane`, unless the agent is stopping. A submission
@@ -271,6 +283,7 @@ impl Runner {
         };
         let followed = if handle.stop.is_cancelled() {
             // Killed between the claim and the start: never run it.
+            self.launcher.forget(&job.id);
             Followed::Ended(Finish {
                 status: Status::Killed,
                 exit_code: None,
@@ -345,6 +358,7 @@ impl Runner {
                 }
                 let fence = fence.clone();
                 let owner = self.config.owner.clone();
+                let launcher = self.launcher.clone();
                 self.end(move |c| {
                     Box::pin(async move {
                         let ended = executions::finish(c, &fence, &finish).await?;
@@ -352,6 +366,7 @@ impl Runner {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                             false => Vec::new(),
                         };
+                        launcher.prelaunch(&next);
                         Ok((if ended { vec![fence.id] } else { vec![] }, next))
                     })
                 })

@@ -9,15 +9,17 @@
 
 pub mod files;
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -43,14 +45,27 @@ pub fn main(_runs_dir: &Path) -> ExitCode {
     zygote()
 }
 
-/// The agent's zygote: started once (detached, in its own session), it reads
-/// `<token> <run dir>` lines on stdin and forks a supervisor for each, so a
-/// job's start costs a `fork` of a small idle process, not the `exec` of a
-/// new one. The supervisors report on the zygote's stdout, which the agent
-/// reads: `<token> pid <n>` (or `<token> error <why>`) once the program runs,
-/// `<token> end` once `status.json` is written. Each supervisor is a process
-/// of its own, in its own session: the zygote's end (it ends when the agent
-/// closes its stdin) ends no job.
+/// How long a forked supervisor waits for its `go` before giving up.
+const GATE_TTL: Duration = Duration::from_secs(60);
+
+/// The agent's zygote: started once (detached, in its own session), it
+/// forks a supervisor per job, so a job's start costs a `fork` of a small
+/// idle process, not the `exec` of a new one. It reads lines on stdin:
+///
+/// - `<token> <run dir>`: fork a supervisor for the job of `run dir`. It
+///   forks the program at once, which reports `<token> pid <n>` and then
+///   waits, before its `exec`, on a gate the zygote holds: the agent can
+///   prepare a job while the commit of its claim is still in flight.
+/// - `<token> go`: open the gate; the program `exec`s.
+/// - `<token> drop`: close it; the program ends unstarted, and so does its
+///   supervisor, leaving nothing behind. So does a gate left `GATE_TTL`.
+///
+/// The supervisors report on the zygote's stdout, which the agent reads:
+/// `<token> pid <n>` (from the forked program), `<token> started` once it
+/// runs (or `<token> error <why>`), `<token> end` once `status.json` is
+/// written. Each supervisor is a process of its own, in its own session:
+/// the zygote's end (it ends when the agent closes its stdin) ends no
+/// started job, and every job still at its gate ends unstarted.
 fn zygote() -> ExitCode {
     // SAFETY: SIG_IGN runs no code of ours. Forked supervisors are reaped
     // by the kernel: the zygote waits for none of them.
@@ -64,35 +79,98 @@ fn zygote() -> ExitCode {
         let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         let _ = nix::fcntl::fcntl(stdout.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags));
     }
+    // Read through a buffer of ours, so a line already read is never left
+    // waiting on `poll` (std's stdin would keep one of its own).
+    let Ok(input) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return ExitCode::FAILURE;
+    };
+    let mut input = BufReader::new(File::from(input));
+    let mut gates: HashMap<String, (OwnedFd, Instant)> = HashMap::new();
     let mut line = String::new();
     loop {
+        let now = Instant::now();
+        gates.retain(|_, (_, opened)| now.duration_since(*opened) < GATE_TTL);
+        if input.buffer().is_empty() {
+            let next_expiry = gates
+                .values()
+                .map(|(_, opened)| (*opened + GATE_TTL).saturating_duration_since(now))
+                .min();
+            let timeout = match next_expiry {
+                Some(left) => {
+                    PollTimeout::try_from(left.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = [PollFd::new(input.get_ref().as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return ExitCode::FAILURE,
+            }
+        }
         line.clear();
-        match std::io::stdin().read_line(&mut line) {
+        match input.read_line(&mut line) {
             Ok(0) | Err(_) => return ExitCode::SUCCESS,
             Ok(_) => {}
         }
-        let Some((token, path)) = line.trim_end_matches('\n').split_once(' ') else {
+        let Some((token, what)) = line.trim_end_matches('\n').split_once(' ') else {
             continue;
         };
-        // SAFETY: the zygote has one thread, so the child may run any code.
-        match unsafe { nix::unistd::fork() } {
-            Ok(nix::unistd::ForkResult::Child) => {
-                // SAFETY: as above, SIG_DFL runs no code of ours.
-                unsafe {
-                    let _ = nix::sys::signal::signal(
-                        Signal::SIGCHLD,
-                        nix::sys::signal::SigHandler::SigDfl,
-                    );
+        match what {
+            "go" => {
+                if let Some((gate, _)) = gates.remove(token) {
+                    let _ = nix::unistd::write(&gate, b"g");
                 }
-                let _ = nix::unistd::setsid();
-                if let Ok(null) = File::open("/dev/null") {
-                    let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
-                }
-                let code = run(RunDir::new(path), &Reporter(token.to_string()));
-                std::process::exit(i32::from(code));
             }
-            Ok(nix::unistd::ForkResult::Parent { .. }) => {}
-            Err(e) => Reporter(token.to_string()).say(&format!("error cannot fork: {e}")),
+            "drop" => {
+                gates.remove(token);
+            }
+            path => {
+                if let Some(gate) = fork_supervisor(token, path, &mut gates) {
+                    gates.insert(token.to_string(), (gate, Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+/// Forks the supervisor of the job in `path`; returns the gate's writing end.
+fn fork_supervisor(
+    token: &str,
+    path: &str,
+    gates: &mut HashMap<String, (OwnedFd, Instant)>,
+) -> Option<OwnedFd> {
+    let reporter = Reporter(token.to_string());
+    let (gate_out, gate_in) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            reporter.say(&format!("error cannot make a pipe: {e}"));
+            return None;
+        }
+    };
+    // SAFETY: the zygote has one thread, so the child may run any code.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            // Only its own gate: another job's must close when the zygote closes it.
+            gates.clear();
+            drop(gate_in);
+            // SAFETY: as above, SIG_DFL runs no code of ours.
+            unsafe {
+                let _ =
+                    nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl);
+            }
+            let _ = nix::unistd::setsid();
+            if let Ok(null) = File::open("/dev/null") {
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+            }
+            let code = run(RunDir::new(path), &reporter, gate_out);
+            std::process::exit(i32::from(code));
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => Some(gate_in),
+        Err(e) => {
+            reporter.say(&format!("error cannot fork: {e}"));
+            None
         }
     }
 }
@@ -111,7 +189,7 @@ impl Reporter {
 }
 
 /// Runs the job of `dir` to its end; the process's exit code.
-fn run(dir: RunDir, reporter: &Reporter) -> u8 {
+fn run(dir: RunDir, reporter: &Reporter, gate: OwnedFd) -> u8 {
     // Complaints go to the run directory's log from here on.
     if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
         let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
@@ -124,7 +202,7 @@ fn run(dir: RunDir, reporter: &Reporter) -> u8 {
             return 2;
         }
     };
-    let code = match supervise(&dir, &spec, reporter) {
+    let code = match supervise(&dir, &spec, reporter, gate) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("execd supervise: {e}");
@@ -136,7 +214,7 @@ fn run(dir: RunDir, reporter: &Reporter) -> u8 {
     code
 }
 
-fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<()> {
+fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> std::io::Result<()> {
     let (events, inbox) = mpsc::channel();
     // Signals first, so a kill request cannot slip in before we listen.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -161,12 +239,21 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: prctl and sigaction are async-signal-safe. If the supervisor
-    // dies, the program gets SIGKILL instead of running on unsupervised.
-    // The signals the supervisor ignores are the program's own business
-    // again (an ignored disposition would survive the exec).
+    // The forked program reports its pid on a copy of our stdout (its own
+    // is the job's pipe by then), closed by its `exec`.
+    let report = nix::fcntl::fcntl(1, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: the fd was just duplicated for us alone.
+    let report = unsafe { OwnedFd::from_raw_fd(report) };
+    let (report_fd, gate_fd) = (report.as_raw_fd(), gate.as_raw_fd());
+    let prefix = format!("{} pid ", reporter.0).into_bytes();
+    // SAFETY: the closure runs in the forked child before `exec`, and does
+    // only async-signal-safe things (sigaction, prctl, getpid, read, write)
+    // on memory allocated before the fork. If the supervisor dies, the
+    // program gets SIGKILL instead of running on unsupervised. The signals
+    // the supervisor ignores are the program's own business again (an
+    // ignored disposition would survive the exec).
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             for signal in [
                 Signal::SIGHUP,
                 Signal::SIGINT,
@@ -175,11 +262,19 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
             ] {
                 nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
             }
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            let mut line = [0u8; 64];
+            let n = pid_line(&prefix, std::process::id(), &mut line);
+            let _ = nix::unistd::write(BorrowedFd::borrow_raw(report_fd), &line[..n]);
+            wait_for_go(gate_fd)
         });
     }
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    drop((report, gate));
+    let mut child = match spawned {
         Ok(child) => child,
+        // Dropped before its start (or the zygote went): nothing ran, nothing to say.
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECANCELED as i32) => return Ok(()),
         Err(e) => {
             let error = format!("could not start {}: {e}", spec.program.display());
             finish(dir, Outcome::FailedToStart, None, Some(error.clone()))?;
@@ -198,7 +293,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
         boot_id: files::boot_id().to_string(),
     };
     files::write_json_atomic(&dir.started(), &started)?;
-    reporter.say(&format!("pid {pid}"));
+    reporter.say("started");
 
     // Both pipes as plain files: one copy loop for either.
     let pipes = [
@@ -270,6 +365,45 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter) -> std::io::Result<
         _ => None,
     };
     finish(dir, outcome, status, error)
+}
+
+/// `<prefix><pid>\n` into `buf`, without allocating (the forked child of
+/// a threaded process may not); returns its length.
+fn pid_line(prefix: &[u8], pid: u32, buf: &mut [u8; 64]) -> usize {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = pid;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[at..];
+    let n = prefix.len().min(buf.len() - digits.len() - 1);
+    buf[..n].copy_from_slice(&prefix[..n]);
+    buf[n..n + digits.len()].copy_from_slice(digits);
+    buf[n + digits.len()] = b'\n';
+    n + digits.len() + 1
+}
+
+/// Blocks until the zygote opens the gate (`Ok`), or closes it (the job was
+/// dropped, or the zygote is gone: `ECANCELED`, and the program never runs).
+fn wait_for_go(gate: RawFd) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(gate, &mut byte) {
+            Ok(1) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => {
+                return Err(std::io::Error::from_raw_os_error(
+                    nix::errno::Errno::ECANCELED as i32,
+                ))
+            }
+        }
+    }
 }
 
 fn libc_sig(signal: Signal) -> i32 {
@@ -346,4 +480,18 @@ fn finish(
         ended_at: crate::db::now(),
     };
     files::write_json_atomic(&dir.ended(), &ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_report_is_one_whole_line() {
+        let mut buf = [0u8; 64];
+        let n = pid_line(b"18446744073709551615 pid ", 4_194_304, &mut buf);
+        assert_eq!(&buf[..n], b"18446744073709551615 pid 4194304\n");
+        let n = pid_line(b"7 pid ", 0, &mut buf);
+        assert_eq!(&buf[..n], b"7 pid 0\n");
+    }
 }

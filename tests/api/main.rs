@@ -14,3 +14,4 @@ mod restart;
 mod retention;
 mod runner;
 mod validation;
+mod zygote;

@@ -1,0 +1,167 @@
+//! The supervisor zygote (`execd supervise RUNS_DIR`) driven as the agent
+//! drives it: a job's program is forked at once but runs only on `go`, so
+//! the agent can prepare a job while the commit of its claim is in flight.
+//! A job dropped (its claim rolled back), or still at its gate when the
+//! zygote goes (the agent died before its commit landed), never runs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use execd::supervisor::files::{self, Spec};
+
+use crate::helpers::{alive, eventually};
+
+/// A zygote and the report lines of its supervisors.
+struct Zygote {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    reports: mpsc::Receiver<String>,
+}
+
+impl Zygote {
+    fn start(runs: &Path) -> Zygote {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
+            .arg("supervise")
+            .arg(runs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, reports) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Zygote {
+            stdin: child.stdin.take(),
+            child,
+            reports,
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The next report line, within 10 s.
+    fn next(&self) -> String {
+        self.reports
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a report within 10 s")
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A run directory whose program creates `marker` when it runs.
+fn job(runs: &Path, name: &str, marker: &Path) -> PathBuf {
+    let dir = runs.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = Spec {
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), format!("echo ran > '{}'", marker.display())],
+        working_dir: dir.clone(),
+        env: Default::default(),
+        timeout_ms: 10_000,
+        kill_grace_ms: 1_000,
+        max_output_bytes: 1 << 20,
+    };
+    files::write_json_atomic(&dir.join("spec.json"), &spec).unwrap();
+    dir
+}
+
+fn pid_of(report: &str, token: &str) -> i64 {
+    report
+        .strip_prefix(&format!("{token} pid "))
+        .unwrap_or_else(|| panic!("expected `{token} pid <n>`, got {report:?}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_program_is_forked_at_once_but_runs_only_on_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("ran");
+    let mut zygote = Zygote::start(tmp.path());
+    let dir = job(tmp.path(), "a", &marker);
+
+    zygote.say(&format!("1 {}", dir.display()));
+    let pid = pid_of(&zygote.next(), "1");
+    // Forked, waiting at its gate: alive, and nothing of the program yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(pid), "the forked program waits at its gate");
+    assert!(!marker.exists(), "the program ran before go");
+    assert!(!dir.join("supervisor.json").exists());
+
+    zygote.say("1 go");
+    assert_eq!(zygote.next(), "1 started");
+    assert_eq!(zygote.next(), "1 end");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
+    let ended = files::RunDir::new(&dir).read_ended().expect("status.json");
+    assert_eq!(ended.exit_code, Some(0), "{ended:?}");
+}
+
+#[tokio::test]
+async fn a_dropped_job_never_runs_and_leaves_no_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("ran");
+    let mut zygote = Zygote::start(tmp.path());
+    let dir = job(tmp.path(), "b", &marker);
+
+    zygote.say(&format!("7 {}", dir.display()));
+    let pid = pid_of(&zygote.next(), "7");
+    zygote.say("7 drop");
+    assert_eq!(zygote.next(), "7 end");
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(pid)).await,
+        "the dropped program is gone"
+    );
+    assert!(!marker.exists(), "a dropped job ran");
+    assert!(!dir.join("status.json").exists());
+    assert!(!dir.join("supervisor.json").exists());
+    // A `go` that comes too late opens nothing.
+    zygote.say("7 go");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!marker.exists(), "a dropped job ran on a late go");
+}
+
+#[tokio::test]
+async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut zygote = Zygote::start(tmp.path());
+    let started_marker = tmp.path().join("started");
+    let waiting_marker = tmp.path().join("waiting");
+    let started = job(tmp.path(), "c", &started_marker);
+    let waiting = job(tmp.path(), "d", &waiting_marker);
+
+    zygote.say(&format!("1 {}", started.display()));
+    pid_of(&zygote.next(), "1");
+    zygote.say("1 go");
+    assert_eq!(zygote.next(), "1 started");
+    assert_eq!(zygote.next(), "1 end");
+    zygote.say(&format!("2 {}", waiting.display()));
+    let pid = pid_of(&zygote.next(), "2");
+
+    // The agent goes before its commit landed: the zygote's stdin closes.
+    drop(zygote.stdin.take());
+    assert_eq!(zygote.next(), "2 end");
+    assert!(eventually(Duration::from_secs(5), || !alive(pid)).await);
+    assert!(started_marker.exists());
+    assert!(!waiting_marker.exists(), "a job ran without its go");
+    assert!(!waiting.join("status.json").exists());
+}
