@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, Notify};
 use super::tail::{Tail, FLUSH_INTERVAL};
 use super::{Runner, RunnerConfig, Running, StopReason};
 use crate::db::executions::{self, Claimed, Fence, Finish};
+use crate::db::output::Chunk;
 use crate::db::{self};
 use crate::domain::{Language, Status, Stream};
 use crate::supervisor::files::{self, Ended, Outcome, RunDir, Spec, Started};
@@ -28,7 +29,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a followed job came out.
 pub enum Followed {
-    Ended(Finish),
+    /// With the last of its output, for the end's own write.
+    Ended(Finish, Vec<Chunk>),
     /// Its supervisor is gone without saying how the job ended.
     Lost(String),
     /// The agent is stopping; the supervisor carries on.
@@ -307,11 +309,19 @@ impl Runner {
                 }
             }
         }
-        // Everything the supervisor wrote before it ended.
-        self.pump(fence, &mut job).await;
         match job.run.read_ended() {
-            Some(ended) => Followed::Ended(finish_of(&ended)),
+            Some(ended) => {
+                // Everything the supervisor wrote before it ended: the last
+                // of it is stored with the end, in one commit.
+                let writer = &self.db.writer;
+                let [out, err] = &mut job.tails;
+                let (mut rest, err_rest) =
+                    tokio::join!(out.rest(fence, writer), err.rest(fence, writer));
+                rest.extend(err_rest);
+                Followed::Ended(finish_of(&ended), rest)
+            }
             None => {
+                self.pump(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
             }

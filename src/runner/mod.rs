@@ -284,21 +284,27 @@ impl Runner {
         let followed = if handle.stop.is_cancelled() {
             // Killed between the claim and the start: never run it.
             self.launcher.forget(&job.id);
-            Followed::Ended(Finish {
-                status: Status::Killed,
-                exit_code: None,
-                error: Some("killed before it started".into()),
-                completed_at: db::now(),
-            })
+            Followed::Ended(
+                Finish {
+                    status: Status::Killed,
+                    exit_code: None,
+                    error: Some("killed before it started".into()),
+                    completed_at: db::now(),
+                },
+                Vec::new(),
+            )
         } else {
             match self.start_job(&job, &fence).await {
                 Ok(attached) => self.follow(&fence, attached, handle).await,
-                Err(error) => Followed::Ended(Finish {
-                    status: Status::Failed,
-                    exit_code: None,
-                    error: Some(error),
-                    completed_at: db::now(),
-                }),
+                Err(error) => Followed::Ended(
+                    Finish {
+                        status: Status::Failed,
+                        exit_code: None,
+                        error: Some(error),
+                        completed_at: db::now(),
+                    },
+                    Vec::new(),
+                ),
             }
         };
         let meta = JobMeta {
@@ -342,7 +348,7 @@ impl Runner {
                 self.running.lock().unwrap().remove(&fence.id);
                 return None;
             }
-            Followed::Ended(finish) => {
+            Followed::Ended(finish, output) => {
                 tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
                 if let Some(secs) =
                     seconds_between(meta.started_at.as_deref(), Some(&finish.completed_at))
@@ -361,6 +367,10 @@ impl Runner {
                 let launcher = self.launcher.clone();
                 self.end(move |c| {
                     Box::pin(async move {
+                        if !output.is_empty() {
+                            crate::db::output::append(c, &fence, &output, &finish.completed_at)
+                                .await?;
+                        }
                         let ended = executions::finish(c, &fence, &finish).await?;
                         let next = match chain {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,

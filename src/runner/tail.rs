@@ -53,89 +53,147 @@ impl Tail {
 
     /// Moves everything new in the file into the database.
     pub async fn pump(&mut self, fence: &Fence, writer: &Writer) {
-        if self.fenced_out {
-            return;
-        }
-        if self.file.is_none() {
-            match tokio::fs::File::open(self.run.output(self.stream)).await {
-                Ok(file) => self.file = Some(file),
-                Err(_) => return,
-            }
-        }
-        let file = self.file.as_mut().expect("opened above");
-        loop {
-            // Only what is there: an idle job costs a stat, not a buffer.
-            let size = match file.metadata().await {
-                Ok(meta) => meta.len(),
-                Err(_) => return,
-            };
-            let waiting = size.saturating_sub(self.offset);
-            let truncated = !self.flagged && self.run.truncated_marker(self.stream).exists();
-            if waiting == 0 && !truncated {
-                return;
-            }
-            if file.seek(SeekFrom::Start(self.offset)).await.is_err() {
-                return;
-            }
-            // Up to BATCH_BYTES in one write, as chunks of at most CHUNK_BYTES.
-            let mut chunks = Vec::new();
-            let mut taken = 0u64;
-            while taken < waiting.min(BATCH_BYTES) {
-                let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
-                let mut data = vec![0u8; want];
-                if file.read_exact(&mut data).await.is_err() {
-                    break;
-                }
-                taken += want as u64;
-                chunks.push(Chunk {
-                    stream: self.stream,
-                    seq: self.seq + chunks.len() as i64,
-                    data,
-                    truncated: false,
-                });
-            }
-            // The flag goes with the last of the output (or alone, once the rest is in).
-            let flag_now = truncated && taken == waiting;
-            match chunks.last_mut() {
-                Some(last) => last.truncated = flag_now,
-                None if flag_now => chunks.push(Chunk {
-                    stream: self.stream,
-                    seq: self.seq,
-                    data: Vec::new(),
-                    truncated: true,
-                }),
-                None => return,
-            }
-            let count = chunks.iter().filter(|c| !c.data.is_empty()).count() as i64;
-            let fence = fence.clone();
-            let written = writer
-                .write(move |c| {
-                    Box::pin(async move { output::append(c, &fence, &chunks, &db::now()).await })
-                })
-                .await;
-            match written {
-                Ok(true) => {
-                    self.offset += taken;
-                    self.seq += count;
-                    self.flagged |= flag_now;
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        stream = self.stream.as_str(),
-                        "output not stored: the execution is no longer ours"
-                    );
-                    self.fenced_out = true;
-                    return;
-                }
-                Err(e) => {
-                    // Left in the file: the next pump tries again from the same offset.
-                    tracing::error!(error = %e, "output not stored");
-                    return;
-                }
-            }
-            if taken == waiting {
+        while let Some(batch) = self.read().await {
+            let more = batch.more;
+            if !self.store(fence, writer, batch).await || !more {
                 return;
             }
         }
     }
+
+    /// Everything new in the file, for the caller to store in a write of
+    /// its own (a job's end): all but the last batch are stored here. The
+    /// offsets move on as if the write landed; after a failed one the
+    /// restart's recovery resumes from what the database says.
+    pub async fn rest(&mut self, fence: &Fence, writer: &Writer) -> Vec<Chunk> {
+        while let Some(batch) = self.read().await {
+            if !batch.more {
+                self.advance(batch.progress);
+                return batch.chunks;
+            }
+            if !self.store(fence, writer, batch).await {
+                break;
+            }
+        }
+        Vec::new()
+    }
+
+    /// The next batch of new output (up to BATCH_BYTES, as chunks of at most
+    /// CHUNK_BYTES), read but not stored; `None` when there is nothing new.
+    async fn read(&mut self) -> Option<Batch> {
+        if self.fenced_out {
+            return None;
+        }
+        if self.file.is_none() {
+            self.file = Some(
+                tokio::fs::File::open(self.run.output(self.stream))
+                    .await
+                    .ok()?,
+            );
+        }
+        let file = self.file.as_mut().expect("opened above");
+        // Only what is there: an idle job costs a stat, not a buffer.
+        let size = file.metadata().await.ok()?.len();
+        let waiting = size.saturating_sub(self.offset);
+        let truncated = !self.flagged && self.run.truncated_marker(self.stream).exists();
+        if waiting == 0 && !truncated {
+            return None;
+        }
+        file.seek(SeekFrom::Start(self.offset)).await.ok()?;
+        let mut chunks = Vec::new();
+        let mut taken = 0u64;
+        while taken < waiting.min(BATCH_BYTES) {
+            let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
+            let mut data = vec![0u8; want];
+            if file.read_exact(&mut data).await.is_err() {
+                break;
+            }
+            taken += want as u64;
+            chunks.push(Chunk {
+                stream: self.stream,
+                seq: self.seq + chunks.len() as i64,
+                data,
+                truncated: false,
+            });
+        }
+        // The flag goes with the last of the output (or alone, once the rest is in).
+        let flag_now = truncated && taken == waiting;
+        match chunks.last_mut() {
+            Some(last) => last.truncated = flag_now,
+            None if flag_now => chunks.push(Chunk {
+                stream: self.stream,
+                seq: self.seq,
+                data: Vec::new(),
+                truncated: true,
+            }),
+            None => return None,
+        }
+        let progress = Progress {
+            taken,
+            count: chunks.iter().filter(|c| !c.data.is_empty()).count() as i64,
+            flag_now,
+        };
+        Some(Batch {
+            chunks,
+            progress,
+            more: taken < waiting,
+        })
+    }
+
+    /// Stores `batch` in a write of its own; whether to go on.
+    async fn store(&mut self, fence: &Fence, writer: &Writer, batch: Batch) -> bool {
+        let Batch {
+            chunks, progress, ..
+        } = batch;
+        let fence = fence.clone();
+        let written = writer
+            .write(move |c| {
+                Box::pin(async move { output::append(c, &fence, &chunks, &db::now()).await })
+            })
+            .await;
+        match written {
+            Ok(true) => {
+                self.advance(progress);
+                true
+            }
+            Ok(false) => {
+                tracing::warn!(
+                    stream = self.stream.as_str(),
+                    "output not stored: the execution is no longer ours"
+                );
+                self.fenced_out = true;
+                false
+            }
+            Err(e) => {
+                // Left in the file: the next pump tries again from the same offset.
+                tracing::error!(error = %e, "output not stored");
+                false
+            }
+        }
+    }
+
+    fn advance(&mut self, progress: Progress) {
+        self.offset += progress.taken;
+        self.seq += progress.count;
+        self.flagged |= progress.flag_now;
+    }
+}
+
+/// Output read from a stream's file, not yet stored.
+struct Batch {
+    chunks: Vec<Chunk>,
+    progress: Progress,
+    /// More is waiting in the file.
+    more: bool,
+}
+
+/// How far a stored batch moves its tail.
+#[derive(Clone, Copy)]
+struct Progress {
+    /// Bytes of the file.
+    taken: u64,
+    /// Chunks with data (the next `seq`).
+    count: i64,
+    /// It carried the truncation flag.
+    flag_now: bool,
 }
