@@ -4,8 +4,9 @@
 //! (upgrade, crash, OOM kill). The supervisor owns the program: it starts it
 //! in its own process group, copies its output into the run directory up to
 //! the cap, enforces the timeout, answers kill requests (SIGUSR1), and writes
-//! how it ended (`status.json`) before it exits. It is plain blocking code
-//! with a few threads: nothing here needs a runtime.
+//! how it ended (`status.json`) before it exits. It is one thread and one
+//! `poll` loop (a signalfd for kills and the program's end, the two output
+//! pipes, the timeout): a fork of it costs no threads, stacks or arenas.
 
 pub mod files;
 
@@ -14,23 +15,17 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
 use crate::domain::Stream;
 use files::{Ended, Outcome, RunDir, Spec, Started};
-
-/// What the supervisor's main loop waits for.
-enum Event {
-    Exited(std::io::Result<ExitStatus>),
-    Signal(i32),
-}
 
 /// `execd supervise RUNS_DIR`: the agent's zygote (RUNS_DIR only names it,
 /// for whoever lists processes).
@@ -215,20 +210,16 @@ fn run(dir: RunDir, reporter: &Reporter, gate: OwnedFd) -> u8 {
 }
 
 fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> std::io::Result<()> {
-    let (events, inbox) = mpsc::channel();
-    // Signals first, so a kill request cannot slip in before we listen.
-    let mut signals = signal_hook::iterator::Signals::new([
-        libc_sig(Signal::SIGTERM),
-        libc_sig(Signal::SIGUSR1),
-    ])?;
-    let signal_events = events.clone();
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if signal_events.send(Event::Signal(signal)).is_err() {
-                break;
-            }
-        }
-    });
+    // Signals first, so a kill request cannot slip in before we listen: a
+    // kill (SIGUSR1), a stop (SIGTERM) and the program's end (SIGCHLD), read
+    // from a signalfd in the one loop below. The program starts with an
+    // empty mask (std resets it before the `exec`).
+    let mut mask = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGCHLD] {
+        mask.add(signal);
+    }
+    mask.thread_block()?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
 
     let mut command = Command::new(&spec.program);
     command
@@ -295,66 +286,99 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     files::write_json_atomic(&dir.started(), &started)?;
     reporter.say("started");
 
-    // Both pipes as plain files: one copy loop for either.
-    let pipes = [
-        (
-            child
-                .stdout
-                .take()
-                .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
-            Stream::Stdout,
-        ),
-        (
-            child
-                .stderr
-                .take()
-                .map(|p| File::from(std::os::fd::OwnedFd::from(p))),
-            Stream::Stderr,
-        ),
-    ];
-    let copies: Vec<_> = pipes
-        .into_iter()
-        .filter_map(|(pipe, stream)| {
-            let pipe = pipe?;
-            let out = File::options()
-                .create(true)
-                .append(true)
-                .open(dir.output(stream))
-                .ok()?;
-            let marker = dir.truncated_marker(stream);
-            let cap = spec.max_output_bytes;
-            let (done_tx, done_rx) = mpsc::channel::<()>();
-            std::thread::spawn(move || {
-                copy_capped(pipe, out, cap, &marker);
-                let _ = done_tx.send(());
-            });
-            Some(done_rx)
-        })
-        .collect();
-    let exit_events = events.clone();
-    std::thread::spawn(move || {
-        let _ = exit_events.send(Event::Exited(child.wait()));
-    });
-    drop(events);
+    let mut captures: Vec<Capture> = [
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    ]
+    .into_iter()
+    .zip([Stream::Stdout, Stream::Stderr])
+    .filter_map(|(pipe, stream)| Capture::new(pipe?, dir, stream, spec.max_output_bytes))
+    .collect();
+    let mut buf = vec![0u8; 64 << 10];
 
     let deadline = started_at + Duration::from_millis(spec.timeout_ms);
     let grace = Duration::from_millis(spec.kill_grace_ms);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let (outcome, status) = match inbox.recv_timeout(left) {
-        Ok(Event::Exited(status)) => (Outcome::Exited, status.ok()),
-        Ok(Event::Signal(s)) if s == libc_sig(Signal::SIGUSR1) => {
-            (Outcome::Killed, stop(pid, grace, &inbox))
+    // Why we are ending the program, if we are; when SIGKILL follows SIGTERM.
+    let mut stopping: Option<Outcome> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut status: Option<ExitStatus> = None;
+    // Once the program is gone, a grandchild that escaped its group may
+    // hold a pipe open: the output is waited for up to this.
+    let mut drain_until: Option<Instant> = None;
+    let group = Pid::from_raw(pid as i32);
+    loop {
+        if status.is_none() {
+            if let Ok(Some(exited)) = child.try_wait() {
+                status = Some(exited);
+                // Whatever the program left behind in its group goes with it.
+                let _ = killpg(group, Signal::SIGKILL);
+                drain_until = Some(Instant::now() + Duration::from_secs(2));
+            }
         }
-        Ok(Event::Signal(_)) => (Outcome::Terminated, stop(pid, grace, &inbox)),
-        Err(mpsc::RecvTimeoutError::Timeout) => (Outcome::Timeout, stop(pid, grace, &inbox)),
-        Err(mpsc::RecvTimeoutError::Disconnected) => (Outcome::Exited, None),
-    };
-    // Whatever the program left behind in its group goes with it.
-    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    // A grandchild that escaped the group may hold a pipe open: bound the wait.
-    for done in copies {
-        let _ = done.recv_timeout(Duration::from_secs(2));
+        let now = Instant::now();
+        if status.is_some() && (captures.is_empty() || drain_until.is_some_and(|t| now >= t)) {
+            break;
+        }
+        if status.is_none() {
+            if stopping.is_none() && now >= deadline {
+                stopping = Some(Outcome::Timeout);
+                let _ = killpg(group, Signal::SIGTERM);
+                kill_at = Some(now + grace);
+            }
+            if kill_at.is_some_and(|t| now >= t) {
+                let _ = killpg(group, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+        let wake = [
+            (status.is_none() && stopping.is_none()).then_some(deadline),
+            kill_at.filter(|_| status.is_none()),
+            drain_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = match wake {
+            Some(t) => {
+                PollTimeout::try_from(t.saturating_duration_since(now).as_millis() as u64 + 1)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let mut fds: Vec<PollFd> = std::iter::once(signals.as_fd())
+            .chain(captures.iter().map(|c| c.pipe.as_fd()))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[0] {
+            while let Ok(Some(info)) = signals.read_signal() {
+                let outcome = match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGUSR1) => Outcome::Killed,
+                    Ok(Signal::SIGTERM) => Outcome::Terminated,
+                    _ => continue,
+                };
+                if stopping.is_none() && status.is_none() {
+                    stopping = Some(outcome);
+                    let _ = killpg(group, Signal::SIGTERM);
+                    kill_at = Some(Instant::now() + grace);
+                }
+            }
+        }
+        let mut at = 0;
+        captures.retain_mut(|capture| {
+            at += 1;
+            !ready[at] || capture.take(&mut buf)
+        });
     }
+    let outcome = stopping.unwrap_or(Outcome::Exited);
     let error = match outcome {
         Outcome::Timeout => Some(format!(
             "timed out after {} s and was killed",
@@ -406,61 +430,93 @@ fn wait_for_go(gate: RawFd) -> std::io::Result<()> {
     }
 }
 
-fn libc_sig(signal: Signal) -> i32 {
-    signal as i32
+/// One of the program's output pipes, copied into its file in the run
+/// directory up to the cap; past it, drained into /dev/null by `splice`
+/// (no copy through us), so the program never blocks on a full pipe.
+struct Capture {
+    pipe: File,
+    out: File,
+    cap: u64,
+    kept: u64,
+    marker: PathBuf,
+    marked: bool,
+    /// Where output past the cap goes (opened when it first comes).
+    null: Option<File>,
 }
 
-/// Ends the program's group: SIGTERM, up to `grace` for it to exit, SIGKILL.
-fn stop(pid: u32, grace: Duration, inbox: &mpsc::Receiver<Event>) -> Option<ExitStatus> {
-    let group = Pid::from_raw(pid as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    let until = Instant::now() + grace;
-    loop {
-        match inbox.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(Event::Exited(status)) => return status.ok(),
-            Ok(Event::Signal(_)) => continue,
-            Err(mpsc::RecvTimeoutError::Timeout) => break,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-        }
+impl Capture {
+    fn new(pipe: OwnedFd, dir: &RunDir, stream: Stream, cap: u64) -> Option<Capture> {
+        // A larger pipe: fewer wake-ups for a program that writes a lot.
+        let _ = nix::fcntl::fcntl(
+            pipe.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+        );
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(dir.output(stream))
+            .ok()?;
+        Some(Capture {
+            pipe: File::from(pipe),
+            out,
+            cap,
+            kept: 0,
+            marker: dir.truncated_marker(stream),
+            marked: false,
+            null: None,
+        })
     }
-    let _ = killpg(group, Signal::SIGKILL);
-    loop {
-        match inbox.recv() {
-            Ok(Event::Exited(status)) => return status.ok(),
-            Ok(Event::Signal(_)) => continue,
-            Err(_) => return None,
-        }
-    }
-}
 
-/// Copies `pipe` into `out` up to `cap` bytes; past it, reads and drops (so
-/// the program never blocks on a full pipe) and leaves `marker`.
-fn copy_capped(mut pipe: File, mut out: File, cap: u64, marker: &Path) {
-    // A larger pipe: fewer wake-ups for a program that writes a lot.
-    let _ = nix::fcntl::fcntl(
-        pipe.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
-    );
-    let mut buf = vec![0u8; 1 << 20];
-    let mut kept = 0u64;
-    let mut dropped = false;
-    loop {
-        let n = match pipe.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        let room = cap.saturating_sub(kept).min(n as u64) as usize;
-        if room > 0 {
-            if out.write_all(&buf[..room]).is_err() {
-                break;
+    /// Takes what the pipe has (it polled readable); false once it is done.
+    fn take(&mut self, buf: &mut [u8]) -> bool {
+        if self.kept >= self.cap {
+            if self.null.is_none() {
+                self.null = File::options().write(true).open("/dev/null").ok();
             }
-            kept += room as u64;
+            if let Some(null) = &self.null {
+                let spliced = nix::fcntl::splice(
+                    self.pipe.as_fd(),
+                    None,
+                    null.as_fd(),
+                    None,
+                    1 << 20,
+                    nix::fcntl::SpliceFFlags::empty(),
+                );
+                return match spliced {
+                    Ok(0) => false,
+                    Ok(_) => {
+                        self.mark();
+                        true
+                    }
+                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => true,
+                    Err(_) => false,
+                };
+            }
         }
-        if room < n && !dropped {
-            dropped = true;
-            let _ = File::create(marker);
+        let n = match self.pipe.read(buf) {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return true,
+            Err(_) => return false,
+        };
+        let room = self.cap.saturating_sub(self.kept).min(n as u64) as usize;
+        if room > 0 {
+            if self.out.write_all(&buf[..room]).is_err() {
+                return false;
+            }
+            self.kept += room as u64;
+        }
+        if room < n {
+            self.mark();
+        }
+        true
+    }
+
+    /// Leaves the truncation marker, once output was dropped.
+    fn mark(&mut self) {
+        if !self.marked {
+            self.marked = true;
+            let _ = File::create(&self.marker);
         }
     }
 }

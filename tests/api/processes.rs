@@ -139,6 +139,28 @@ async fn output_beyond_the_cap_is_dropped_and_flagged() {
     assert_eq!(out["stderr"], "short");
     assert_eq!(out["stderr_truncated"], false);
     assert_eq!(out["success"], true, "the program itself is unaffected");
+
+    // Exactly the cap is all of it: nothing dropped, nothing flagged.
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "import sys\nsys.stdout.write('y' * 1000)" }),
+        )
+        .await;
+    assert_eq!(out["stdout"].as_str().unwrap().len(), 1000, "{out}");
+    assert_eq!(out["stdout_truncated"], false);
+
+    // Far past the cap, in many writes: drained to the end, the program never blocks.
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "import sys\nfor _ in range(64): sys.stdout.write('z' * 65536); sys.stdout.flush()\nprint('done', file=sys.stderr)" }),
+        )
+        .await;
+    assert_eq!(out["status"], "completed", "{out}");
+    assert_eq!(out["stdout"], "z".repeat(1000));
+    assert_eq!(out["stdout_truncated"], true);
+    assert_eq!(out["stderr"], "done\n");
     app.stop().await;
 }
 
