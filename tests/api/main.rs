@@ -14,4 +14,5 @@ mod restart;
 mod retention;
 mod runner;
 mod validation;
+mod writer;
 mod zygote;
