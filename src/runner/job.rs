@@ -219,23 +219,26 @@ impl Runner {
             watch: Some(watch),
             started: None,
         };
-        // `pid <n>` from the forked program at its gate; anything else (an
-        // `error …` of the zygote, silence) leaves it to follow().
+        // `pid <n>` from the forked program at its gate; `error …` or `end`
+        // when nothing was forked to run (status.json tells, or follow()
+        // finds the job lost).
         let reported = tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next()).await;
-        let Some(pid) = reported
-            .as_deref()
-            .ok()
-            .and_then(|line| line.strip_prefix("pid "))
-            .and_then(|pid| pid.parse::<i64>().ok())
-        else {
-            if reported.is_err() {
-                tracing::warn!("the supervisor did not report the program's pid in time");
-            }
+        let first = reported.as_deref().unwrap_or("");
+        if first.starts_with("error ") || first == "end" {
             return Ok(attached(watch));
-        };
+        }
+        // Go even without a pid: a report lost on a full pipe must not leave
+        // the program waiting at its gate.
         self.launcher.supervisors.send(watch.token, "go").await;
         // The program runs from now (its pid known, its `exec` under way).
         let spawned_at = db::now();
+        let Some(pid) = first
+            .strip_prefix("pid ")
+            .and_then(|pid| pid.parse::<i64>().ok())
+        else {
+            tracing::warn!("the supervisor did not report the program's pid in time");
+            return Ok(attached(watch));
+        };
         // `started` once it has `exec`ed and `supervisor.json` is written;
         // `error …` (with status.json written) if it could not start.
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next()).await {
@@ -278,6 +281,12 @@ impl Runner {
                     None => std::future::pending().await,
                 }
             };
+            let output_waiting = async {
+                match &job.watch {
+                    Some(watch) => watch.output.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = handle.stop.cancelled(), if !kill_sent => {
@@ -299,6 +308,7 @@ impl Runner {
                     }
                 }
                 () = supervisor_end => break,
+                () = output_waiting => self.pump(fence, &mut job).await,
                 _ = tick.tick() => {
                     self.pump(fence, &mut job).await;
                     // Without a report (adopted; or the supervisor was
@@ -366,7 +376,7 @@ fn supervisor_command(bin: &Path, runs_dir: &Path) -> Command {
 /// The agent's end of the zygote (`execd supervise RUNS_DIR`, see
 /// `supervisor::zygote`): it asks for a supervisor per job, opens or drops
 /// its gate (`<token> go`, `<token> drop`), and routes the reports
-/// (`<token> pid <n>`, `started`, `error <why>`, `end`) to the jobs. The
+/// (`<token> pid <n>`, `started`, `error <why>`, `output`, `end`) to the jobs. The
 /// zygote is started once, and again if it dies; it ends when the agent goes
 /// (its stdin closes), and the supervisors it forked carry on.
 pub struct Supervisors {
@@ -381,6 +391,7 @@ pub struct Supervisors {
 struct Waiter {
     reports: mpsc::UnboundedSender<String>,
     ended: Arc<Notify>,
+    output: Arc<Notify>,
 }
 
 /// A job's supervisor as its reports reach the agent. Dropped, it stops
@@ -390,6 +401,8 @@ pub struct Watch {
     reports: mpsc::UnboundedReceiver<String>,
     /// Notified once `status.json` is written.
     pub ended: Arc<Notify>,
+    /// Notified when much new output waits in the run directory.
+    pub output: Arc<Notify>,
     waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
 }
 
@@ -438,17 +451,20 @@ impl Supervisors {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let ended = Arc::new(Notify::new());
+        let output = Arc::new(Notify::new());
         self.waiting.lock().unwrap().insert(
             token,
             Waiter {
                 reports: tx,
                 ended: ended.clone(),
+                output: output.clone(),
             },
         );
         let watch = Watch {
             token,
             reports: rx,
             ended,
+            output,
             waiting: self.waiting.clone(),
         };
         let line = format!("{token} {path}\n");
@@ -514,10 +530,16 @@ fn route(waiting: &Mutex<HashMap<u64, Waiter>>, line: &str) {
     let Some(waiter) = waiting.get_mut(&token) else {
         return;
     };
-    if what == "end" {
-        waiter.ended.notify_one();
+    match what {
+        "output" => waiter.output.notify_one(),
+        "end" => {
+            waiter.ended.notify_one();
+            let _ = waiter.reports.send(what.to_string());
+        }
+        _ => {
+            let _ = waiter.reports.send(what.to_string());
+        }
     }
-    let _ = waiter.reports.send(what.to_string());
 }
 
 /// Kills whatever is left of a job whose supervisor is gone: nothing of a

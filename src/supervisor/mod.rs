@@ -40,6 +40,10 @@ pub fn main(_runs_dir: &Path) -> ExitCode {
     zygote()
 }
 
+/// New output that makes the supervisor tell the agent (`<token> output`)
+/// rather than leave it to the agent's next look.
+const NUDGE_BYTES: u64 = 1 << 20;
+
 /// How long a forked supervisor waits for its `go` before giving up.
 const GATE_TTL: Duration = Duration::from_secs(60);
 
@@ -57,8 +61,8 @@ const GATE_TTL: Duration = Duration::from_secs(60);
 ///
 /// The supervisors report on the zygote's stdout, which the agent reads:
 /// `<token> pid <n>` (from the forked program), `<token> started` once it
-/// runs (or `<token> error <why>`), `<token> end` once `status.json` is
-/// written. Each supervisor is a process of its own, in its own session:
+/// runs (or `<token> error <why>`), `<token> output` when much new output
+/// waits in the run directory, `<token> end` once `status.json` is written. Each supervisor is a process of its own, in its own session:
 /// the zygote's end (it ends when the agent closes its stdin) ends no
 /// started job, and every job still at its gate ends unstarted.
 fn zygote() -> ExitCode {
@@ -377,6 +381,14 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
             at += 1;
             !ready[at] || capture.take(&mut buf)
         });
+        // Much new output: the agent stores it now, not at its next tick.
+        let unreported: u64 = captures.iter().map(|c| c.kept - c.reported).sum();
+        if unreported >= NUDGE_BYTES {
+            reporter.say("output");
+            for capture in &mut captures {
+                capture.reported = capture.kept;
+            }
+        }
     }
     let outcome = stopping.unwrap_or(Outcome::Exited);
     let error = match outcome {
@@ -438,6 +450,8 @@ struct Capture {
     out: File,
     cap: u64,
     kept: u64,
+    /// `kept` when the agent was last told of new output.
+    reported: u64,
     marker: PathBuf,
     marked: bool,
     /// Where output past the cap goes (opened when it first comes).
@@ -461,6 +475,7 @@ impl Capture {
             out,
             cap,
             kept: 0,
+            reported: 0,
             marker: dir.truncated_marker(stream),
             marked: false,
             null: None,
