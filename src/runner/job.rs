@@ -22,7 +22,7 @@ use crate::db::executions::{self, Claimed, Fence, Finish};
 use crate::db::output::Chunk;
 use crate::db::{self};
 use crate::domain::{Language, Status, Stream};
-use crate::supervisor::files::{self, Ended, Outcome, RunDir, Spec, Started};
+use crate::supervisor::files::{Ended, Outcome, RunDir, Spec, Started};
 
 /// How long a supervisor may take to start the program and say so.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,28 +143,36 @@ impl Launcher {
         });
     }
 
-    /// Writes the run directory of `job` and forks its supervisor.
+    /// Makes the run directory of `job` and forks its supervisor, which is
+    /// handed the spec over the zygote's pipe (env values never touch the
+    /// disk); the code file is written meanwhile, before any go.
     async fn prepare(&self, job: &Claimed) -> Result<Watch, String> {
         let run = RunDir::new(self.config.runs_dir.join(&job.id));
-        let spec = self
-            .spec(job, &run)
+        // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
+        let fresh = match std::fs::remove_dir_all(run.path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => std::fs::create_dir_all(run.path()),
+        };
+        let (spec, code) = fresh
+            .and_then(|()| self.spec(job, &run))
             .map_err(|e| format!("could not start: {e}"))?;
-        files::write_json_atomic(&run.spec(), &spec)
-            .map_err(|e| format!("could not write the job spec: {e}"))?;
-        self.supervisors
-            .launch(run.path())
+        let watch = self
+            .supervisors
+            .launch(run.path(), &spec)
             .await
-            .map_err(|e| format!("could not start a supervisor: {e}"))
+            .map_err(|e| format!("could not start a supervisor: {e}"))?;
+        if let Some(file) = code {
+            if let Err(e) = std::fs::write(&file, &job.code) {
+                self.supervisors.send(watch.token, "drop").await;
+                return Err(format!("could not write the code: {e}"));
+            }
+        }
+        Ok(watch)
     }
 
-    /// The spec of `job`, with its code written into the run directory.
-    fn spec(&self, job: &Claimed, run: &RunDir) -> std::io::Result<Spec> {
-        // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
-        match std::fs::remove_dir_all(run.path()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        std::fs::create_dir_all(run.path())?;
+    /// The spec of `job`, and the file its code goes to (for a language).
+    fn spec(&self, job: &Claimed, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
+        let mut code = None;
         let (program, args) = if job.language == "command" {
             match &job.args {
                 Some(json) => (
@@ -184,15 +192,15 @@ impl Launcher {
                 std::io::Error::other(format!("{} is not installed", language.as_str()))
             })?;
             let file = run.path().join(language.file_name());
-            std::fs::write(&file, &job.code)?;
             let args = language
                 .run_args(&file)
                 .into_iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
+            code = Some(file);
             (interpreter.path.clone(), args)
         };
-        Ok(Spec {
+        let spec = Spec {
             program,
             args,
             working_dir: PathBuf::from(&job.working_dir),
@@ -200,7 +208,8 @@ impl Launcher {
             timeout_ms: u64::try_from(job.timeout_ms).unwrap_or(1),
             kill_grace_ms: self.config.kill_grace.as_millis() as u64,
             max_output_bytes: self.config.max_output_bytes,
-        })
+        };
+        Ok((spec, code))
     }
 }
 
@@ -442,12 +451,14 @@ impl Supervisors {
         }
     }
 
-    /// Has a supervisor forked for the job in `run`.
-    async fn launch(&self, run: &Path) -> std::io::Result<Watch> {
+    /// Has a supervisor forked for the job in `run`, to run `spec`.
+    async fn launch(&self, run: &Path, spec: &Spec) -> std::io::Result<Watch> {
         let path = run
             .to_str()
-            .filter(|p| !p.contains('\n'))
+            .filter(|p| !p.contains(['\n', '\t']))
             .ok_or_else(|| std::io::Error::other("the run directory's path is not plain UTF-8"))?;
+        // One line: serde_json escapes every newline.
+        let spec = serde_json::to_string(spec)?;
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let ended = Arc::new(Notify::new());
@@ -467,7 +478,7 @@ impl Supervisors {
             output,
             waiting: self.waiting.clone(),
         };
-        let line = format!("{token} {path}\n");
+        let line = format!("{token} {path}\t{spec}\n");
         let mut zygote = self.zygote.lock().await;
         // A zygote that died, or whose stdin broke, is replaced once.
         for retry in [false, true] {

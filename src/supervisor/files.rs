@@ -2,12 +2,14 @@
 //! supervisor talk, so that either can die and the other carries on.
 //!
 //! `<data-dir>/runs/<execution id>/`
-//! - `spec.json`        what to run (written by the agent, mode 0600: it holds env values)
 //! - `main.<ext>`       the code
 //! - `supervisor.json`  who runs it: supervisor and program pid, start time, machine boot
 //! - `stdout`, `stderr` the output, up to the cap; `<stream>.truncated` once output is dropped
 //! - `status.json`      how it ended (written atomically by the supervisor, last)
 //! - `supervisor.log`   the supervisor's own complaints
+//!
+//! What to run (`Spec`) is not among them: the agent hands it to the
+//! supervisor over the zygote's pipe, so env values never touch the disk.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -84,10 +86,6 @@ impl RunDir {
         &self.0
     }
 
-    pub fn spec(&self) -> PathBuf {
-        self.0.join("spec.json")
-    }
-
     pub fn started(&self) -> PathBuf {
         self.0.join("supervisor.json")
     }
@@ -106,10 +104,6 @@ impl RunDir {
 
     pub fn truncated_marker(&self, stream: Stream) -> PathBuf {
         self.0.join(format!("{}.truncated", stream.as_str()))
-    }
-
-    pub fn read_spec(&self) -> std::io::Result<Spec> {
-        read_json(&self.spec())
     }
 
     pub fn read_started(&self) -> Option<Started> {

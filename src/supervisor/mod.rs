@@ -51,7 +51,8 @@ const GATE_TTL: Duration = Duration::from_secs(60);
 /// forks a supervisor per job, so a job's start costs a `fork` of a small
 /// idle process, not the `exec` of a new one. It reads lines on stdin:
 ///
-/// - `<token> <run dir>`: fork a supervisor for the job of `run dir`. It
+/// - `<token> <run dir>\t<spec>`: fork a supervisor for the job of `run
+///   dir`, to run `spec` (JSON: env values never touch the disk). It
 ///   forks the program at once, which reports `<token> pid <n>` and then
 ///   waits, before its `exec`, on a gate the zygote holds: the agent can
 ///   prepare a job while the commit of its claim is still in flight.
@@ -125,8 +126,13 @@ fn zygote() -> ExitCode {
             "drop" => {
                 gates.remove(token);
             }
-            path => {
-                if let Some(gate) = fork_supervisor(token, path, &mut gates) {
+            job => {
+                // `<run dir>\t<spec as JSON>`
+                let Some((path, spec)) = job.split_once('\t') else {
+                    Reporter(token.to_string()).say("error no spec");
+                    continue;
+                };
+                if let Some(gate) = fork_supervisor(token, path, spec, &mut gates) {
                     gates.insert(token.to_string(), (gate, Instant::now()));
                 }
             }
@@ -138,6 +144,7 @@ fn zygote() -> ExitCode {
 fn fork_supervisor(
     token: &str,
     path: &str,
+    spec: &str,
     gates: &mut HashMap<String, (OwnedFd, Instant)>,
 ) -> Option<OwnedFd> {
     let reporter = Reporter(token.to_string());
@@ -163,7 +170,7 @@ fn fork_supervisor(
             if let Ok(null) = File::open("/dev/null") {
                 let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
             }
-            let code = run(RunDir::new(path), &reporter, gate_out);
+            let code = run(RunDir::new(path), spec, &reporter, gate_out);
             std::process::exit(i32::from(code));
         }
         Ok(nix::unistd::ForkResult::Parent { .. }) => Some(gate_in),
@@ -187,16 +194,13 @@ impl Reporter {
     }
 }
 
-/// Runs the job of `dir` to its end; the process's exit code.
-fn run(dir: RunDir, reporter: &Reporter, gate: OwnedFd) -> u8 {
-    // Complaints go to the run directory's log from here on.
-    if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
-        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
-    }
-    let spec = match dir.read_spec() {
+/// Runs the job of `dir` (`spec`, as JSON) to its end; the process's exit code.
+fn run(dir: RunDir, spec: &str, reporter: &Reporter, gate: OwnedFd) -> u8 {
+    let spec: Spec = match serde_json::from_str(spec) {
         Ok(spec) => spec,
         Err(e) => {
-            eprintln!("execd supervise: cannot read {}: {e}", dir.spec().display());
+            log_to(&dir);
+            eprintln!("execd supervise: a spec that does not parse: {e}");
             reporter.say(&format!("error cannot read the spec: {e}"));
             return 2;
         }
@@ -204,6 +208,7 @@ fn run(dir: RunDir, reporter: &Reporter, gate: OwnedFd) -> u8 {
     let code = match supervise(&dir, &spec, reporter, gate) {
         Ok(()) => 0,
         Err(e) => {
+            log_to(&dir);
             eprintln!("execd supervise: {e}");
             2
         }
@@ -266,6 +271,9 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     }
     let spawned = command.spawn();
     drop((report, gate));
+    // Complaints go to the run directory's log from here on (opened after
+    // the program's fork, off the path to its start).
+    log_to(dir);
     let mut child = match spawned {
         Ok(child) => child,
         // Dropped before its start (or the zygote went): nothing ran, nothing to say.
@@ -401,6 +409,13 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
         _ => None,
     };
     finish(dir, outcome, status, error)
+}
+
+/// Sends the supervisor's complaints (its stderr) to the run directory's log.
+fn log_to(dir: &RunDir) {
+    if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
+        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
+    }
 }
 
 /// `<prefix><pid>\n` into `buf`, without allocating (the forked child of

@@ -105,6 +105,38 @@ async fn env_and_both_spellings_of_the_working_dir_reach_the_program() {
 }
 
 #[tokio::test]
+async fn env_values_never_reach_the_disk_of_a_running_job() {
+    let app = spawn_app().await;
+    let id = app
+        .background(json!({
+            "code": "echo up; sleep 2",
+            "language": "bash",
+            "env": { "API_KEY": "do-not-store-7f3a91" },
+        }))
+        .await;
+    app.wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .await;
+    // While it runs, nothing under the data dir but the database holds the value.
+    let mut files = vec![app.data_dir.path().join("runs")];
+    let mut seen = 0;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            seen += 1;
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains("do-not-store-7f3a91"),
+                "{} holds an env value",
+                path.display()
+            );
+        }
+    }
+    assert!(seen > 0, "the running job has a run directory");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_agents_own_settings_do_not_leak_into_programs() {
     let app = spawn_app().await;
     let (_, out) = app

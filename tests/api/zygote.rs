@@ -68,8 +68,9 @@ impl Drop for Zygote {
     }
 }
 
-/// A run directory whose program creates `marker` when it runs.
-fn job(runs: &Path, name: &str, marker: &Path) -> PathBuf {
+/// A job line for the zygote (`<run dir>\t<spec>`) whose program creates
+/// `marker` when it runs, and its run directory.
+fn job(runs: &Path, name: &str, marker: &Path) -> (String, PathBuf) {
     let dir = runs.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let spec = Spec {
@@ -81,8 +82,12 @@ fn job(runs: &Path, name: &str, marker: &Path) -> PathBuf {
         kill_grace_ms: 1_000,
         max_output_bytes: 1 << 20,
     };
-    files::write_json_atomic(&dir.join("spec.json"), &spec).unwrap();
-    dir
+    let line = format!(
+        "{}\t{}",
+        dir.display(),
+        serde_json::to_string(&spec).unwrap()
+    );
+    (line, dir)
 }
 
 fn pid_of(report: &str, token: &str) -> i64 {
@@ -98,9 +103,9 @@ async fn a_program_is_forked_at_once_but_runs_only_on_go() {
     let tmp = tempfile::tempdir().unwrap();
     let marker = tmp.path().join("ran");
     let mut zygote = Zygote::start(tmp.path());
-    let dir = job(tmp.path(), "a", &marker);
+    let (line, dir) = job(tmp.path(), "a", &marker);
 
-    zygote.say(&format!("1 {}", dir.display()));
+    zygote.say(&format!("1 {line}"));
     let pid = pid_of(&zygote.next(), "1");
     // Forked, waiting at its gate: alive, and nothing of the program yet.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -121,9 +126,9 @@ async fn a_dropped_job_never_runs_and_leaves_no_status() {
     let tmp = tempfile::tempdir().unwrap();
     let marker = tmp.path().join("ran");
     let mut zygote = Zygote::start(tmp.path());
-    let dir = job(tmp.path(), "b", &marker);
+    let (line, dir) = job(tmp.path(), "b", &marker);
 
-    zygote.say(&format!("7 {}", dir.display()));
+    zygote.say(&format!("7 {line}"));
     let pid = pid_of(&zygote.next(), "7");
     zygote.say("7 drop");
     assert_eq!(zygote.next(), "7 end");
@@ -146,15 +151,15 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     let mut zygote = Zygote::start(tmp.path());
     let started_marker = tmp.path().join("started");
     let waiting_marker = tmp.path().join("waiting");
-    let started = job(tmp.path(), "c", &started_marker);
-    let waiting = job(tmp.path(), "d", &waiting_marker);
+    let (started, _) = job(tmp.path(), "c", &started_marker);
+    let (waiting, waiting_dir) = job(tmp.path(), "d", &waiting_marker);
 
-    zygote.say(&format!("1 {}", started.display()));
+    zygote.say(&format!("1 {started}"));
     pid_of(&zygote.next(), "1");
     zygote.say("1 go");
     assert_eq!(zygote.next(), "1 started");
     assert_eq!(zygote.next(), "1 end");
-    zygote.say(&format!("2 {}", waiting.display()));
+    zygote.say(&format!("2 {waiting}"));
     let pid = pid_of(&zygote.next(), "2");
 
     // The agent goes before its commit landed: the zygote's stdin closes.
@@ -163,5 +168,5 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     assert!(eventually(Duration::from_secs(5), || !alive(pid)).await);
     assert!(started_marker.exists());
     assert!(!waiting_marker.exists(), "a job ran without its go");
-    assert!(!waiting.join("status.json").exists());
+    assert!(!waiting_dir.join("status.json").exists());
 }
