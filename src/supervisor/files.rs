@@ -6,7 +6,7 @@
 //! - `supervisor.json`  who runs it: supervisor and program pid, start time, machine boot
 //! - `stdout`, `stderr` the output, up to the cap; `<stream>.truncated` once output is dropped
 //! - `status.json`      how it ended (written atomically by the supervisor, last)
-//! - `supervisor.log`   the supervisor's own complaints
+//! - `supervisor.log`   the supervisor's own complaints, if it has any
 //!
 //! What to run (`Spec`) is not among them: the agent hands it to the
 //! supervisor over the zygote's pipe, so env values never touch the disk.

@@ -271,9 +271,6 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     }
     let spawned = command.spawn();
     drop((report, gate));
-    // Complaints go to the run directory's log from here on (opened after
-    // the program's fork, off the path to its start).
-    log_to(dir);
     let mut child = match spawned {
         Ok(child) => child,
         // Dropped before its start (or the zygote went): nothing ran, nothing to say.
@@ -411,7 +408,8 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     finish(dir, outcome, status, error)
 }
 
-/// Sends the supervisor's complaints (its stderr) to the run directory's log.
+/// Sends the supervisor's complaints (its stderr) to the run directory's
+/// log, which exists only once there is one.
 fn log_to(dir: &RunDir) {
     if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
         let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
