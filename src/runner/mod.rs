@@ -11,6 +11,7 @@
 mod job;
 mod recover;
 mod tail;
+mod zygote;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
