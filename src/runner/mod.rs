@@ -282,8 +282,11 @@ impl Runner {
             owner: self.config.owner.clone(),
             attempt: job.attempt,
         };
-        let followed = if handle.stop.is_cancelled() {
-            // Killed between the claim and the start: never run it.
+        // Killed between the claim and the start: never run it. (A job the
+        // agent's shutdown caught there starts all the same, and is let go
+        // to its supervisor like every running job: it was claimed.)
+        let killed = *handle.reason.lock().unwrap() == StopReason::Killed;
+        let followed = if handle.stop.is_cancelled() && killed {
             self.launcher.forget(&job.id);
             Followed::Ended(
                 Finish {

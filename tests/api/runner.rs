@@ -228,3 +228,25 @@ async fn a_sync_request_in_flight_when_the_agent_stops_gets_503_and_its_job_runs
     assert_eq!(p["stdout"], "begun\ndone\n");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_graceful_restart_in_the_middle_of_a_queue_loses_and_kills_no_job() {
+    let app = spawn_app_with(|c| c.background_concurrency = 4).await;
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(
+            app.background(json!({ "code": "sleep 0.02", "language": "bash" }))
+                .await,
+        );
+    }
+    // Stopped while the queue drains: some jobs run on under their
+    // supervisors, some were just claimed (a job's end claims the next one
+    // in its transaction), the rest wait queued.
+    let data_dir = app.shutdown().await;
+    let app = start(restart_config(data_dir.path()), data_dir).await;
+    for id in &ids {
+        let p = app.wait_terminal(id, Duration::from_secs(30)).await;
+        assert_eq!(p["status"], "completed", "{p}");
+    }
+    app.stop().await;
+}
