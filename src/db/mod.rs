@@ -76,9 +76,8 @@ fn options(path: &Path) -> SqliteConnectOptions {
 
 impl Db {
     /// Opens (creating if needed) the database at `path`, runs the migrations,
-    /// and starts the writer and checkpoint tasks; the handle returned ends
-    /// once `shutdown` is cancelled, every queued write is done and both
-    /// connections are closed.
+    /// and starts the writer task, which stops when `shutdown` is cancelled and
+    /// every queued write is done.
     pub async fn open(
         path: &Path,
         shutdown: CancellationToken,
@@ -114,20 +113,14 @@ impl Db {
             .await
             .map_err(connect_err)?;
         let checkpointer = options(path).connect().await.map_err(connect_err)?;
+        tokio::spawn(checkpoints(checkpointer, shutdown.clone()));
         let readers = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
             .connect_with(options(path).read_only(true))
             .await
             .map_err(connect_err)?;
-        let checkpoints = tokio::spawn(checkpoints(checkpointer, shutdown.clone()));
-        let (writer, writes) = Writer::start(conn, shutdown);
-        // Done once both connections are closed: whoever waits for it (the
-        // agent's shutdown) leaves no lock behind for an operator's `sqlite3`.
-        let task = tokio::spawn(async move {
-            let _ = writes.await;
-            let _ = checkpoints.await;
-        });
+        let (writer, task) = Writer::start(conn, shutdown);
         Ok((Db { writer, readers }, task))
     }
 }
