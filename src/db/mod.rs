@@ -12,10 +12,6 @@
 //!   file system in small steps, without a blocking full VACUUM.
 //! - `busy_timeout=5s`: an operator's `sqlite3` session holding a lock briefly
 //!   delays the agent instead of failing it.
-//! - Checkpoints off the write path: a task of their own copies the WAL into
-//!   the database (`wal_checkpoint(PASSIVE)`, which never blocks the writer)
-//!   every `CHECKPOINT_INTERVAL`, so no commit waits for one. The writer's own
-//!   `wal_autocheckpoint` is only a backstop, at 64 MiB of WAL.
 
 pub mod callbacks;
 pub mod executions;
@@ -34,12 +30,6 @@ use sqlx::{ConnectOptions, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
 pub use writer::{WriteError, Writer};
-
-/// How often the WAL is copied into the database, off the write path.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
-/// WAL pages after which the writer checkpoints itself (64 MiB): only if the
-/// checkpoint task fell that far behind.
-const WRITER_AUTOCHECKPOINT: &str = "16384";
 
 /// The migrations in `migrations/`, embedded in the binary and run at start.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -107,13 +97,7 @@ impl Db {
                 source,
             })?;
         migrations.close().await;
-        let conn = options(path)
-            .pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT)
-            .connect()
-            .await
-            .map_err(connect_err)?;
-        let checkpointer = options(path).connect().await.map_err(connect_err)?;
-        tokio::spawn(checkpoints(checkpointer, shutdown.clone()));
+        let conn = options(path).connect().await.map_err(connect_err)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -123,27 +107,6 @@ impl Db {
         let (writer, task) = Writer::start(conn, shutdown);
         Ok((Db { writer, readers }, task))
     }
-}
-
-/// Copies the WAL into the database every `CHECKPOINT_INTERVAL` until
-/// `shutdown`. PASSIVE: it takes what no reader still needs and never waits
-/// for the writer (the WAL restarts from the top once it is all copied).
-async fn checkpoints(mut conn: sqlx::SqliteConnection, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "checkpoint failed");
-        }
-    }
-    let _ = sqlx::Connection::close(conn).await;
 }
 
 /// Now, as stored: RFC 3339 UTC with microseconds, so text order is time order.

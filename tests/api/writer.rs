@@ -86,36 +86,3 @@ async fn a_failing_write_in_a_batch_rolls_back_alone() {
     assert_eq!((first, a, bad, b), (true, true, false, true));
     assert_eq!(stored(&db).await, ["a", "b", "first"]);
 }
-
-#[tokio::test]
-async fn committed_writes_reach_the_database_file_within_seconds() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path()).await;
-    // 8 MiB: far below the writer's own checkpoint backstop (64 MiB of WAL).
-    for _ in 0..8 {
-        db.writer
-            .write(|c| {
-                Box::pin(async move {
-                    sqlx::query("INSERT INTO scratch (k) VALUES (?)")
-                        .bind("x".repeat(1 << 20))
-                        .execute(&mut *c)
-                        .await
-                        .map(drop)
-                })
-            })
-            .await
-            .unwrap();
-    }
-    // The checkpoint task copies the WAL into `execd.db` (what an operator
-    // copying the file alone would get), without a write waiting for it.
-    let file = dir.path().join("execd.db");
-    let copied = crate::helpers::eventually(Duration::from_secs(5), || {
-        std::fs::metadata(&file).map_or(0, |m| m.len()) >= 8 << 20
-    })
-    .await;
-    assert!(
-        copied,
-        "execd.db is {} bytes",
-        std::fs::metadata(&file).unwrap().len()
-    );
-}
