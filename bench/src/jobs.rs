@@ -307,6 +307,28 @@ fn children_cpu_seconds() -> f64 {
     t(usage.ru_utime) + t(usage.ru_stime)
 }
 
+/// The median wall of `runs` runs of the big-output program with its stdout
+/// on a pipe that `drain` empties.
+fn piped_runs(
+    python: &Path,
+    runs: usize,
+    drain: impl Fn(std::process::ChildStdout) -> Result<()>,
+) -> Result<f64> {
+    let mut walls = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut child = Command::new(python)
+            .args(["-c", BIG_OUTPUT])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        drain(child.stdout.take().context("stdout")?)?;
+        child.wait()?;
+        walls.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(walls))
+}
+
 /// 3,200 writes of 64 KiB: 209,715,200 bytes.
 const BIG_OUTPUT: &str =
     "import sys\nb = b'x'*65536\nfor _ in range(3200): sys.stdout.buffer.write(b)";
@@ -333,34 +355,16 @@ pub async fn output(ctx: &Ctx) -> Result<Outcome> {
     let direct = median(direct);
     // Context: the same program into a plain pipe reader (64 KiB reads,
     // discarded), the least any capturing agent pays for the pipe.
-    let mut piped = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let mut child = Command::new(&ctx.python)
-            .args(["-c", BIG_OUTPUT])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut stdout = child.stdout.take().context("stdout")?;
+    let piped = piped_runs(&ctx.python, runs, |mut stdout| {
         let mut buf = vec![0u8; 64 << 10];
         while std::io::Read::read(&mut stdout, &mut buf)? > 0 {}
-        child.wait()?;
-        piped.push(t.elapsed().as_secs_f64());
-    }
-    let piped = median(piped);
+        Ok(())
+    })?;
     // The floor for any agent that captures stdout through a pipe: a 1 MiB
     // pipe drained by `splice` into /dev/null (no copy to user space).
-    let mut spliced = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let mut child = Command::new(&ctx.python)
-            .args(["-c", BIG_OUTPUT])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
+    let spliced = piped_runs(&ctx.python, runs, |stdout| {
         let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-        // SAFETY: plain syscalls on fds this function owns.
+        // SAFETY: plain syscalls on fds this closure owns.
         unsafe {
             libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
             while libc::splice(
@@ -373,10 +377,8 @@ pub async fn output(ctx: &Ctx) -> Result<Outcome> {
             ) > 0
             {}
         }
-        child.wait()?;
-        spliced.push(t.elapsed().as_secs_f64());
-    }
-    let spliced = median(spliced);
+        Ok(())
+    })?;
 
     let token = random_hex(16);
     let agent = Agent::start(&ctx.agent_same_python, &ctx.data_dir("s4"), &token, &[]).await?;
