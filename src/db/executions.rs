@@ -26,6 +26,52 @@ pub struct Idempotency {
     pub request_hash: String,
 }
 
+/// What a submission runs, as its row stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub language: String,
+    pub code: String,
+    pub args: Option<String>,
+    pub working_dir: String,
+    pub env: String,
+    pub timeout_ms: i64,
+}
+
+impl Run {
+    pub fn of(submission: &Submission) -> Run {
+        let (code, args) = match &submission.program {
+            Program::Code { code, .. } => (code.clone(), None),
+            Program::Command { command, args } => (
+                command.clone(),
+                args.as_ref()
+                    .map(|a| serde_json::to_string(a).expect("strings serialize")),
+            ),
+        };
+        Run {
+            language: submission.program.language_name().to_string(),
+            code,
+            args,
+            working_dir: submission.working_dir.to_string_lossy().into_owned(),
+            env: serde_json::to_string(&submission.env).expect("strings serialize"),
+            timeout_ms: i64::try_from(submission.timeout.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1),
+        }
+    }
+
+    /// What `claimed` runs.
+    pub fn claimed(claimed: &Claimed) -> Run {
+        Run {
+            language: claimed.language.clone(),
+            code: claimed.code.clone(),
+            args: claimed.args.clone(),
+            working_dir: claimed.working_dir.clone(),
+            env: claimed.env.clone(),
+            timeout_ms: claimed.timeout_ms,
+        }
+    }
+}
+
 #[tracing::instrument(skip_all, fields(execution_id = %id))]
 pub async fn insert(
     conn: &mut SqliteConnection,
@@ -35,26 +81,20 @@ pub async fn insert(
     idempotency: Option<&Idempotency>,
     created_at: &str,
 ) -> Result<Inserted, sqlx::Error> {
-    let (code, args) = match &submission.program {
-        Program::Code { code, .. } => (code.as_str(), None),
-        Program::Command { command, args } => (
-            command.as_str(),
-            args.as_ref()
-                .map(|a| serde_json::to_string(a).expect("strings serialize")),
-        ),
-    };
-    let env = serde_json::to_string(&submission.env).expect("strings serialize");
+    let Run {
+        language,
+        code,
+        args,
+        working_dir,
+        env,
+        timeout_ms,
+    } = Run::of(submission);
     let callback = submission.callback.as_ref();
     let callback_headers =
         callback.map(|c| serde_json::to_string(&c.headers).expect("strings serialize"));
     let id_str = id.as_str();
     let process_id = process_id.as_str();
     let lane = submission.lane.as_str();
-    let language = submission.program.language_name();
-    let working_dir = submission.working_dir.to_string_lossy();
-    let timeout_ms = i64::try_from(submission.timeout.as_millis())
-        .unwrap_or(i64::MAX)
-        .max(1);
     let callback_url = callback.map(|c| c.url.as_str());
     let callback_secret = callback.and_then(|c| c.secret.as_deref());
     let key = idempotency.map(|i| i.key.as_str());

@@ -4,9 +4,14 @@
 //!
 //! Pragmas, chosen on purpose:
 //! - `journal_mode=WAL`: readers never block the writer, nor the writer readers.
-//! - `synchronous=FULL`: a commit is on disk (WAL fsynced) before it returns,
-//!   so a 200 survives power loss, not only a crash of the agent. Group commit
-//!   amortises the fsync over every write that arrived meanwhile.
+//! - `synchronous=FULL`, in effect: a write is on disk (WAL fsynced) before
+//!   its caller hears of it, so a 200 survives power loss, not only a crash of
+//!   the agent. Group commit amortises the fsync over every write that
+//!   arrived meanwhile. The writer connection itself runs with
+//!   `synchronous=NORMAL` and syncs the WAL after each `COMMIT` (see
+//!   `writer`): a claimed program starts between the two. Until that sync
+//!   (about a millisecond), readers may see a commit that a power loss would
+//!   still undo; no answer, callback or later write acts on it before then.
 //! - `foreign_keys=ON`: output chunks cannot outlive their execution.
 //! - `auto_vacuum=INCREMENTAL` (at creation): pruned pages go back to the
 //!   file system in small steps, without a blocking full VACUUM.
@@ -97,14 +102,20 @@ impl Db {
                 source,
             })?;
         migrations.close().await;
-        let conn = options(path).connect().await.map_err(connect_err)?;
+        let conn = options(path)
+            .synchronous(SqliteSynchronous::Normal)
+            .connect()
+            .await
+            .map_err(connect_err)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
             .connect_with(options(path).read_only(true))
             .await
             .map_err(connect_err)?;
-        let (writer, task) = Writer::start(conn, shutdown);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let (writer, task) = Writer::start(conn, wal.into(), shutdown);
         Ok((Db { writer, readers }, task))
     }
 }

@@ -7,8 +7,19 @@
 //! transaction needs none: it is rolled back whole), commits once, and only
 //! then answers each caller. So a caller that got `Ok` knows its write is on
 //! disk, and throughput does not depend on one fsync per write.
+//!
+//! The commit and its fsync are two steps (the connection runs with
+//! `synchronous=NORMAL`, so `COMMIT` writes the WAL frames without syncing
+//! them, and the writer then syncs the WAL file itself): what a job asked to
+//! run the moment its write is committed (`after_commit`: the start of a
+//! claimed program) runs between the two, and every answer after the second.
+//! An fsync that fails leaves the disk and the page cache disagreeing about
+//! what is written; the agent then stops at once, and its restart recovers
+//! from what the disk holds.
 
-use std::sync::Arc;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use sqlx::{Connection, SqliteConnection};
@@ -49,22 +60,40 @@ struct Job {
     guarded: bool,
 }
 
+/// What runs once the write job that asked for it is committed.
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// A handle to the writer task; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
     /// Jobs for the writer task. Bounded, so a flood of writes slows its
     /// producers instead of growing memory.
     jobs: mpsc::Sender<Job>,
+    /// Hooks asked for by the jobs of the batch being written.
+    hooks: Arc<Mutex<Vec<Hook>>>,
 }
 
 impl Writer {
+    /// Starts the writer task on `conn` (opened with `synchronous=NORMAL`)
+    /// for the database whose WAL file is `wal`.
     pub(super) fn start(
         conn: SqliteConnection,
+        wal: PathBuf,
         shutdown: CancellationToken,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(conn, rx, shutdown));
-        (Writer { jobs: tx }, task)
+        let hooks = Arc::new(Mutex::new(Vec::new()));
+        let sync = WalSync { wal, file: None };
+        let task = tokio::spawn(run(conn, rx, hooks.clone(), sync, shutdown));
+        (Writer { jobs: tx, hooks }, task)
+    }
+
+    /// Runs `hook` as soon as the write job this is called from is committed,
+    /// before its commit is synced to disk and before any caller is answered.
+    /// Call it only from inside a write job's closure. If that job or its
+    /// batch is rolled back, `hook` is dropped without running.
+    pub fn after_commit(&self, hook: impl FnOnce() + Send + 'static) {
+        self.hooks.lock().unwrap().push(Box::new(hook));
     }
 
     /// Runs `f` in the next group commit and returns its result once committed.
@@ -122,7 +151,13 @@ impl Writer {
 }
 
 #[tracing::instrument(name = "db_writer", skip_all)]
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Job>,
+    hooks: Arc<Mutex<Vec<Hook>>>,
+    mut sync: WalSync,
+    shutdown: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -142,7 +177,7 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>, shutdown: 
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut batch).await;
+        commit_batch(&mut conn, &mut batch, &hooks, &mut sync).await;
     }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the writer connection failed");
@@ -150,7 +185,12 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>, shutdown: 
     tracing::debug!("database writer stopped");
 }
 
-async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
+async fn commit_batch(
+    conn: &mut SqliteConnection,
+    batch: &mut Vec<Job>,
+    hooks: &Mutex<Vec<Hook>>,
+    sync: &mut WalSync,
+) {
     let size = batch.len();
     let started = std::time::Instant::now();
     let mut replies = Vec::with_capacity(size);
@@ -166,21 +206,28 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
     let alone = size == 1;
     let mut failed_alone = false;
     for job in batch.drain(..) {
+        // The hooks this job asks for, dropped if its writes are undone.
+        let asked_before = hooks.lock().unwrap().len();
         if !job.guarded || alone {
             let (ok, reply) = (job.run)(conn).await;
             failed_alone |= alone && job.guarded && !ok;
+            if !ok {
+                hooks.lock().unwrap().truncate(asked_before);
+            }
             replies.push(reply);
             continue;
         }
         let _ = sqlx::query("SAVEPOINT job").execute(&mut *conn).await;
         let (ok, reply) = (job.run)(conn).await;
         if !ok {
+            hooks.lock().unwrap().truncate(asked_before);
             let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
         }
         let _ = sqlx::query("RELEASE job").execute(&mut *conn).await;
         replies.push(reply);
     }
     let end = if failed_alone { "ROLLBACK" } else { "COMMIT" };
+    let asked = std::mem::take(&mut *hooks.lock().unwrap());
     let outcome = match sqlx::query(end).execute(&mut *conn).await {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -189,6 +236,12 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
             Err(WriteError::from(e))
         }
     };
+    if outcome.is_ok() && !failed_alone {
+        for hook in asked {
+            hook();
+        }
+        sync.wal().await;
+    }
     let metrics = crate::metrics::get();
     metrics.db_batch_size.observe(size as f64);
     metrics
@@ -202,4 +255,49 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
     for reply in replies {
         reply(outcome.clone());
     }
+}
+
+/// Makes the WAL's committed frames durable: the fsync `synchronous=FULL`
+/// would do inside `COMMIT`, done by the writer after it.
+struct WalSync {
+    wal: PathBuf,
+    /// The WAL file, opened at the first commit (SQLite creates it).
+    file: Option<Arc<File>>,
+}
+
+impl WalSync {
+    /// Syncs the WAL file, or stops the agent if that fails.
+    async fn wal(&mut self) {
+        let file = match &self.file {
+            Some(file) => file.clone(),
+            None => match self.open() {
+                Ok(file) => self.file.insert(Arc::new(file)).clone(),
+                Err(e) => fatal(&self.wal, &e),
+            },
+        };
+        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        match synced {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fatal(&self.wal, &e),
+            Err(e) => fatal(&self.wal, &std::io::Error::other(e)),
+        }
+    }
+
+    /// Opens the WAL file, and syncs its directory once, so the file's own
+    /// entry is durable too.
+    fn open(&self) -> std::io::Result<File> {
+        let file = File::open(&self.wal)?;
+        if let Some(dir) = self.wal.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(file)
+    }
+}
+
+/// A commit that cannot be made durable: nothing written since can be
+/// trusted to be on disk, so the agent stops before answering anyone.
+fn fatal(wal: &std::path::Path, e: &std::io::Error) -> ! {
+    tracing::error!(error = %e, wal = %wal.display(), "cannot sync the database's WAL; stopping");
+    eprintln!("execd: cannot sync {}: {e}; stopping", wal.display());
+    std::process::exit(70);
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::processes::{read_output, OutputView};
 use super::{timestamp_now, ApiError, AppState, JsonBody};
-use crate::db::executions::{self, Idempotency, Inserted};
+use crate::db::executions::{self, Idempotency, Inserted, Run};
 use crate::db::{self};
 use crate::domain::{
     new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Program, Status, Submission,
@@ -161,15 +161,23 @@ pub(super) async fn submit(
         },
     };
     // With a free slot, the claim is in the insert's transaction: one
-    // commit, and the job starts as soon as it is durable.
+    // commit, and the job starts as soon as it is committed, while the
+    // commit is synced. Its run directory and supervisor are made meanwhile,
+    // from the moment it has a slot.
     let permit = state.runner.try_permit(lane);
-    let owner = permit.as_ref().map(|_| state.runner.owner().to_string());
+    let claiming = permit.is_some();
     let launcher = state.runner.launcher();
+    if claiming {
+        launcher.prepare_ahead(&fresh.execution_id, Run::of(&submission));
+    }
+    let runner = state.runner.clone();
+    let writer = state.db.writer.clone();
+    let ours = fresh.execution_id.clone();
     // Without a claim the insert is the only write: no savepoint needed.
-    let (inserted, claimed) = state
+    let inserted = state
         .db
         .writer
-        .write_as(owner.is_some(), move |c| {
+        .write_as(claiming, move |c| {
             Box::pin(async move {
                 let inserted = executions::insert(
                     c,
@@ -180,27 +188,36 @@ pub(super) async fn submit(
                     &created_at,
                 )
                 .await?;
-                let claimed = match (&inserted, owner) {
-                    (Inserted::New, Some(owner)) => {
-                        let jobs = executions::claim(c, lane, 1, &owner, &db::now()).await?;
-                        launcher.prelaunch(&jobs);
-                        jobs
+                if let (Inserted::New, Some(permit)) = (&inserted, permit) {
+                    let jobs = executions::claim(c, lane, 1, runner.owner(), &db::now()).await?;
+                    let launcher = runner.launcher();
+                    launcher.prelaunch(&jobs);
+                    // The claim takes the lane's oldest queued row: when that
+                    // was not this one, this one waits for the claim loop.
+                    let mine = jobs.first().is_some_and(|j| j.id == ours);
+                    if !mine {
+                        launcher.forget(&ours);
                     }
-                    _ => Vec::new(),
-                };
-                Ok((inserted, claimed))
+                    writer.after_commit(move || {
+                        if let Some(job) = jobs.into_iter().next() {
+                            runner.launch(lane, job, permit);
+                        }
+                        if !mine {
+                            runner.wake(lane);
+                        }
+                    });
+                }
+                Ok(inserted)
             })
         })
-        .await?;
+        .await;
+    if claiming && !matches!(inserted, Ok(Inserted::New)) {
+        launcher.forget(&fresh.execution_id);
+    }
+    let inserted = inserted?;
     let id = match inserted {
         Inserted::New => {
-            // The claim takes the lane's oldest queued row: when that was
-            // not this one, this one waits for the claim loop.
-            let ours = claimed.first().is_some_and(|j| j.id == fresh.execution_id);
-            if let (Some(job), Some(permit)) = (claimed.into_iter().next(), permit) {
-                state.runner.launch(lane, job, permit);
-            }
-            if !ours {
+            if !claiming {
                 state.runner.wake(lane);
             }
             tracing::info!(execution_id = %fresh.execution_id, lane = lane.as_str(), "execution queued");

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use super::tail::{Tail, FLUSH_INTERVAL};
 use super::zygote::{Supervisors, Watch};
 use super::{Runner, RunnerConfig, Running, StopReason};
-use crate::db::executions::{self, Claimed, Fence, Finish};
+use crate::db::executions::{self, Claimed, Fence, Finish, Run};
 use crate::db::output::Chunk;
 use crate::db::{self};
 use crate::domain::{Language, Status, Stream};
@@ -62,11 +62,18 @@ impl Attached {
 pub struct Launcher {
     config: RunnerConfig,
     supervisors: Supervisors,
-    /// Jobs being prepared, by execution id, since when.
-    prepared: Mutex<HashMap<String, (Instant, Prepared)>>,
+    /// Jobs being prepared, by execution id.
+    prepared: Mutex<HashMap<String, Preparing>>,
 }
 
 type Prepared = tokio::task::JoinHandle<Result<Watch, String>>;
+
+/// A job being prepared: since when, to run what.
+struct Preparing {
+    since: Instant,
+    run: Run,
+    task: Prepared,
+}
 
 impl Launcher {
     pub fn new(config: RunnerConfig) -> Arc<Launcher> {
@@ -86,46 +93,67 @@ impl Launcher {
     /// committed. Nothing runs before `start_job` says go; a preparation
     /// nobody takes (its claim was rolled back) is dropped after a while.
     pub fn prelaunch(self: &Arc<Self>, jobs: &[Claimed]) {
+        for job in jobs {
+            self.prepare_ahead(&job.id, Run::claimed(job));
+        }
+    }
+
+    /// Starts preparing execution `id` to run `run`, unless that is under
+    /// way already: a submission starts on its own job before its claim,
+    /// which then finds it prepared.
+    pub fn prepare_ahead(self: &Arc<Self>, id: &str, run: Run) {
         let mut prepared = self.prepared.lock().unwrap();
         let now = Instant::now();
         let stale: Vec<String> = prepared
             .iter()
-            .filter(|(_, (since, _))| now.duration_since(*since) > HANDSHAKE_TIMEOUT)
+            .filter(|(_, p)| now.duration_since(p.since) > HANDSHAKE_TIMEOUT)
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
-            if let Some((_, old)) = prepared.remove(&id) {
-                self.dismiss(old);
+            if let Some(old) = prepared.remove(&id) {
+                self.dismiss(old.task);
             }
         }
-        for job in jobs {
-            let this = self.clone();
-            let job = job.clone();
-            let id = job.id.clone();
-            let task = tokio::spawn(async move { this.prepare(&job).await });
-            if let Some((_, old)) = prepared.insert(id, (now, task)) {
-                self.dismiss(old);
-            }
+        if prepared.get(id).is_some_and(|p| p.run == run) {
+            return;
+        }
+        let this = self.clone();
+        let (job_id, job_run) = (id.to_string(), run.clone());
+        let task = tokio::spawn(async move { this.prepare(&job_id, &job_run).await });
+        let preparing = Preparing {
+            since: now,
+            run,
+            task,
+        };
+        if let Some(old) = prepared.insert(id.to_string(), preparing) {
+            self.dismiss(old.task);
         }
     }
 
     /// The job's supervisor, forked and waiting at the gate: the one
     /// prepared ahead, or a new one.
-    async fn take(&self, job: &Claimed) -> Result<Watch, String> {
+    async fn take(self: &Arc<Self>, job: &Claimed) -> Result<Watch, String> {
         let prepared = self.prepared.lock().unwrap().remove(&job.id);
+        let run = Run::claimed(job);
         match prepared {
-            Some((_, task)) => task
+            Some(p) if p.run == run => p
+                .task
                 .await
                 .unwrap_or_else(|e| Err(format!("could not start: {e}"))),
-            None => self.prepare(job).await,
+            other => {
+                if let Some(p) = other {
+                    self.dismiss(p.task);
+                }
+                self.prepare(&job.id, &run).await
+            }
         }
     }
 
     /// Drops the preparation of `id`, if any: a job that will not start.
     pub fn forget(self: &Arc<Self>, id: &str) {
         let prepared = self.prepared.lock().unwrap().remove(id);
-        if let Some((_, task)) = prepared {
-            self.dismiss(task);
+        if let Some(p) = prepared {
+            self.dismiss(p.task);
         }
     }
 
@@ -139,11 +167,11 @@ impl Launcher {
         });
     }
 
-    /// Makes the run directory of `job` and forks its supervisor, which is
-    /// handed the spec over the zygote's pipe (env values never touch the
-    /// disk); the code file is written meanwhile, before any go.
-    async fn prepare(&self, job: &Claimed) -> Result<Watch, String> {
-        let run = RunDir::new(self.config.runs_dir.join(&job.id));
+    /// Makes the run directory of execution `id` and forks its supervisor,
+    /// which is handed the spec over the zygote's pipe (env values never
+    /// touch the disk); the code file is written meanwhile, before any go.
+    async fn prepare(&self, id: &str, job: &Run) -> Result<Watch, String> {
+        let run = RunDir::new(self.config.runs_dir.join(id));
         // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
         let fresh = match std::fs::remove_dir_all(run.path()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -167,7 +195,7 @@ impl Launcher {
     }
 
     /// The spec of `job`, and the file its code goes to (for a language).
-    fn spec(&self, job: &Claimed, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
+    fn spec(&self, job: &Run, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
         let mut code = None;
         let (program, args) = if job.language == "command" {
             match &job.args {

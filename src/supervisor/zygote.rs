@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -14,6 +14,9 @@ use nix::sys::signal::Signal;
 
 use super::files::RunDir;
 use super::{run, Reporter};
+
+/// How long the agent is quiet before the zygote forks a spare supervisor.
+const SPARE_AFTER: Duration = Duration::from_millis(2);
 
 /// How long a forked supervisor waits for its `go` before giving up.
 const GATE_TTL: Duration = Duration::from_secs(60);
@@ -34,7 +37,12 @@ const GATE_TTL: Duration = Duration::from_secs(60);
 /// The supervisors report on the zygote's stdout, which the agent reads:
 /// `<token> pid <n>` (from the forked program), `<token> started` once it
 /// runs (or `<token> error <why>`), `<token> output` when much new output
-/// waits in the run directory, `<token> end` once `status.json` is written. Each supervisor is a process of its own, in its own session:
+/// waits in the run directory, `<token> end` once `status.json` is written.
+///
+/// The fork is made ahead: between jobs the zygote keeps one spare
+/// supervisor, forked and in its own session, waiting on a pipe for its
+/// job's line. A job is handed to the spare, and the next spare forked once
+/// the agent has been quiet for `SPARE_AFTER`. Each supervisor is a process of its own, in its own session:
 /// the zygote's end (it ends when the agent closes its stdin) ends no
 /// started job, and every job still at its gate ends unstarted.
 pub(super) fn serve() -> ExitCode {
@@ -57,6 +65,7 @@ pub(super) fn serve() -> ExitCode {
     };
     let mut input = BufReader::new(File::from(input));
     let mut gates: HashMap<String, (OwnedFd, Instant)> = HashMap::new();
+    let mut spare: Option<Spare> = None;
     let mut line = String::new();
     loop {
         let now = Instant::now();
@@ -66,15 +75,26 @@ pub(super) fn serve() -> ExitCode {
                 .values()
                 .map(|(_, opened)| (*opened + GATE_TTL).saturating_duration_since(now))
                 .min();
-            let timeout = match next_expiry {
-                Some(left) => {
+            // No spare: one is forked once the agent has been quiet a while,
+            // not while the job just handed over is starting.
+            let wake = match spare {
+                None => next_expiry.map_or(SPARE_AFTER, |left| left.min(SPARE_AFTER)),
+                Some(_) => next_expiry.unwrap_or(Duration::MAX),
+            };
+            let timeout = match wake {
+                Duration::MAX => PollTimeout::NONE,
+                left => {
                     PollTimeout::try_from(left.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX)
                 }
-                None => PollTimeout::NONE,
             };
             let mut fds = [PollFd::new(input.get_ref().as_fd(), PollFlags::POLLIN)];
             match nix::poll::poll(&mut fds, timeout) {
-                Ok(0) => continue,
+                Ok(0) => {
+                    if spare.is_none() {
+                        spare = fork_spare(&mut gates);
+                    }
+                    continue;
+                }
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return ExitCode::FAILURE,
@@ -99,11 +119,15 @@ pub(super) fn serve() -> ExitCode {
             }
             job => {
                 // `<run dir>\t<spec as JSON>`
-                let Some((path, spec)) = job.split_once('\t') else {
+                if !job.contains('\t') {
                     Reporter(token.to_string()).say("error no spec");
                     continue;
+                }
+                let Some(ready) = spare.take().or_else(|| fork_spare(&mut gates)) else {
+                    Reporter(token.to_string()).say("error cannot fork a supervisor");
+                    continue;
                 };
-                if let Some(gate) = fork_supervisor(token, path, spec, &mut gates) {
+                if let Some(gate) = ready.hand(&line) {
                     gates.insert(token.to_string(), (gate, Instant::now()));
                 }
             }
@@ -111,27 +135,36 @@ pub(super) fn serve() -> ExitCode {
     }
 }
 
-/// Forks the supervisor of the job in `path`; returns the gate's writing end.
-fn fork_supervisor(
-    token: &str,
-    path: &str,
-    spec: &str,
-    gates: &mut HashMap<String, (OwnedFd, Instant)>,
-) -> Option<OwnedFd> {
-    let reporter = Reporter(token.to_string());
-    let (gate_out, gate_in) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            reporter.say(&format!("error cannot make a pipe: {e}"));
-            return None;
-        }
-    };
+/// A supervisor forked ahead of its job, waiting for the job's line.
+struct Spare {
+    /// Where its job's line goes.
+    line: File,
+    /// The writing end of its program's gate.
+    gate: OwnedFd,
+}
+
+impl Spare {
+    /// Gives the spare its job (`<token> <run dir>\t<spec>`); the job's gate.
+    fn hand(self, line: &str) -> Option<OwnedFd> {
+        let mut to = self.line;
+        // A write error means the spare died before its job: the job's
+        // supervisor never reports, and the agent finds it lost.
+        to.write_all(line.as_bytes()).ok()?;
+        Some(self.gate)
+    }
+}
+
+/// Forks a spare supervisor: in its own session, stdin on /dev/null, it
+/// waits for its job's line (or for the zygote to go: it then exits).
+fn fork_spare(gates: &mut HashMap<String, (OwnedFd, Instant)>) -> Option<Spare> {
+    let (line_out, line_in) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
+    let (gate_out, gate_in) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
     // SAFETY: the zygote has one thread, so the child may run any code.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             // Only its own gate: another job's must close when the zygote closes it.
             gates.clear();
-            drop(gate_in);
+            drop((line_in, gate_in));
             // SAFETY: as above, SIG_DFL runs no code of ours.
             unsafe {
                 let _ =
@@ -141,13 +174,28 @@ fn fork_supervisor(
             if let Ok(null) = File::open("/dev/null") {
                 let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
             }
-            let code = run(RunDir::new(path), spec, &reporter, gate_out);
+            let mut job = String::new();
+            let _ = BufReader::new(File::from(line_out)).read_line(&mut job);
+            let job = job.trim_end_matches('\n');
+            let Some((token, (path, spec))) = job
+                .split_once(' ')
+                .and_then(|(token, job)| Some((token, job.split_once('\t')?)))
+            else {
+                // No job: the zygote went, or dropped its spare.
+                std::process::exit(0);
+            };
+            let code = run(
+                RunDir::new(path),
+                spec,
+                &Reporter(token.to_string()),
+                gate_out,
+            );
             std::process::exit(i32::from(code));
         }
-        Ok(nix::unistd::ForkResult::Parent { .. }) => Some(gate_in),
-        Err(e) => {
-            reporter.say(&format!("error cannot fork: {e}"));
-            None
-        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => Some(Spare {
+            line: File::from(line_in),
+            gate: gate_in,
+        }),
+        Err(_) => None,
     }
 }
