@@ -212,7 +212,8 @@ pub(super) async fn submit(
         })
         .await;
     if claiming && !matches!(inserted, Ok(Inserted::New)) {
-        launcher.forget(&fresh.execution_id);
+        // Not stored, or a replay of another execution: this id never runs.
+        launcher.abandon(&fresh.execution_id);
     }
     let inserted = inserted?;
     let id = match inserted {

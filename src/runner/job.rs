@@ -111,7 +111,7 @@ impl Launcher {
             .collect();
         for id in stale {
             if let Some(old) = prepared.remove(&id) {
-                self.dismiss(old.task);
+                self.dismiss(old.task, None);
             }
         }
         if prepared.get(id).is_some_and(|p| p.run == run) {
@@ -126,7 +126,7 @@ impl Launcher {
             task,
         };
         if let Some(old) = prepared.insert(id.to_string(), preparing) {
-            self.dismiss(old.task);
+            self.dismiss(old.task, None);
         }
     }
 
@@ -142,7 +142,7 @@ impl Launcher {
                 .unwrap_or_else(|e| Err(format!("could not start: {e}"))),
             other => {
                 if let Some(p) = other {
-                    self.dismiss(p.task);
+                    self.dismiss(p.task, None);
                 }
                 self.prepare(&job.id, &run).await
             }
@@ -153,16 +153,28 @@ impl Launcher {
     pub fn forget(self: &Arc<Self>, id: &str) {
         let prepared = self.prepared.lock().unwrap().remove(id);
         if let Some(p) = prepared {
-            self.dismiss(p.task);
+            self.dismiss(p.task, None);
         }
     }
 
-    /// Drops a preparation: its program never runs.
-    fn dismiss(self: &Arc<Self>, task: Prepared) {
+    /// Drops the preparation of `id`, and its run directory: an id that
+    /// will never run (its submission was not stored, or was a replay).
+    pub fn abandon(self: &Arc<Self>, id: &str) {
+        let prepared = self.prepared.lock().unwrap().remove(id);
+        if let Some(p) = prepared {
+            self.dismiss(p.task, Some(self.config.runs_dir.join(id)));
+        }
+    }
+
+    /// Drops a preparation: its program never runs. Then removes `dir`, if given.
+    fn dismiss(self: &Arc<Self>, task: Prepared, dir: Option<PathBuf>) {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(Ok(watch)) = task.await {
                 this.supervisors.send(watch.token, "drop").await;
+            }
+            if let Some(dir) = dir {
+                let _ = tokio::fs::remove_dir_all(dir).await;
             }
         });
     }

@@ -290,6 +290,15 @@ async fn a_repeated_idempotency_key_returns_the_first_execution_without_running_
     assert_eq!(other.status(), 409);
     let other: serde_json::Value = other.json().await.unwrap();
     assert_eq!(other["code"], "IDEMPOTENCY_KEY_REUSED");
+    // A replay started preparing a job of its own (it had a free slot):
+    // that was dropped, and left no run directory behind.
+    let runs = app.data_dir.path().join("runs");
+    let empty = || std::fs::read_dir(&runs).is_ok_and(|mut d| d.next().is_none());
+    assert!(
+        eventually(Duration::from_secs(5), empty).await,
+        "run directories left: {:?}",
+        std::fs::read_dir(&runs).map(|d| d.count())
+    );
     app.stop().await;
 }
 

@@ -1,7 +1,10 @@
 //! The single writer's group commit, against a real database file: a job
 //! that fails leaves nothing of its own behind, whether it is alone in its
-//! transaction or shares it, and the jobs around it still commit.
+//! transaction or shares it, and the jobs around it still commit. What a job
+//! asks to run once it is committed runs before its caller hears, and never
+//! for a job that was rolled back.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use execd::db::Db;
@@ -85,4 +88,105 @@ async fn a_failing_write_in_a_batch_rolls_back_alone() {
     );
     assert_eq!((first, a, bad, b), (true, true, false, true));
     assert_eq!(stored(&db).await, ["a", "b", "first"]);
+}
+
+/// Like `put`, with an after-commit hook that logs `hook <k>` and whether
+/// the row was then in the database (read on a connection of its own);
+/// `heard <k>` is logged when the caller hears back.
+async fn put_hooked(db: &Db, k: &'static str, fail: bool, log: &Arc<Mutex<Vec<String>>>) {
+    let (writer, hook_log, path) = (db.writer.clone(), log.clone(), db_path(db).await);
+    let ok = db
+        .writer
+        .write(move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO scratch (k) VALUES (?)")
+                    .bind(k)
+                    .execute(&mut *c)
+                    .await?;
+                writer.after_commit(move || {
+                    let seen = count_elsewhere(&path, k);
+                    hook_log
+                        .lock()
+                        .unwrap()
+                        .push(format!("hook {k} seen {seen}"));
+                });
+                match fail {
+                    true => Err(sqlx::Error::Protocol(format!("{k} fails"))),
+                    false => Ok(()),
+                }
+            })
+        })
+        .await
+        .is_ok();
+    log.lock().unwrap().push(format!("heard {k} {ok}"));
+}
+
+async fn db_path(db: &Db) -> String {
+    sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+        .fetch_one(&db.readers)
+        .await
+        .unwrap()
+}
+
+/// Rows of `k`, as another process would see them: a connection of its
+/// own, opened for the read (on a thread of its own: hooks are not async).
+fn count_elsewhere(path: &str, k: &str) -> i64 {
+    let (path, k) = (path.to_string(), k.to_string());
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{path}?mode=ro"))
+                    .await
+                    .unwrap();
+                sqlx::query_scalar("SELECT count(*) FROM scratch WHERE k = ?")
+                    .bind(k)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            })
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_after_commit_hook_runs_committed_before_its_caller_hears_and_never_on_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // Alone in its transaction, then failing alone, then in a batch of
+    // three where the middle one fails.
+    put_hooked(&db, "alone", false, &log).await;
+    put_hooked(&db, "lone-bad", true, &log).await;
+    let hold = put(&db, "hold", false, Duration::from_millis(200));
+    let later = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::join!(
+            put_hooked(&db, "x", false, &log),
+            put_hooked(&db, "bad", true, &log),
+            put_hooked(&db, "y", false, &log),
+        );
+    };
+    tokio::join!(hold, later);
+    let log = log.lock().unwrap().clone();
+    let at = |line: &str| log.iter().position(|l| l == line);
+    for k in ["alone", "x", "y"] {
+        let hook = at(&format!("hook {k} seen 1")).unwrap_or_else(|| panic!("{k}: {log:?}"));
+        let heard = at(&format!("heard {k} true")).unwrap_or_else(|| panic!("{k}: {log:?}"));
+        assert!(
+            hook < heard,
+            "{k}: the caller heard before the hook ran: {log:?}"
+        );
+    }
+    for k in ["lone-bad", "bad"] {
+        assert!(at(&format!("heard {k} false")).is_some(), "{log:?}");
+        assert!(
+            !log.iter().any(|l| l.starts_with(&format!("hook {k} "))),
+            "the hook of a rolled-back job ran: {log:?}"
+        );
+    }
+    assert_eq!(stored(&db).await, ["alone", "hold", "x", "y"]);
 }

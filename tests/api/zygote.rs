@@ -170,3 +170,53 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     assert!(!waiting_marker.exists(), "a job ran without its go");
     assert!(!waiting_dir.join("status.json").exists());
 }
+
+/// Processes whose command line names `runs` (the zygote and what it forked).
+fn forked_for(runs: &Path) -> Vec<i64> {
+    let needle = runs.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+#[tokio::test]
+async fn jobs_back_to_back_each_get_a_supervisor_and_the_spare_leaves_with_the_zygote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut zygote = Zygote::start(tmp.path());
+    let zygote_pid = i64::from(zygote.child.id());
+    // Quiet for a while: the zygote has forked its spare supervisor.
+    assert!(
+        eventually(Duration::from_secs(5), || forked_for(tmp.path()).len() == 2).await,
+        "the zygote and its spare: {:?}",
+        forked_for(tmp.path())
+    );
+    // Two jobs at once: the first goes to the spare, the second to a fork
+    // made then.
+    let markers = [tmp.path().join("one"), tmp.path().join("two")];
+    let (one, _) = job(tmp.path(), "e", &markers[0]);
+    let (two, _) = job(tmp.path(), "f", &markers[1]);
+    zygote.say(&format!("1 {one}\n2 {two}"));
+    let mut pids = [zygote.next(), zygote.next()];
+    pids.sort();
+    let pids = [pid_of(&pids[0], "1"), pid_of(&pids[1], "2")];
+    assert_ne!(pids[0], pids[1]);
+    zygote.say("1 go\n2 go");
+    let mut reports: Vec<String> = (0..4).map(|_| zygote.next()).collect();
+    reports.sort();
+    assert_eq!(reports, ["1 end", "1 started", "2 end", "2 started"]);
+    assert!(markers.iter().all(|m| m.exists()), "both jobs ran");
+
+    // The agent goes: the zygote ends, and its spare with it.
+    drop(zygote.stdin.take());
+    assert!(
+        eventually(Duration::from_secs(5), || forked_for(tmp.path()).is_empty()).await,
+        "left behind: {:?} (zygote {zygote_pid})",
+        forked_for(tmp.path())
+    );
+}
