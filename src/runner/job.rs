@@ -185,10 +185,15 @@ impl Launcher {
     async fn prepare(&self, id: &str, job: &Run) -> Result<Watch, String> {
         let run = RunDir::new(self.config.runs_dir.join(id));
         // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
-        let fresh = match std::fs::remove_dir_all(run.path()) {
+        // On a blocking thread: the runtime's workers are busy with the
+        // claim meanwhile.
+        let dir = run.path().to_owned();
+        let fresh = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => std::fs::create_dir_all(run.path()),
-        };
+            _ => std::fs::create_dir_all(&dir),
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let (spec, code) = fresh
             .and_then(|()| self.spec(job, &run))
             .map_err(|e| format!("could not start: {e}"))?;
