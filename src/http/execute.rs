@@ -191,7 +191,7 @@ pub(super) async fn submit(
                 if let (Inserted::New, Some(permit)) = (&inserted, permit) {
                     let jobs = executions::claim(c, lane, 1, runner.owner(), &db::now()).await?;
                     let launcher = runner.launcher();
-                    launcher.prelaunch(&jobs);
+                    launcher.prelaunch(&jobs, &writer);
                     // The claim takes the lane's oldest queued row: when that
                     // was not this one, this one waits for the claim loop.
                     let mine = jobs.first().is_some_and(|j| j.id == ours);

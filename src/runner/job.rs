@@ -3,25 +3,17 @@
 //! output into the database, kills passed on — until it ends, is lost, or the
 //! agent stops and leaves it to its supervisor.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+use super::launch::{Ready, HANDSHAKE_TIMEOUT};
 use super::tail::{Tail, FLUSH_INTERVAL};
-use super::zygote::{Supervisors, Watch};
-use super::{Runner, RunnerConfig, Running, StopReason};
-use crate::db::executions::{self, Claimed, Fence, Finish, Run};
+use super::zygote::Watch;
+use super::{Runner, Running, StopReason};
+use crate::db::executions::{self, Claimed, Fence, Finish};
 use crate::db::output::Chunk;
-use crate::db::{self};
-use crate::domain::{Language, Status, Stream};
-use crate::supervisor::files::{Ended, Outcome, RunDir, Spec, Started};
-
-/// How long a supervisor may take to start the program and say so.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::domain::{Status, Stream};
+use crate::supervisor::files::{Ended, Outcome, RunDir, Started};
 
 /// How a followed job came out.
 pub enum Followed {
@@ -55,210 +47,16 @@ impl Attached {
     }
 }
 
-/// Starts supervisors: the run directory of a claimed job and the fork of
-/// its supervisor are made while the claim's commit is still in flight
-/// (`prelaunch`, called in the claim's transaction); the program then
-/// waits at its gate until `start_job` opens it, after the commit.
-pub struct Launcher {
-    config: RunnerConfig,
-    supervisors: Supervisors,
-    /// Jobs being prepared, by execution id.
-    prepared: Mutex<HashMap<String, Preparing>>,
-}
-
-type Prepared = tokio::task::JoinHandle<Result<Watch, String>>;
-
-/// A job being prepared: since when, to run what.
-struct Preparing {
-    since: Instant,
-    run: Run,
-    task: Prepared,
-}
-
-impl Launcher {
-    pub fn new(config: RunnerConfig) -> Arc<Launcher> {
-        Arc::new(Launcher {
-            supervisors: Supervisors::new(config.supervisor_bin.clone(), config.runs_dir.clone()),
-            config,
-            prepared: Mutex::default(),
-        })
-    }
-
-    /// Starts the zygote ahead of the first job.
-    pub async fn warm_up(&self) {
-        self.supervisors.warm_up().await;
-    }
-
-    /// Starts preparing `jobs`, just claimed in a transaction not yet
-    /// committed. Nothing runs before `start_job` says go; a preparation
-    /// nobody takes (its claim was rolled back) is dropped after a while.
-    pub fn prelaunch(self: &Arc<Self>, jobs: &[Claimed]) {
-        for job in jobs {
-            self.prepare_ahead(&job.id, Run::claimed(job));
-        }
-    }
-
-    /// Starts preparing execution `id` to run `run`, unless that is under
-    /// way already: a submission starts on its own job before its claim,
-    /// which then finds it prepared.
-    pub fn prepare_ahead(self: &Arc<Self>, id: &str, run: Run) {
-        let mut prepared = self.prepared.lock().unwrap();
-        let now = Instant::now();
-        let stale: Vec<String> = prepared
-            .iter()
-            .filter(|(_, p)| now.duration_since(p.since) > HANDSHAKE_TIMEOUT)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            if let Some(old) = prepared.remove(&id) {
-                self.dismiss(old.task, None);
-            }
-        }
-        if prepared.get(id).is_some_and(|p| p.run == run) {
-            return;
-        }
-        let this = self.clone();
-        let (job_id, job_run) = (id.to_string(), run.clone());
-        let task = tokio::spawn(async move { this.prepare(&job_id, &job_run).await });
-        let preparing = Preparing {
-            since: now,
-            run,
-            task,
-        };
-        if let Some(old) = prepared.insert(id.to_string(), preparing) {
-            self.dismiss(old.task, None);
-        }
-    }
-
-    /// The job's supervisor, forked and waiting at the gate: the one
-    /// prepared ahead, or a new one.
-    async fn take(self: &Arc<Self>, job: &Claimed) -> Result<Watch, String> {
-        let prepared = self.prepared.lock().unwrap().remove(&job.id);
-        let run = Run::claimed(job);
-        match prepared {
-            Some(p) if p.run == run => p
-                .task
-                .await
-                .unwrap_or_else(|e| Err(format!("could not start: {e}"))),
-            other => {
-                if let Some(p) = other {
-                    self.dismiss(p.task, None);
-                }
-                self.prepare(&job.id, &run).await
-            }
-        }
-    }
-
-    /// Drops the preparation of `id`, if any: a job that will not start.
-    pub fn forget(self: &Arc<Self>, id: &str) {
-        let prepared = self.prepared.lock().unwrap().remove(id);
-        if let Some(p) = prepared {
-            self.dismiss(p.task, None);
-        }
-    }
-
-    /// Drops the preparation of `id`, and its run directory: an id that
-    /// will never run (its submission was not stored, or was a replay).
-    pub fn abandon(self: &Arc<Self>, id: &str) {
-        let prepared = self.prepared.lock().unwrap().remove(id);
-        if let Some(p) = prepared {
-            self.dismiss(p.task, Some(self.config.runs_dir.join(id)));
-        }
-    }
-
-    /// Drops a preparation: its program never runs. Then removes `dir`, if given.
-    fn dismiss(self: &Arc<Self>, task: Prepared, dir: Option<PathBuf>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Ok(Ok(watch)) = task.await {
-                this.supervisors.send(watch.token, "drop").await;
-            }
-            if let Some(dir) = dir {
-                let _ = tokio::fs::remove_dir_all(dir).await;
-            }
-        });
-    }
-
-    /// Makes the run directory of execution `id` and forks its supervisor,
-    /// which is handed the spec over the zygote's pipe (env values never
-    /// touch the disk); the code file is written meanwhile, before any go.
-    async fn prepare(&self, id: &str, job: &Run) -> Result<Watch, String> {
-        let run = RunDir::new(self.config.runs_dir.join(id));
-        // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
-        // On a blocking thread: the runtime's workers are busy with the
-        // claim meanwhile.
-        let dir = run.path().to_owned();
-        let fresh = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => std::fs::create_dir_all(&dir),
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        let (spec, code) = fresh
-            .and_then(|()| self.spec(job, &run))
-            .map_err(|e| format!("could not start: {e}"))?;
-        let watch = self
-            .supervisors
-            .launch(run.path(), &spec)
-            .await
-            .map_err(|e| format!("could not start a supervisor: {e}"))?;
-        if let Some(file) = code {
-            if let Err(e) = std::fs::write(&file, &job.code) {
-                self.supervisors.send(watch.token, "drop").await;
-                return Err(format!("could not write the code: {e}"));
-            }
-        }
-        Ok(watch)
-    }
-
-    /// The spec of `job`, and the file its code goes to (for a language).
-    fn spec(&self, job: &Run, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
-        let mut code = None;
-        let (program, args) = if job.language == "command" {
-            match &job.args {
-                Some(json) => (
-                    PathBuf::from(&job.code),
-                    serde_json::from_str(json).map_err(std::io::Error::other)?,
-                ),
-                None => (
-                    PathBuf::from("/bin/sh"),
-                    vec!["-c".to_string(), job.code.clone()],
-                ),
-            }
-        } else {
-            let language = Language::from_alias(&job.language).ok_or_else(|| {
-                std::io::Error::other(format!("unknown language {}", job.language))
-            })?;
-            let interpreter = self.config.languages.get(language).ok_or_else(|| {
-                std::io::Error::other(format!("{} is not installed", language.as_str()))
-            })?;
-            let file = run.path().join(language.file_name());
-            let args = language
-                .run_args(&file)
-                .into_iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
-            code = Some(file);
-            (interpreter.path.clone(), args)
-        };
-        let spec = Spec {
-            program,
-            args,
-            working_dir: PathBuf::from(&job.working_dir),
-            env: serde_json::from_str(&job.env).unwrap_or_default(),
-            timeout_ms: u64::try_from(job.timeout_ms).unwrap_or(1),
-            kill_grace_ms: self.config.kill_grace.as_millis() as u64,
-            max_output_bytes: self.config.max_output_bytes,
-        };
-        Ok((spec, code))
-    }
-}
-
 impl Runner {
-    /// Starts the job's program (prepared while its claim committed): opens
-    /// its gate and returns once it runs (its pid stored) or could not start.
+    /// Starts the job's program (prepared while its claim committed, its
+    /// gate opened once it was): returns once it runs (its pid stored) or
+    /// could not start.
     pub(super) async fn start_job(&self, job: &Claimed, fence: &Fence) -> Result<Attached, String> {
-        let mut watch = self.launcher.take(job).await?;
+        let Ready {
+            mut watch,
+            first,
+            opened_at,
+        } = self.launcher.take(job).await?;
         let run = RunDir::new(self.config.runs_dir.join(&job.id));
         let attached = |watch: Watch| Attached {
             tails: [
@@ -269,19 +67,12 @@ impl Runner {
             watch: Some(watch),
             started: None,
         };
-        // `pid <n>` from the forked program at its gate; `error …` or `end`
-        // when nothing was forked to run (status.json tells, or follow()
-        // finds the job lost).
-        let reported = tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next()).await;
-        let first = reported.as_deref().unwrap_or("");
-        if first.starts_with("error ") || first == "end" {
+        // Nothing was forked to run (`error …` or `end`): status.json tells,
+        // or follow() finds the job lost. Otherwise the program runs since
+        // its gate opened (its pid known, its `exec` under way).
+        let Some(spawned_at) = opened_at else {
             return Ok(attached(watch));
-        }
-        // Go even without a pid: a report lost on a full pipe must not leave
-        // the program waiting at its gate.
-        self.launcher.supervisors.send(watch.token, "go").await;
-        // The program runs from now (its pid known, its `exec` under way).
-        let spawned_at = db::now();
+        };
         let Some(pid) = first
             .strip_prefix("pid ")
             .and_then(|pid| pid.parse::<i64>().ok())

@@ -9,6 +9,7 @@
 //! wakes its lane at once); a slow tick re-checks the queue only as a safety net.
 
 mod job;
+mod launch;
 mod recover;
 mod tail;
 mod zygote;
@@ -28,8 +29,8 @@ use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
-pub use job::Launcher;
 use job::{Attached, Followed};
+pub use launch::Launcher;
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
@@ -199,12 +200,13 @@ impl Runner {
         let owner = self.config.owner.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let launcher = self.launcher.clone();
+        let writer = self.db.writer.clone();
         self.db
             .writer
             .write_one(move |c| {
                 Box::pin(async move {
                     let jobs = executions::claim(c, lane, limit, &owner, &db::now()).await?;
-                    launcher.prelaunch(&jobs);
+                    launcher.prelaunch(&jobs, &writer);
                     Ok(jobs)
                 })
             })
@@ -282,12 +284,12 @@ impl Runner {
             owner: self.config.owner.clone(),
             attempt: job.attempt,
         };
-        // Killed between the claim and the start: never run it. (A job the
-        // agent's shutdown caught there starts all the same, and is let go
-        // to its supervisor like every running job: it was claimed.)
+        // Killed between the claim and the start: never run it, unless its
+        // gate is open already (then it is followed, and the kill passed on).
+        // (A job the agent's shutdown caught there starts all the same, and
+        // is let go to its supervisor like every running job: it was claimed.)
         let killed = *handle.reason.lock().unwrap() == StopReason::Killed;
-        let followed = if handle.stop.is_cancelled() && killed {
-            self.launcher.forget(&job.id);
+        let followed = if handle.stop.is_cancelled() && killed && self.launcher.forget(&job.id) {
             Followed::Ended(
                 Finish {
                     status: Status::Killed,
@@ -369,6 +371,7 @@ impl Runner {
                 let fence = fence.clone();
                 let owner = self.config.owner.clone();
                 let launcher = self.launcher.clone();
+                let writer = self.db.writer.clone();
                 self.end(move |c| {
                     Box::pin(async move {
                         if !output.is_empty() {
@@ -380,7 +383,7 @@ impl Runner {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                             false => Vec::new(),
                         };
-                        launcher.prelaunch(&next);
+                        launcher.prelaunch(&next, &writer);
                         Ok((if ended { vec![fence.id] } else { vec![] }, next))
                     })
                 })
