@@ -11,12 +11,13 @@
 mod job;
 mod launch;
 mod recover;
+mod registry;
 mod tail;
 mod zygote;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -31,6 +32,7 @@ use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
 use job::{Attached, Followed};
 pub use launch::Launcher;
+use registry::{Registry, Running, StopReason};
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
@@ -47,22 +49,6 @@ pub struct RunnerConfig {
     pub concurrency: [(Lane, usize); 3],
     /// Output per stream in a callback payload.
     pub callback_output_bytes: usize,
-}
-
-/// Why a running job is being stopped from outside.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopReason {
-    /// Killed through the API: the supervisor ends the program.
-    Killed,
-    /// The agent is stopping: let go, the supervisor carries on.
-    Shutdown,
-}
-
-/// A running job's stop switch.
-struct Running {
-    /// Cancelled to stop following the job; `reason` says why.
-    stop: CancellationToken,
-    reason: Mutex<StopReason>,
 }
 
 /// What the metrics want to know of a job.
@@ -91,7 +77,7 @@ pub struct Runner {
     /// One per lane: its concurrency limit, shared by claimed and re-attached jobs.
     permits: HashMap<Lane, Arc<Semaphore>>,
     /// Jobs followed by this agent, by execution id, so a kill can reach them.
-    running: Mutex<HashMap<String, Arc<Running>>>,
+    running: Registry,
     /// Execution ids as they reach a terminal status, for waiters (sync runs, kills).
     finished: broadcast::Sender<String>,
     /// Every job task, so shutdown can wait for them to let go.
@@ -128,7 +114,7 @@ impl Runner {
                 .map(|(lane, n)| (lane, Arc::new(Semaphore::new(n))))
                 .collect(),
             config,
-            running: Mutex::new(HashMap::new()),
+            running: Registry::default(),
             finished: broadcast::channel(1024).0,
             tasks: TaskTracker::new(),
             stopping,
@@ -201,11 +187,13 @@ impl Runner {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let launcher = self.launcher.clone();
         let writer = self.db.writer.clone();
+        let running = self.running.clone();
         self.db
             .writer
             .write_one(move |c| {
                 Box::pin(async move {
                     let jobs = executions::claim(c, lane, limit, &owner, &db::now()).await?;
+                    running.register_on_commit(&jobs, &writer);
                     launcher.prelaunch(&jobs, &writer);
                     Ok(jobs)
                 })
@@ -242,16 +230,10 @@ impl Runner {
             .spawn(self.clone().run_job(lane, job, handle, permit));
     }
 
+    /// The stop switch of execution `id`, registered now unless it was at
+    /// its claim's commit.
     fn register(&self, id: &str) -> Arc<Running> {
-        let handle = Arc::new(Running {
-            stop: CancellationToken::new(),
-            reason: Mutex::new(StopReason::Killed),
-        });
-        self.running
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), handle.clone());
-        handle
+        self.running.handle(id)
     }
 
     /// Runs a claimed job and then, while the lane has queued work, the next
@@ -351,7 +333,7 @@ impl Runner {
         let mut next = None;
         let written = match followed {
             Followed::Detached => {
-                self.running.lock().unwrap().remove(&fence.id);
+                self.running.remove(&fence.id);
                 return None;
             }
             Followed::Ended(finish, output) => {
@@ -372,6 +354,7 @@ impl Runner {
                 let owner = self.config.owner.clone();
                 let launcher = self.launcher.clone();
                 let writer = self.db.writer.clone();
+                let running = self.running.clone();
                 self.end(move |c| {
                     Box::pin(async move {
                         if !output.is_empty() {
@@ -383,6 +366,7 @@ impl Runner {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                             false => Vec::new(),
                         };
+                        running.register_on_commit(&next, &writer);
                         launcher.prelaunch(&next, &writer);
                         Ok((if ended { vec![fence.id] } else { vec![] }, next))
                     })
@@ -406,7 +390,7 @@ impl Runner {
             Ok(false) => tracing::warn!("status not written: the execution is no longer ours"),
             Err(e) => tracing::error!(error = %e, "status not written"),
         }
-        self.running.lock().unwrap().remove(&fence.id);
+        self.running.remove(&fence.id);
         next
     }
 
@@ -492,7 +476,7 @@ impl Runner {
             .0
         };
         if killed_queued.is_empty() {
-            if let Some(running) = self.running.lock().unwrap().get(&exec_id) {
+            if let Some(running) = self.running.get(&exec_id) {
                 *running.reason.lock().unwrap() = StopReason::Killed;
                 running.stop.cancel();
             }
@@ -507,7 +491,7 @@ impl Runner {
     /// Lets go of every followed job (output flushed), leaving it to its
     /// supervisor, and waits for the job tasks to end.
     async fn let_go(&self) {
-        let running: Vec<_> = self.running.lock().unwrap().values().cloned().collect();
+        let running = self.running.all();
         for job in running {
             *job.reason.lock().unwrap() = StopReason::Shutdown;
             job.stop.cancel();
