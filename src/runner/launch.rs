@@ -111,8 +111,12 @@ impl Launcher {
                 dismiss(old, None);
             }
         }
-        if prepared.get(id).is_some_and(|p| p.run == run) {
-            return;
+        // Under way already for this run, or released (then it is the one
+        // that runs, and its claimant takes it).
+        if let Some(p) = prepared.get(id) {
+            if p.run == run || decide(&p.gate, false) {
+                return;
+            }
         }
         let (gate, open) = watch::channel(None);
         let this = self.clone();
@@ -125,9 +129,7 @@ impl Launcher {
             task,
         };
         if let Some(old) = prepared.insert(id.to_string(), preparing) {
-            if !decide(&old.gate, false) {
-                dismiss(old, None);
-            }
+            dismiss(old, None);
         }
     }
 
