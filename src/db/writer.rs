@@ -236,11 +236,19 @@ async fn commit_batch(
             Err(WriteError::from(e))
         }
     };
-    if outcome.is_ok() && !failed_alone {
+    let synced = outcome.is_ok() && !failed_alone;
+    if synced {
         for hook in asked {
             hook();
         }
-        sync.wal().await;
+        // The callers hear from the thread that synced, as soon as it did.
+        let answers = std::mem::take(&mut replies);
+        sync.wal(move || {
+            for reply in answers {
+                reply(Ok(()));
+            }
+        })
+        .await;
     }
     let metrics = crate::metrics::get();
     metrics.db_batch_size.observe(size as f64);
@@ -266,8 +274,9 @@ struct WalSync {
 }
 
 impl WalSync {
-    /// Syncs the WAL file, or stops the agent if that fails.
-    async fn wal(&mut self) {
+    /// Syncs the WAL file and then, on the same thread, runs `then`; or
+    /// stops the agent if the sync fails.
+    async fn wal(&mut self, then: impl FnOnce() + Send + 'static) {
         let file = match &self.file {
             Some(file) => file.clone(),
             None => match self.open() {
@@ -275,11 +284,14 @@ impl WalSync {
                 Err(e) => fatal(&self.wal, &e),
             },
         };
-        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
-        match synced {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => fatal(&self.wal, &e),
-            Err(e) => fatal(&self.wal, &std::io::Error::other(e)),
+        let wal = self.wal.clone();
+        let synced = tokio::task::spawn_blocking(move || match file.sync_data() {
+            Ok(()) => then(),
+            Err(e) => fatal(&wal, &e),
+        })
+        .await;
+        if let Err(e) = synced {
+            fatal(&self.wal, &std::io::Error::other(e));
         }
     }
 
