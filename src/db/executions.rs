@@ -58,18 +58,6 @@ impl Run {
                 .max(1),
         }
     }
-
-    /// What `claimed` runs.
-    pub fn claimed(claimed: &Claimed) -> Run {
-        Run {
-            language: claimed.language.clone(),
-            code: claimed.code.clone(),
-            args: claimed.args.clone(),
-            working_dir: claimed.working_dir.clone(),
-            env: claimed.env.clone(),
-            timeout_ms: claimed.timeout_ms,
-        }
-    }
 }
 
 #[tracing::instrument(skip_all, fields(execution_id = %id))]
@@ -149,12 +137,8 @@ pub struct Claimed {
     pub id: String,
     pub lane: String,
     pub process_id: String,
-    pub language: String,
-    pub code: String,
-    pub args: Option<String>,
-    pub working_dir: String,
-    pub env: String,
-    pub timeout_ms: i64,
+    /// What it runs.
+    pub run: Run,
     pub attempt: i64,
     pub max_attempts: i64,
     pub started_at: String,
@@ -171,8 +155,7 @@ pub async fn claim(
     now: &str,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let lane = lane.as_str();
-    let mut rows = sqlx::query_as!(
-        Claimed,
+    let rows = sqlx::query!(
         r#"UPDATE executions
               SET status = 'running', owner = ?1, attempt = attempt + 1, started_at = ?2
             WHERE seq IN (SELECT seq FROM executions
@@ -190,6 +173,26 @@ pub async fn claim(
     )
     .fetch_all(&mut *conn)
     .await?;
+    let mut rows: Vec<Claimed> = rows
+        .into_iter()
+        .map(|r| Claimed {
+            seq: r.seq,
+            id: r.id,
+            lane: r.lane,
+            process_id: r.process_id,
+            run: Run {
+                language: r.language,
+                code: r.code,
+                args: r.args,
+                working_dir: r.working_dir,
+                env: r.env,
+                timeout_ms: r.timeout_ms,
+            },
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            started_at: r.started_at,
+        })
+        .collect();
     rows.sort_by_key(|r| r.seq);
     Ok(rows)
 }

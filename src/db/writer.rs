@@ -208,22 +208,22 @@ async fn commit_batch(
     for job in batch.drain(..) {
         // The hooks this job asks for, dropped if its writes are undone.
         let asked_before = hooks.lock().unwrap().len();
-        if !job.guarded || alone {
+        let (ok, reply) = if !job.guarded || alone {
             let (ok, reply) = (job.run)(conn).await;
             failed_alone |= alone && job.guarded && !ok;
+            (ok, reply)
+        } else {
+            let _ = sqlx::query("SAVEPOINT job").execute(&mut *conn).await;
+            let (ok, reply) = (job.run)(conn).await;
             if !ok {
-                hooks.lock().unwrap().truncate(asked_before);
+                let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
             }
-            replies.push(reply);
-            continue;
-        }
-        let _ = sqlx::query("SAVEPOINT job").execute(&mut *conn).await;
-        let (ok, reply) = (job.run)(conn).await;
+            let _ = sqlx::query("RELEASE job").execute(&mut *conn).await;
+            (ok, reply)
+        };
         if !ok {
             hooks.lock().unwrap().truncate(asked_before);
-            let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
         }
-        let _ = sqlx::query("RELEASE job").execute(&mut *conn).await;
         replies.push(reply);
     }
     let end = if failed_alone { "ROLLBACK" } else { "COMMIT" };
@@ -236,8 +236,7 @@ async fn commit_batch(
             Err(WriteError::from(e))
         }
     };
-    let synced = outcome.is_ok() && !failed_alone;
-    if synced {
+    if outcome.is_ok() && !failed_alone {
         for hook in asked {
             hook();
         }

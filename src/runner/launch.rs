@@ -47,7 +47,7 @@ type Gate = watch::Sender<Option<bool>>;
 /// A job being prepared: since when, to run what, its gate.
 struct Preparing {
     since: Instant,
-    run: Run,
+    run: Arc<Run>,
     gate: Gate,
     task: tokio::task::JoinHandle<Result<Ready, String>>,
 }
@@ -86,7 +86,7 @@ impl Launcher {
             return;
         }
         for job in jobs {
-            self.prepare_ahead(&job.id, Run::claimed(job));
+            self.prepare_ahead(&job.id, job.run.clone());
         }
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
         let this = self.clone();
@@ -114,13 +114,14 @@ impl Launcher {
         // Under way already for this run, or released (then it is the one
         // that runs, and its claimant takes it).
         if let Some(p) = prepared.get(id) {
-            if p.run == run || decide(&p.gate, false) {
+            if *p.run == run || decide(&p.gate, false) {
                 return;
             }
         }
         let (gate, open) = watch::channel(None);
         let this = self.clone();
-        let (job_id, job_run) = (id.to_string(), run.clone());
+        let (job_id, run) = (id.to_string(), Arc::new(run));
+        let job_run = run.clone();
         let task = tokio::spawn(async move { this.ready(&job_id, &job_run, open).await });
         let preparing = Preparing {
             since: now,
@@ -147,9 +148,9 @@ impl Launcher {
     /// prepared ahead, or a new one.
     pub(super) async fn take(self: &Arc<Self>, job: &Claimed) -> Result<Ready, String> {
         let prepared = self.prepared.lock().unwrap().remove(&job.id);
-        let run = Run::claimed(job);
+        let run = &job.run;
         match prepared {
-            Some(p) if p.run == run => {
+            Some(p) if *p.run == *run => {
                 decide(&p.gate, true);
                 p.task
                     .await
@@ -160,7 +161,7 @@ impl Launcher {
                     dismiss(old, None);
                 }
                 let (_gate, open) = watch::channel(Some(true));
-                self.ready(&job.id, &run, open).await
+                self.ready(&job.id, run, open).await
             }
         }
     }

@@ -296,7 +296,7 @@ impl Runner {
             }
         };
         let meta = JobMeta {
-            language: job.language.clone(),
+            language: job.run.language.clone(),
             started_at: Some(job.started_at.clone()),
         };
         let chain = !self.stopping.is_cancelled();

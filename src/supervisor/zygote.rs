@@ -78,15 +78,12 @@ pub(super) fn serve() -> ExitCode {
             // No spare: one is forked once the agent has been quiet a while,
             // not while the job just handed over is starting.
             let wake = match spare {
-                None => next_expiry.map_or(SPARE_AFTER, |left| left.min(SPARE_AFTER)),
-                Some(_) => next_expiry.unwrap_or(Duration::MAX),
+                None => Some(next_expiry.map_or(SPARE_AFTER, |left| left.min(SPARE_AFTER))),
+                Some(_) => next_expiry,
             };
-            let timeout = match wake {
-                Duration::MAX => PollTimeout::NONE,
-                left => {
-                    PollTimeout::try_from(left.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX)
-                }
-            };
+            let timeout = wake.map_or(PollTimeout::NONE, |left| {
+                PollTimeout::try_from(left.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX)
+            });
             let mut fds = [PollFd::new(input.get_ref().as_fd(), PollFlags::POLLIN)];
             match nix::poll::poll(&mut fds, timeout) {
                 Ok(0) => {

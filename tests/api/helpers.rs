@@ -238,3 +238,19 @@ pub async fn eventually(within: Duration, condition: impl Fn() -> bool) -> bool 
     }
     condition()
 }
+
+/// Live processes whose command line mentions `dir` (the zygote and the
+/// supervisors name the runs dir; programs their code file there).
+pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+                && alive(i64::from(*pid))
+        })
+        .collect()
+}

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
-use crate::helpers::{alive, poll_until};
+use crate::helpers::{alive, poll_until, processes_under};
 use crate::receiver::TestReceiver;
 
 /// Polls the agent until the execution satisfies `done` (bounded).
@@ -25,22 +25,6 @@ async fn wait_until(
 
 fn terminal(p: &Value) -> bool {
     !matches!(p["status"].as_str(), Some("queued" | "running"))
-}
-
-/// Processes whose command line mentions `dir` (supervisors name their run
-/// dir; programs their code file there).
-fn processes_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-                && alive(i64::from(*pid))
-        })
-        .collect()
 }
 
 /// After a test: no supervisor or program of its data dir is left.

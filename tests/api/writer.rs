@@ -4,6 +4,7 @@
 //! asks to run once it is committed runs before its caller hears, and never
 //! for a job that was rolled back.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,17 @@ async fn open(dir: &std::path::Path) -> Db {
 /// Writes `k`, then fails when `fail`, after waiting `hold` (the writer is
 /// busy meanwhile, so what arrives queues up for the next batch).
 async fn put(db: &Db, k: &'static str, fail: bool, hold: Duration) -> bool {
+    put_with(db, k, fail, hold, || {}).await
+}
+
+/// `put`, with `during` called inside the write job, after the insert.
+async fn put_with(
+    db: &Db,
+    k: &'static str,
+    fail: bool,
+    hold: Duration,
+    during: impl FnOnce() + Send + 'static,
+) -> bool {
     db.writer
         .write(move |c| {
             Box::pin(async move {
@@ -38,6 +50,7 @@ async fn put(db: &Db, k: &'static str, fail: bool, hold: Duration) -> bool {
                     .bind(k)
                     .execute(&mut *c)
                     .await?;
+                during();
                 tokio::time::sleep(hold).await;
                 match fail {
                     true => Err(sqlx::Error::Protocol(format!("{k} fails"))),
@@ -91,47 +104,33 @@ async fn a_failing_write_in_a_batch_rolls_back_alone() {
 }
 
 /// Like `put`, with an after-commit hook that logs `hook <k>` and whether
-/// the row was then in the database (read on a connection of its own);
-/// `heard <k>` is logged when the caller hears back.
-async fn put_hooked(db: &Db, k: &'static str, fail: bool, log: &Arc<Mutex<Vec<String>>>) {
-    let (writer, hook_log, path) = (db.writer.clone(), log.clone(), db_path(db).await);
-    let ok = db
-        .writer
-        .write(move |c| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO scratch (k) VALUES (?)")
-                    .bind(k)
-                    .execute(&mut *c)
-                    .await?;
-                writer.after_commit(move || {
-                    let seen = count_elsewhere(&path, k);
-                    hook_log
-                        .lock()
-                        .unwrap()
-                        .push(format!("hook {k} seen {seen}"));
-                });
-                match fail {
-                    true => Err(sqlx::Error::Protocol(format!("{k} fails"))),
-                    false => Ok(()),
-                }
-            })
-        })
-        .await
-        .is_ok();
+/// the row was then in the database at `path` (read on a connection of its
+/// own); `heard <k>` is logged when the caller hears back.
+async fn put_hooked(
+    db: &Db,
+    path: &Path,
+    k: &'static str,
+    fail: bool,
+    log: &Arc<Mutex<Vec<String>>>,
+) {
+    let (writer, hook_log, path) = (db.writer.clone(), log.clone(), path.to_owned());
+    let ok = put_with(db, k, fail, Duration::ZERO, move || {
+        writer.after_commit(move || {
+            let seen = count_elsewhere(&path, k);
+            hook_log
+                .lock()
+                .unwrap()
+                .push(format!("hook {k} seen {seen}"));
+        });
+    })
+    .await;
     log.lock().unwrap().push(format!("heard {k} {ok}"));
-}
-
-async fn db_path(db: &Db) -> String {
-    sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-        .fetch_one(&db.readers)
-        .await
-        .unwrap()
 }
 
 /// Rows of `k`, as another process would see them: a connection of its
 /// own, opened for the read (on a thread of its own: hooks are not async).
-fn count_elsewhere(path: &str, k: &str) -> i64 {
-    let (path, k) = (path.to_string(), k.to_string());
+fn count_elsewhere(path: &Path, k: &str) -> i64 {
+    let (path, k) = (path.display().to_string(), k.to_string());
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -156,18 +155,19 @@ fn count_elsewhere(path: &str, k: &str) -> i64 {
 async fn an_after_commit_hook_runs_committed_before_its_caller_hears_and_never_on_rollback() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path()).await;
+    let path = dir.path().join("execd.db");
     let log = Arc::new(Mutex::new(Vec::new()));
     // Alone in its transaction, then failing alone, then in a batch of
     // three where the middle one fails.
-    put_hooked(&db, "alone", false, &log).await;
-    put_hooked(&db, "lone-bad", true, &log).await;
+    put_hooked(&db, &path, "alone", false, &log).await;
+    put_hooked(&db, &path, "lone-bad", true, &log).await;
     let hold = put(&db, "hold", false, Duration::from_millis(200));
     let later = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         tokio::join!(
-            put_hooked(&db, "x", false, &log),
-            put_hooked(&db, "bad", true, &log),
-            put_hooked(&db, "y", false, &log),
+            put_hooked(&db, &path, "x", false, &log),
+            put_hooked(&db, &path, "bad", true, &log),
+            put_hooked(&db, &path, "y", false, &log),
         );
     };
     tokio::join!(hold, later);

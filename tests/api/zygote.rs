@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use execd::supervisor::files::{self, Spec};
 
-use crate::helpers::{alive, eventually};
+use crate::helpers::{alive, eventually, processes_under};
 
 /// A zygote and the report lines of its supervisors.
 struct Zygote {
@@ -171,20 +171,6 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     assert!(!waiting_dir.join("status.json").exists());
 }
 
-/// Processes whose command line names `runs` (the zygote and what it forked).
-fn forked_for(runs: &Path) -> Vec<i64> {
-    let needle = runs.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
-}
-
 #[tokio::test]
 async fn jobs_back_to_back_each_get_a_supervisor_and_the_spare_leaves_with_the_zygote() {
     let tmp = tempfile::tempdir().unwrap();
@@ -192,9 +178,11 @@ async fn jobs_back_to_back_each_get_a_supervisor_and_the_spare_leaves_with_the_z
     let zygote_pid = i64::from(zygote.child.id());
     // Quiet for a while: the zygote has forked its spare supervisor.
     assert!(
-        eventually(Duration::from_secs(5), || forked_for(tmp.path()).len() == 2).await,
+        eventually(Duration::from_secs(5), || processes_under(tmp.path()).len()
+            == 2)
+        .await,
         "the zygote and its spare: {:?}",
-        forked_for(tmp.path())
+        processes_under(tmp.path())
     );
     // Two jobs at once: the first goes to the spare, the second to a fork
     // made then.
@@ -215,8 +203,10 @@ async fn jobs_back_to_back_each_get_a_supervisor_and_the_spare_leaves_with_the_z
     // The agent goes: the zygote ends, and its spare with it.
     drop(zygote.stdin.take());
     assert!(
-        eventually(Duration::from_secs(5), || forked_for(tmp.path()).is_empty()).await,
+        eventually(Duration::from_secs(5), || processes_under(tmp.path())
+            .is_empty())
+        .await,
         "left behind: {:?} (zygote {zygote_pid})",
-        forked_for(tmp.path())
+        processes_under(tmp.path())
     );
 }
