@@ -13,6 +13,7 @@ mod receiver;
 mod restart;
 mod retention;
 mod runner;
+mod upgrade;
 mod validation;
 mod writer;
 mod zygote;
