@@ -426,6 +426,8 @@ pub struct RunningRow {
     pub stdout_bytes: i64,
     pub stderr_bytes: i64,
     pub timeout_ms: i64,
+    /// Null while the program's pid is not stored yet.
+    pub pid: Option<i64>,
 }
 
 /// Every row in `running`.
@@ -433,7 +435,7 @@ pub async fn running(pool: &SqlitePool) -> Result<Vec<RunningRow>, sqlx::Error> 
     sqlx::query_as!(
         RunningRow,
         r#"SELECT id AS "id!", lane, language, started_at, owner, attempt, max_attempts,
-                  stdout_bytes, stderr_bytes, timeout_ms
+                  stdout_bytes, stderr_bytes, timeout_ms, pid
              FROM executions WHERE status = 'running' ORDER BY seq"#
     )
     .fetch_all(pool)

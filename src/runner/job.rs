@@ -17,8 +17,9 @@ use crate::supervisor::files::{Ended, Outcome, RunDir, Started};
 
 /// How a followed job came out.
 pub enum Followed {
-    /// With the last of its output, for the end's own write.
-    Ended(Finish, Vec<Chunk>),
+    /// With the last of its output and, unless stored already, its
+    /// program's pid: all for the end's own write.
+    Ended(Finish, Vec<Chunk>, Option<Spawned>),
     /// Its supervisor is gone without saying how the job ended.
     Lost(String),
     /// The agent is stopping; the supervisor carries on.
@@ -35,6 +36,16 @@ pub struct Attached {
     pub tails: [Tail; 2],
     /// Who runs the job, once read from the run directory.
     pub started: Option<Started>,
+    /// The program's pid, known but not stored yet: it goes with the job's
+    /// first stored output, its first tick, or its end, whichever comes
+    /// first (a short job's start and end take one commit, not two).
+    pub unstored: Option<Spawned>,
+}
+
+/// A started program: its pid, and when its gate opened.
+pub struct Spawned {
+    pub pid: i64,
+    pub at: String,
 }
 
 impl Attached {
@@ -49,9 +60,9 @@ impl Attached {
 
 impl Runner {
     /// Starts the job's program (prepared while its claim committed, its
-    /// gate opened once it was): returns once it runs (its pid stored) or
-    /// could not start.
-    pub(super) async fn start_job(&self, job: &Claimed, fence: &Fence) -> Result<Attached, String> {
+    /// gate opened once it was): returns once it runs (its pid known, to be
+    /// stored by `follow`) or could not start.
+    pub(super) async fn start_job(&self, job: &Claimed) -> Result<Attached, String> {
         let Ready {
             mut watch,
             first,
@@ -66,6 +77,7 @@ impl Runner {
             run: run.clone(),
             watch: Some(watch),
             started: None,
+            unstored: None,
         };
         // Nothing was forked to run (`error …` or `end`): status.json tells,
         // or follow() finds the job lost. Otherwise the program runs since
@@ -84,25 +96,36 @@ impl Runner {
         // `error …` (with status.json written) if it could not start.
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next()).await {
             Ok(line) if line == "started" => {
-                let fence = fence.clone();
-                let stored = self
-                    .db
-                    .writer
-                    .write_one(move |c| {
-                        Box::pin(
-                            async move { executions::set_pid(c, &fence, pid, &spawned_at).await },
-                        )
-                    })
-                    .await;
-                if let Err(e) = stored {
-                    tracing::error!(error = %e, "pid not stored");
-                }
                 tracing::info!(pid, "execution started");
+                let mut job = attached(watch);
+                job.unstored = Some(Spawned {
+                    pid,
+                    at: spawned_at,
+                });
+                return Ok(job);
             }
             Ok(_) => {}
             Err(_) => tracing::warn!("the supervisor did not report the program's start in time"),
         }
         Ok(attached(watch))
+    }
+
+    /// Stores the program's pid, if it is not stored yet.
+    async fn store_pid(&self, fence: &Fence, job: &mut Attached) {
+        let Some(Spawned { pid, at }) = job.unstored.take() else {
+            return;
+        };
+        let fence = fence.clone();
+        let stored = self
+            .db
+            .writer
+            .write_one(move |c| {
+                Box::pin(async move { executions::set_pid(c, &fence, pid, &at).await })
+            })
+            .await;
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "pid not stored");
+        }
     }
 
     /// Follows a job until it ends, is lost, or the agent stops.
@@ -112,7 +135,15 @@ impl Runner {
         mut job: Attached,
         handle: &Running,
     ) -> Followed {
-        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        // A job this agent started is looked at after a tick (its end and
+        // its output wake us before); one adopted after a restart, at once.
+        let first = tokio::time::Instant::now()
+            + if job.watch.is_some() {
+                FLUSH_INTERVAL
+            } else {
+                std::time::Duration::ZERO
+            };
+        let mut tick = tokio::time::interval_at(first, FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut kill_sent = false;
         loop {
@@ -134,6 +165,7 @@ impl Runner {
                     let reason = *handle.reason.lock().unwrap();
                     match reason {
                         StopReason::Shutdown => {
+                            self.store_pid(fence, &mut job).await;
                             self.pump(fence, &mut job).await;
                             return Followed::Detached;
                         }
@@ -149,8 +181,12 @@ impl Runner {
                     }
                 }
                 () = supervisor_end => break,
-                () = output_waiting => self.pump(fence, &mut job).await,
+                () = output_waiting => {
+                    self.store_pid(fence, &mut job).await;
+                    self.pump(fence, &mut job).await;
+                }
                 _ = tick.tick() => {
+                    self.store_pid(fence, &mut job).await;
                     self.pump(fence, &mut job).await;
                     // Without a report (adopted; or the supervisor was
                     // killed before it could say so), the run directory tells.
@@ -169,9 +205,10 @@ impl Runner {
                 let (mut rest, err_rest) =
                     tokio::join!(out.rest(fence, writer), err.rest(fence, writer));
                 rest.extend(err_rest);
-                Followed::Ended(finish_of(&ended), rest)
+                Followed::Ended(finish_of(&ended), rest, job.unstored.take())
             }
             None => {
+                self.store_pid(fence, &mut job).await;
                 self.pump(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())

@@ -280,9 +280,10 @@ impl Runner {
                     completed_at: db::now(),
                 },
                 Vec::new(),
+                None,
             )
         } else {
-            match self.start_job(&job, &fence).await {
+            match self.start_job(&job).await {
                 Ok(attached) => self.follow(&fence, attached, handle).await,
                 Err(error) => Followed::Ended(
                     Finish {
@@ -292,6 +293,7 @@ impl Runner {
                         completed_at: db::now(),
                     },
                     Vec::new(),
+                    None,
                 ),
             }
         };
@@ -336,7 +338,7 @@ impl Runner {
                 self.running.remove(&fence.id);
                 return None;
             }
-            Followed::Ended(finish, output) => {
+            Followed::Ended(finish, output, spawned) => {
                 tracing::info!(status = %finish.status, exit_code = ?finish.exit_code, "execution finished");
                 if let Some(secs) =
                     seconds_between(meta.started_at.as_deref(), Some(&finish.completed_at))
@@ -357,6 +359,9 @@ impl Runner {
                 let running = self.running.clone();
                 self.end(move |c| {
                     Box::pin(async move {
+                        if let Some(spawned) = &spawned {
+                            executions::set_pid(c, &fence, spawned.pid, &spawned.at).await?;
+                        }
                         if !output.is_empty() {
                             crate::db::output::append(c, &fence, &output, &finish.completed_at)
                                 .await?;

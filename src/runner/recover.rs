@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use super::job::{kill_leftovers, Attached};
+use super::job::{kill_leftovers, Attached, Spawned};
 use super::tail::Tail;
 use super::{JobMeta, Runner, RunnerError};
 use crate::db::executions::{self, Fence};
@@ -82,11 +82,21 @@ impl Runner {
             // Counts against its lane's limit; a job over the limit (the limit
             // was lowered) still runs on.
             let permit = self.permits[&lane].clone().try_acquire_owned().ok();
+            // The pid, if the agent stopped before storing it; when the
+            // program started is then known to the claim's precision.
+            let unstored = match (&started, row.pid) {
+                (Some(started), None) => Some(Spawned {
+                    pid: i64::from(started.program_pid),
+                    at: row.started_at.clone().unwrap_or_else(crate::db::now),
+                }),
+                _ => None,
+            };
             let attached = Attached {
                 run,
                 watch: None,
                 tails,
                 started,
+                unstored,
             };
             tracing::info!(execution_id = %row.id, "re-attached to a running job");
             let meta = JobMeta {

@@ -3,11 +3,15 @@
 //! database in batches. The byte offset stored with the output (`*_bytes`)
 //! says where to resume, so an agent restart loses and doubles nothing.
 //! Memory stays bounded: one read buffer per stream.
+//!
+//! The files are read with plain `std::fs` calls on the runtime's thread:
+//! they are local files the supervisor has just written (in the page
+//! cache), a read takes at most `BATCH_BYTES`, and a trip to tokio's
+//! blocking pool per call (open, stat, seek, read) cost more than the read.
 
-use std::io::SeekFrom;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::db::executions::Fence;
 use crate::db::output::{self, Chunk};
@@ -27,7 +31,7 @@ const BATCH_BYTES: u64 = 4 << 20;
 pub struct Tail {
     stream: Stream,
     run: RunDir,
-    file: Option<tokio::fs::File>,
+    file: Option<File>,
     /// Bytes of the file already in the database.
     offset: u64,
     /// The next chunk number.
@@ -53,7 +57,7 @@ impl Tail {
 
     /// Moves everything new in the file into the database.
     pub async fn pump(&mut self, fence: &Fence, writer: &Writer) {
-        while let Some(batch) = self.read().await {
+        while let Some(batch) = self.read() {
             let more = batch.more;
             if !self.store(fence, writer, batch).await || !more {
                 return;
@@ -66,7 +70,7 @@ impl Tail {
     /// offsets move on as if the write landed; after a failed one the
     /// restart's recovery resumes from what the database says.
     pub async fn rest(&mut self, fence: &Fence, writer: &Writer) -> Vec<Chunk> {
-        while let Some(batch) = self.read().await {
+        while let Some(batch) = self.read() {
             if !batch.more {
                 self.advance(batch.progress);
                 return batch.chunks;
@@ -80,32 +84,28 @@ impl Tail {
 
     /// The next batch of new output (up to BATCH_BYTES, as chunks of at most
     /// CHUNK_BYTES), read but not stored; `None` when there is nothing new.
-    async fn read(&mut self) -> Option<Batch> {
+    fn read(&mut self) -> Option<Batch> {
         if self.fenced_out {
             return None;
         }
         if self.file.is_none() {
-            self.file = Some(
-                tokio::fs::File::open(self.run.output(self.stream))
-                    .await
-                    .ok()?,
-            );
+            self.file = Some(File::open(self.run.output(self.stream)).ok()?);
         }
         let file = self.file.as_mut().expect("opened above");
         // Only what is there: an idle job costs a stat, not a buffer.
-        let size = file.metadata().await.ok()?.len();
+        let size = file.metadata().ok()?.len();
         let waiting = size.saturating_sub(self.offset);
         let truncated = !self.flagged && self.run.truncated_marker(self.stream).exists();
         if waiting == 0 && !truncated {
             return None;
         }
-        file.seek(SeekFrom::Start(self.offset)).await.ok()?;
+        file.seek(SeekFrom::Start(self.offset)).ok()?;
         let mut chunks = Vec::new();
         let mut taken = 0u64;
         while taken < waiting.min(BATCH_BYTES) {
             let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
             let mut data = vec![0u8; want];
-            if file.read_exact(&mut data).await.is_err() {
+            if file.read_exact(&mut data).is_err() {
                 break;
             }
             taken += want as u64;

@@ -260,6 +260,47 @@ async fn kill_works_on_a_job_re_attached_after_a_restart() {
     assert_nothing_left(data.path()).await;
 }
 
+#[tokio::test]
+async fn a_pid_not_yet_stored_when_the_agent_died_is_stored_after_the_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    // The program says its pid in the workspace; the agent is killed at
+    // once, before the job's first tick (50 ms) would have stored it.
+    let said = data.path().join("workspace").join("pid");
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": "echo $$ > pid.tmp && mv pid.tmp pid; sleep 300", "language": "bash" }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&said)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the program did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    agent.kill9();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["pid"].as_i64().is_some()
+    })
+    .await;
+    assert_eq!(p["pid"], pid, "{p}");
+    assert_eq!(p["status"], "running", "{p}");
+    assert!(p["started_at"].is_string(), "{p}");
+    let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
+    assert_eq!(killed["status"], "killed", "{killed}");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
 /// The agent's supervisor zygote: its child running `execd supervise`.
 fn zygote_of(agent: u32) -> Option<u32> {
     std::fs::read_dir("/proc")
