@@ -47,7 +47,31 @@ pub async fn run_once(db: &Db, config: &RetentionConfig) -> Result<u64, db::Writ
             .await?;
         total += pruned;
         if pruned < config.batch as u64 {
-            return Ok(total);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    give_back(db).await?;
+    Ok(total)
+}
+
+/// Returns what free pages are left (a migration that rebuilt a table frees
+/// the old one's) to the file system, in the same steps as after a prune.
+async fn give_back(db: &Db) -> Result<(), db::WriteError> {
+    let mut before = i64::MAX;
+    loop {
+        let free = retention::free_pages(&db.readers).await?;
+        // Nothing left, or nothing given back (a file made without
+        // `auto_vacuum` keeps its free pages for later writes).
+        if free == 0 || free >= before {
+            return Ok(());
+        }
+        before = free;
+        db.writer
+            .write(|c| Box::pin(async move { retention::vacuum(c, VACUUM_PAGES).await }))
+            .await?;
+        if free <= VACUUM_PAGES {
+            return Ok(());
         }
         tokio::task::yield_now().await;
     }

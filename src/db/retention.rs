@@ -1,7 +1,7 @@
 //! SQL of retention: pruning finished executions (their output, callbacks
 //! and attempts go with them, by cascade) and giving the space back.
 
-use sqlx::SqliteConnection;
+use sqlx::{SqliteConnection, SqlitePool};
 
 /// Deletes up to `batch` executions that finished before `cutoff`, keeping
 /// any whose callback is still waiting, and any whose callback is dead and
@@ -40,4 +40,11 @@ pub async fn vacuum(conn: &mut SqliteConnection, pages: i64) -> Result<(), sqlx:
     let sql = format!("PRAGMA incremental_vacuum({pages})");
     sqlx::query(&sql).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Pages of the database file that hold nothing.
+pub async fn free_pages(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("PRAGMA freelist_count")
+        .fetch_one(pool)
+        .await
 }

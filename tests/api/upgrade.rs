@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use execd::config::Config;
 use serde_json::json;
-use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::sqlite::{SqliteAutoVacuum, SqliteConnectOptions};
 use sqlx::ConnectOptions;
 
 use crate::helpers::{self, TOKEN};
@@ -18,7 +18,7 @@ const BEFORE_ROWID_CHUNKS: &[&str] = &[
 ];
 
 #[tokio::test]
-async fn output_stored_before_the_upgrade_reads_the_same_after_it() {
+async fn an_upgraded_database_reads_its_old_output_the_same_and_gives_the_old_pages_back() {
     let data_dir = tempfile::tempdir().unwrap();
     let old = tempfile::tempdir().unwrap();
     for name in BEFORE_ROWID_CHUNKS {
@@ -28,6 +28,7 @@ async fn output_stored_before_the_upgrade_reads_the_same_after_it() {
     let mut conn = SqliteConnectOptions::new()
         .filename(data_dir.path().join("execd.db"))
         .create_if_missing(true)
+        .auto_vacuum(SqliteAutoVacuum::Incremental)
         .connect()
         .await
         .unwrap();
@@ -48,7 +49,14 @@ async fn output_stored_before_the_upgrade_reads_the_same_after_it() {
          INSERT INTO output_chunks (execution_id, attempt, stream, seq, data, created_at) VALUES
            ('exec_old', 1, 'stdout', 1, CAST('world!' AS BLOB), '{now}'),
            ('exec_old', 1, 'stderr', 0, CAST('oops' AS BLOB), '{now}'),
-           ('exec_old', 1, 'stdout', 0, CAST('hello ' AS BLOB), '{now}');",
+           ('exec_old', 1, 'stdout', 0, CAST('hello ' AS BLOB), '{now}');
+         INSERT INTO executions (id, process_id, lane, language, code, working_dir, timeout_ms,
+                                 status, exit_code, created_at, started_at, completed_at,
+                                 attempt, stdout_bytes)
+         VALUES ('exec_big', 'proc_big', 'background', 'bash', 'echo', '/tmp', 1000,
+                 'completed', 0, '{now}', '{now}', '{now}', 1, 8388608);
+         INSERT INTO output_chunks (execution_id, attempt, stream, seq, data, created_at)
+           VALUES ('exec_big', 1, 'stdout', 0, randomblob(8388608), '{now}');",
     ))
     .execute(&mut conn)
     .await
@@ -63,6 +71,29 @@ async fn output_stored_before_the_upgrade_reads_the_same_after_it() {
     let old = app.process("proc_old").await;
     assert_eq!(old["stdout"], "hello world!", "{old}");
     assert_eq!(old["stderr"], "oops", "{old}");
+
+    // The old table's 8 MiB of pages, freed by the upgrade's copy, go back
+    // to the file system: the file holds the output once, not twice.
+    let db_path = app.db_path();
+    let free = || async {
+        let mut c = SqliteConnectOptions::new()
+            .filename(&db_path)
+            .read_only(true)
+            .connect()
+            .await
+            .unwrap();
+        let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        json!(free)
+    };
+    helpers::poll_until(Duration::from_secs(10), free, |n| *n == 0).await;
+    let size = std::fs::metadata(&db_path).unwrap().len();
+    assert!(
+        size < 12 << 20,
+        "the file holds {size} bytes for 8 MiB of output"
+    );
 
     // New output is stored and read in order next to the old.
     let id = app
