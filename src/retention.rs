@@ -22,10 +22,11 @@ pub struct RetentionConfig {
     pub batch: i64,
 }
 
-/// Pages given back per batch: a few MiB, so no one write takes long.
+/// Pages given back per write: a few MiB, so no one write takes long.
 const VACUUM_PAGES: i64 = 2048;
 
-/// Prunes everything due now, batch by batch; returns how many executions went.
+/// Prunes everything due now, batch by batch, then gives the free pages
+/// back; returns how many executions went.
 pub async fn run_once(db: &Db, config: &RetentionConfig) -> Result<u64, db::WriteError> {
     let mut total = 0;
     loop {
@@ -36,13 +37,7 @@ pub async fn run_once(db: &Db, config: &RetentionConfig) -> Result<u64, db::Writ
         let pruned = db
             .writer
             .write(move |c| {
-                Box::pin(async move {
-                    let pruned = retention::prune(c, &cutoff, &dead_cutoff, batch).await?;
-                    if pruned > 0 {
-                        retention::vacuum(c, VACUUM_PAGES).await?;
-                    }
-                    Ok(pruned)
-                })
+                Box::pin(async move { retention::prune(c, &cutoff, &dead_cutoff, batch).await })
             })
             .await?;
         total += pruned;
@@ -55,8 +50,8 @@ pub async fn run_once(db: &Db, config: &RetentionConfig) -> Result<u64, db::Writ
     Ok(total)
 }
 
-/// Returns what free pages are left (a migration that rebuilt a table frees
-/// the old one's) to the file system, in the same steps as after a prune.
+/// Returns the free pages (left by a prune, or by a migration that rebuilt a
+/// table) to the file system, `VACUUM_PAGES` per write.
 async fn give_back(db: &Db) -> Result<(), db::WriteError> {
     let mut before = i64::MAX;
     loop {
@@ -70,9 +65,6 @@ async fn give_back(db: &Db) -> Result<(), db::WriteError> {
         db.writer
             .write(|c| Box::pin(async move { retention::vacuum(c, VACUUM_PAGES).await }))
             .await?;
-        if free <= VACUUM_PAGES {
-            return Ok(());
-        }
         tokio::task::yield_now().await;
     }
 }

@@ -165,7 +165,6 @@ impl Runner {
                     let reason = *handle.reason.lock().unwrap();
                     match reason {
                         StopReason::Shutdown => {
-                            self.store_pid(fence, &mut job).await;
                             self.pump(fence, &mut job).await;
                             return Followed::Detached;
                         }
@@ -181,12 +180,8 @@ impl Runner {
                     }
                 }
                 () = supervisor_end => break,
-                () = output_waiting => {
-                    self.store_pid(fence, &mut job).await;
-                    self.pump(fence, &mut job).await;
-                }
+                () = output_waiting => self.pump(fence, &mut job).await,
                 _ = tick.tick() => {
-                    self.store_pid(fence, &mut job).await;
                     self.pump(fence, &mut job).await;
                     // Without a report (adopted; or the supervisor was
                     // killed before it could say so), the run directory tells.
@@ -208,7 +203,6 @@ impl Runner {
                 Followed::Ended(finish_of(&ended), rest, job.unstored.take())
             }
             None => {
-                self.store_pid(fence, &mut job).await;
                 self.pump(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
@@ -216,7 +210,10 @@ impl Runner {
         }
     }
 
+    /// Stores the program's pid if it is not stored yet, then the new output:
+    /// what the API shows of a running job, in that order.
     async fn pump(&self, fence: &Fence, job: &mut Attached) {
+        self.store_pid(fence, job).await;
         let writer = &self.db.writer;
         let [out, err] = &mut job.tails;
         tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
