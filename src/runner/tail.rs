@@ -88,21 +88,30 @@ impl Tail {
         if self.fenced_out {
             return None;
         }
+        // The supervisor makes the file with the stream's first byte.
         if self.file.is_none() {
-            self.file = Some(File::open(self.run.output(self.stream)).ok()?);
+            self.file = File::open(self.run.output(self.stream)).ok();
         }
-        let file = self.file.as_mut().expect("opened above");
         // Only what is there: an idle job costs a stat, not a buffer.
-        let size = file.metadata().ok()?.len();
+        let size = match &self.file {
+            Some(file) => file.metadata().ok()?.len(),
+            None => 0,
+        };
         let waiting = size.saturating_sub(self.offset);
         let truncated = !self.flagged && self.run.truncated_marker(self.stream).exists();
         if waiting == 0 && !truncated {
             return None;
         }
-        file.seek(SeekFrom::Start(self.offset)).ok()?;
         let mut chunks = Vec::new();
         let mut taken = 0u64;
-        while taken < waiting.min(BATCH_BYTES) {
+        if let Some(file) = self.file.as_mut().filter(|_| waiting > 0) {
+            file.seek(SeekFrom::Start(self.offset)).ok()?;
+        }
+        while let Some(file) = self
+            .file
+            .as_mut()
+            .filter(|_| taken < waiting.min(BATCH_BYTES))
+        {
             let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
             let mut data = vec![0u8; want];
             if file.read_exact(&mut data).is_err() {

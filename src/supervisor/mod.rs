@@ -9,14 +9,15 @@
 //! pipes, the timeout): a fork of it costs no threads, stacks or arenas.
 
 pub mod files;
+mod spawn;
 mod zygote;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -93,49 +94,21 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     mask.thread_block()?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
 
-    let mut command = Command::new(&spec.program);
-    command
-        .args(&spec.args)
-        .current_dir(&spec.working_dir)
-        .envs(&spec.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
     // The forked program reports its pid on a copy of our stdout (its own
     // is the job's pipe by then), closed by its `exec`.
     let report = nix::fcntl::fcntl(1, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
     // SAFETY: the fd was just duplicated for us alone.
     let report = unsafe { OwnedFd::from_raw_fd(report) };
-    let (report_fd, gate_fd) = (report.as_raw_fd(), gate.as_raw_fd());
     let prefix = format!("{} pid ", reporter.0).into_bytes();
-    // SAFETY: the closure runs in the forked child before `exec`, and does
-    // only async-signal-safe things (sigaction, prctl, getpid, read, write)
-    // on memory allocated before the fork. If the supervisor dies, the
-    // program gets SIGKILL instead of running on unsupervised. The signals
-    // the supervisor ignores are the program's own business again (an
-    // ignored disposition would survive the exec).
-    unsafe {
-        command.pre_exec(move || {
-            for signal in [
-                Signal::SIGHUP,
-                Signal::SIGINT,
-                Signal::SIGPIPE,
-                Signal::SIGCHLD,
-            ] {
-                nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl)?;
-            }
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
-            let mut line = [0u8; 64];
-            let n = pid_line(&prefix, std::process::id(), &mut line);
-            let _ = nix::unistd::write(BorrowedFd::borrow_raw(report_fd), &line[..n]);
-            wait_for_go(gate_fd)
-        });
-    }
-    let spawned = command.spawn();
+    let gated = spawn::Gated {
+        report: report.as_raw_fd(),
+        prefix: &prefix,
+        gate: gate.as_raw_fd(),
+    };
+    let spawned = spawn::spawn(spec, &gated);
     drop((report, gate));
-    let mut child = match spawned {
-        Ok(child) => child,
+    let program = match spawned {
+        Ok(program) => program,
         // Dropped before its start (or the zygote went): nothing ran, nothing to say.
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECANCELED as i32) => return Ok(()),
         Err(e) => {
@@ -146,7 +119,11 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
         }
     };
     let started_at = Instant::now();
-    let pid = child.id();
+    let spawn::Program {
+        pid,
+        stdout,
+        stderr,
+    } = program;
     let me = std::process::id();
     let started = Started {
         supervisor_pid: me,
@@ -158,15 +135,14 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     files::write_json_atomic(&dir.started(), &started)?;
     reporter.say("started");
 
-    let mut captures: Vec<Capture> = [
-        child.stdout.take().map(OwnedFd::from),
-        child.stderr.take().map(OwnedFd::from),
-    ]
-    .into_iter()
-    .zip([Stream::Stdout, Stream::Stderr])
-    .filter_map(|(pipe, stream)| Capture::new(pipe?, dir, stream, spec.max_output_bytes))
-    .collect();
-    let mut buf = vec![0u8; 64 << 10];
+    let mut captures: Vec<Capture> = [stdout, stderr]
+        .into_iter()
+        .zip([Stream::Stdout, Stream::Stderr])
+        .map(|(pipe, stream)| Capture::new(pipe, dir, stream, spec.max_output_bytes))
+        .collect();
+    // Mapped pages, faulted in as reads fill them: a small job's output
+    // touches one, where a `vec!` would zero all sixteen.
+    let mut buf = memmap2::MmapMut::map_anon(64 << 10)?;
 
     let deadline = started_at + Duration::from_millis(spec.timeout_ms);
     let grace = Duration::from_millis(spec.kill_grace_ms);
@@ -180,7 +156,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     let group = Pid::from_raw(pid as i32);
     loop {
         if status.is_none() {
-            if let Ok(Some(exited)) = child.try_wait() {
+            if let Some(exited) = spawn::try_wait(pid) {
                 status = Some(exited);
                 // Whatever the program left behind in its group goes with it.
                 let _ = killpg(group, Signal::SIGKILL);
@@ -301,29 +277,17 @@ fn pid_line(prefix: &[u8], pid: u32, buf: &mut [u8; 64]) -> usize {
     n + digits.len() + 1
 }
 
-/// Blocks until the zygote opens the gate (`Ok`), or closes it (the job was
-/// dropped, or the zygote is gone: `ECANCELED`, and the program never runs).
-fn wait_for_go(gate: RawFd) -> std::io::Result<()> {
-    let mut byte = [0u8; 1];
-    loop {
-        match nix::unistd::read(gate, &mut byte) {
-            Ok(1) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => continue,
-            _ => {
-                return Err(std::io::Error::from_raw_os_error(
-                    nix::errno::Errno::ECANCELED as i32,
-                ))
-            }
-        }
-    }
-}
-
 /// One of the program's output pipes, copied into its file in the run
 /// directory up to the cap; past it, drained into /dev/null by `splice`
 /// (no copy through us), so the program never blocks on a full pipe.
 struct Capture {
     pipe: File,
-    out: File,
+    /// The stream's file, made when its first byte comes: most jobs write
+    /// nothing to one of their streams, and a file made and removed for
+    /// nothing costs an inode (on ext4 without a journal, a scan past the
+    /// recently freed ones).
+    out: Option<File>,
+    path: PathBuf,
     cap: u64,
     kept: u64,
     /// `kept` when the agent was last told of new output.
@@ -335,27 +299,23 @@ struct Capture {
 }
 
 impl Capture {
-    fn new(pipe: OwnedFd, dir: &RunDir, stream: Stream, cap: u64) -> Option<Capture> {
+    fn new(pipe: OwnedFd, dir: &RunDir, stream: Stream, cap: u64) -> Capture {
         // A larger pipe: fewer wake-ups for a program that writes a lot.
         let _ = nix::fcntl::fcntl(
             pipe.as_raw_fd(),
             nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
         );
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(dir.output(stream))
-            .ok()?;
-        Some(Capture {
+        Capture {
             pipe: File::from(pipe),
-            out,
+            out: None,
+            path: dir.output(stream),
             cap,
             kept: 0,
             reported: 0,
             marker: dir.truncated_marker(stream),
             marked: false,
             null: None,
-        })
+        }
     }
 
     /// Takes what the pipe has (it polled readable); false once it is done.
@@ -392,7 +352,14 @@ impl Capture {
         };
         let room = self.cap.saturating_sub(self.kept).min(n as u64) as usize;
         if room > 0 {
-            if self.out.write_all(&buf[..room]).is_err() {
+            if self.out.is_none() {
+                match File::options().create(true).append(true).open(&self.path) {
+                    Ok(file) => self.out = Some(file),
+                    Err(_) => return false,
+                }
+            }
+            let out = self.out.as_mut().expect("opened above");
+            if out.write_all(&buf[..room]).is_err() {
                 return false;
             }
             self.kept += room as u64;

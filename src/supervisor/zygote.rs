@@ -46,6 +46,8 @@ const GATE_TTL: Duration = Duration::from_secs(60);
 /// the zygote's end (it ends when the agent closes its stdin) ends no
 /// started job, and every job still at its gate ends unstarted.
 pub(super) fn serve() -> ExitCode {
+    // Read once here, so no supervisor reads it again.
+    super::files::boot_id();
     // SAFETY: SIG_IGN runs no code of ours. Forked supervisors are reaped
     // by the kernel: the zygote waits for none of them.
     unsafe {
@@ -179,7 +181,8 @@ fn fork_spare(gates: &mut HashMap<String, (OwnedFd, Instant)>) -> Option<Spare> 
                 .and_then(|(token, job)| Some((token, job.split_once('\t')?)))
             else {
                 // No job: the zygote went, or dropped its spare.
-                std::process::exit(0);
+                // SAFETY: ends this process; nothing of it is left to run.
+                unsafe { nix::libc::_exit(0) };
             };
             let code = run(
                 RunDir::new(path),
@@ -187,7 +190,10 @@ fn fork_spare(gates: &mut HashMap<String, (OwnedFd, Instant)>) -> Option<Spare> 
                 &Reporter(token.to_string()),
                 gate_out,
             );
-            std::process::exit(i32::from(code));
+            // Nothing is buffered (reports and complaints are written as they
+            // come): no exit handlers to run, no pages of theirs to copy.
+            // SAFETY: as above.
+            unsafe { nix::libc::_exit(i32::from(code)) };
         }
         Ok(nix::unistd::ForkResult::Parent { .. }) => Some(Spare {
             line: File::from(line_in),

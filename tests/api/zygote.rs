@@ -210,3 +210,110 @@ async fn jobs_back_to_back_each_get_a_supervisor_and_the_spare_leaves_with_the_z
         processes_under(tmp.path())
     );
 }
+
+/// A job line for the zygote running `program` with `args` in `working_dir`.
+fn job_running(
+    runs: &Path,
+    name: &str,
+    program: &str,
+    args: &[&str],
+    working_dir: &Path,
+    env: &[(&str, &str)],
+) -> (String, PathBuf) {
+    let dir = runs.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = Spec {
+        program: program.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        working_dir: working_dir.to_path_buf(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        timeout_ms: 10_000,
+        kill_grace_ms: 1_000,
+        max_output_bytes: 1 << 20,
+    };
+    let line = format!(
+        "{}\t{}",
+        dir.display(),
+        serde_json::to_string(&spec).unwrap()
+    );
+    (line, dir)
+}
+
+#[tokio::test]
+async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut zygote = Zygote::start(tmp.path());
+    // A bare name is looked up on the job's PATH, as `execvp` does; the
+    // program runs in its working directory, in a process group of its
+    // own, with no signal blocked or ignored (the supervisor blocks and
+    // ignores some of its own), its stderr on a stream of its own.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("probe"),
+        "#!/bin/sh\npwd\necho \"$$ $(cut -d' ' -f5 /proc/$$/stat)\"\necho oops >&2\nexec grep -E '^Sig(Blk|Ign)' /proc/self/status\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("probe"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let (line, dir) = job_running(tmp.path(), "g", "probe", &[], &work, &[("PATH", &path)]);
+    zygote.say(&format!("1 {line}"));
+    let pid = pid_of(&zygote.next(), "1");
+    zygote.say("1 go");
+    assert_eq!(zygote.next(), "1 started");
+    assert_eq!(zygote.next(), "1 end");
+    let stdout = std::fs::read_to_string(dir.join("stdout")).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], work.display().to_string(), "{stdout}");
+    assert_eq!(lines[1], format!("{pid} {pid}"), "its own group: {stdout}");
+    let mask = |line: &str| u64::from_str_radix(line.split('\t').nth(1).unwrap(), 16).unwrap();
+    assert_eq!(mask(lines[2]), 0, "a signal blocked: {stdout}");
+    // What the supervisor ignores (SIGHUP 1, SIGINT 2, SIGPIPE 13, SIGCHLD
+    // 17; bit n-1 for signal n) is not ignored by the program.
+    for signal in [1, 2, 13, 17] {
+        assert_eq!(
+            mask(lines[3]) & (1 << (signal - 1)),
+            0,
+            "{signal} ignored: {stdout}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("stderr")).unwrap(),
+        "oops\n"
+    );
+
+    // Nothing to run (found out at the `exec`, after the go), or nowhere
+    // to run it (before the pid is reported): an error, an end.
+    let missing = tmp.path().join("no-such-program");
+    for (token, program, cwd) in [
+        ("2", missing.to_str().unwrap(), work.clone()),
+        ("3", "/bin/true", tmp.path().join("no-such-dir")),
+    ] {
+        let (line, dir) = job_running(tmp.path(), token, program, &[], &cwd, &[]);
+        zygote.say(&format!("{token} {line}"));
+        let mut report = zygote.next();
+        if token == "2" {
+            pid_of(&report, token);
+            zygote.say(&format!("{token} go"));
+            report = zygote.next();
+        }
+        assert!(
+            report.starts_with(&format!("{token} error could not start "))
+                && report.ends_with("No such file or directory (os error 2)"),
+            "{report}"
+        );
+        assert_eq!(zygote.next(), format!("{token} end"));
+        let ended = files::RunDir::new(&dir).read_ended().expect("status.json");
+        assert_eq!(ended.outcome, files::Outcome::FailedToStart, "{ended:?}");
+        assert!(!dir.join("stdout").exists(), "no output, no file");
+    }
+}

@@ -1,0 +1,224 @@
+//! Starting the program the way `posix_spawn` does: a `clone` that shares
+//! the supervisor's memory and suspends the supervisor until the program
+//! `exec`s or gives up. `std::process::Command` forks whenever a `pre_exec`
+//! step is asked for, and ours is needed (the pid report, the gate): that
+//! copied the supervisor's page tables for each job, took copy-on-write
+//! faults on both sides, and tore the copy down again at the `exec`.
+//!
+//! What the child does between the `clone` and the `exec` is what `std`
+//! does, in the same order (standard streams, working directory, process
+//! group, signal mask, then our steps, then `execvp` with the job's
+//! environment), on memory prepared before the `clone`: it shares our
+//! memory, so it allocates nothing and only makes system calls.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::libc;
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+
+use super::files::Spec;
+
+/// The stack the child runs on until its `exec`: our few calls, and
+/// glibc's `execvp` (a `PATH` buffer, and the argument vector again for a
+/// script without `#!`), whatever the number of arguments.
+const STACK_BYTES: usize = 64 << 10;
+
+/// The started program: its pid (also its process group) and the reading
+/// ends of its stdout and stderr.
+pub(super) struct Program {
+    pub pid: u32,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// How program `pid` ended, once it has (reaping it); `None` while it runs.
+pub(super) fn try_wait(pid: u32) -> Option<ExitStatus> {
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`.
+    let reaped = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+    (reaped == pid as i32).then(|| ExitStatus::from_raw(status))
+}
+
+/// What the program's start needs before it runs: where to report its pid
+/// (`report`, a line starting with `prefix`) and the gate to wait at.
+pub(super) struct Gated<'a> {
+    pub report: RawFd,
+    pub prefix: &'a [u8],
+    pub gate: RawFd,
+}
+
+/// Starts `spec`'s program, stdin on /dev/null and its output on two new
+/// pipes, in a process group of its own; it reports its pid and waits at
+/// the gate before its `exec`. `ECANCELED` when the gate was closed instead
+/// of opened: nothing ran.
+pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
+    let program = cstring(spec.program.as_os_str())?;
+    let argv_owned: Vec<CString> = std::iter::once(Ok(program.clone()))
+        .chain(spec.args.iter().map(|a| cstring(OsStr::new(a))))
+        .collect::<std::io::Result<_>>()?;
+    let argv = null_terminated(&argv_owned);
+    let envp_owned = environment(spec)?;
+    let envp = null_terminated(&envp_owned);
+    let cwd = cstring(spec.working_dir.as_os_str())?;
+    let null = std::fs::File::open("/dev/null")?;
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut line = [0u8; 64];
+    let failed = AtomicI32::new(0);
+    // Pages of its own, mapped as they are touched: a `vec!` would zero
+    // (and fault in) all of it first.
+    let mut stack = memmap2::MmapMut::map_anon(STACK_BYTES)?;
+
+    let (null_fd, out_fd, err_fd) = (null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd());
+    let child = Box::new(|| -> isize {
+        // SAFETY: the child shares our memory and runs while we are
+        // suspended; it only makes system calls on what was prepared above.
+        let errno: Result<(), i32> = unsafe {
+            before_exec(
+                [null_fd, out_fd, err_fd],
+                &cwd,
+                gated,
+                &mut line,
+                envp.as_ptr(),
+            )
+            .and_then(|()| {
+                libc::execvp(program.as_ptr(), argv.as_ptr());
+                Err(nix::errno::Errno::last_raw())
+            })
+        };
+        failed.store(errno.err().unwrap_or(libc::EINVAL), Ordering::Relaxed);
+        127
+    });
+    // SAFETY: `environ` is only read and written by this one thread; the
+    // child may point it at the job's environment before its `exec`, and it
+    // is put back below, before anything else runs here.
+    let saved_environ = unsafe { libc::environ };
+    // SAFETY: CLONE_VM | CLONE_VFORK: the child runs on `stack`, and we
+    // are suspended until it has exec'd or exited, so nothing it touches
+    // changes under it and it outlives none of what it borrows.
+    let cloned = unsafe {
+        nix::sched::clone(
+            child,
+            &mut stack,
+            CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    };
+    // SAFETY: as above; the child is gone or exec'd.
+    unsafe { libc::environ = saved_environ };
+    let pid = cloned?;
+    drop((out_w, err_w, null));
+    let errno = failed.load(Ordering::Relaxed);
+    if errno != 0 {
+        // It never exec'd: reap it, and say why.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(std::io::Error::from_raw_os_error(errno));
+    }
+    Ok(Program {
+        pid: pid.as_raw() as u32,
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// The child's steps before its `exec`; the errno that stopped them.
+///
+/// # Safety
+/// Only in the child of `spawn`'s `clone`.
+unsafe fn before_exec(
+    [stdin, stdout, stderr]: [RawFd; 3],
+    cwd: &CString,
+    gated: &Gated,
+    line: &mut [u8; 64],
+    envp: *const *const libc::c_char,
+) -> Result<(), i32> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(nix::errno::Errno::last_raw())
+        } else {
+            Ok(())
+        }
+    };
+    check(libc::dup2(stdin, 0))?;
+    check(libc::dup2(stdout, 1))?;
+    check(libc::dup2(stderr, 2))?;
+    check(libc::chdir(cwd.as_ptr()))?;
+    check(libc::setpgid(0, 0))?;
+    // The supervisor's blocked signals (its signalfd's) and ignored ones
+    // are the program's own business again: an ignored disposition would
+    // survive the `exec`. Dispositions are the child's own copy (no
+    // CLONE_SIGHAND); the mask is per thread.
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    check(libc::sigprocmask(
+        libc::SIG_SETMASK,
+        &empty,
+        std::ptr::null_mut(),
+    ))?;
+    for signal in [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGPIPE,
+        Signal::SIGCHLD,
+    ] {
+        if libc::signal(signal as libc::c_int, libc::SIG_DFL) == libc::SIG_ERR {
+            return Err(nix::errno::Errno::last_raw());
+        }
+    }
+    // If the supervisor dies, the program gets SIGKILL instead of running
+    // on unsupervised.
+    check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+    let n = super::pid_line(gated.prefix, libc::getpid() as u32, line);
+    let _ = libc::write(gated.report, line.as_ptr().cast(), n);
+    let mut byte = 0u8;
+    loop {
+        match libc::read(gated.gate, (&mut byte as *mut u8).cast(), 1) {
+            1 => break,
+            r if r < 0 && nix::errno::Errno::last_raw() == libc::EINTR => continue,
+            // Closed: the job was dropped (or the zygote is gone).
+            _ => return Err(libc::ECANCELED),
+        }
+    }
+    libc::environ = envp as *mut *mut libc::c_char;
+    Ok(())
+}
+
+/// The program's environment: the supervisor's, with the job's values on top.
+fn environment(spec: &Spec) -> std::io::Result<Vec<CString>> {
+    let mut vars: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for (key, value) in &spec.env {
+        vars.insert(key.into(), value.into());
+    }
+    vars.into_iter()
+        .map(|(key, value)| {
+            let mut pair = key.into_vec();
+            pair.push(b'=');
+            pair.extend(value.into_vec());
+            cstring(OsStr::from_bytes(&pair))
+        })
+        .collect()
+}
+
+fn cstring(s: &OsStr) -> std::io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a program, argument, variable or directory with a NUL byte",
+        )
+    })
+}
+
+/// The pointers of `strings`, then a null one: an `argv` or `envp`.
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
