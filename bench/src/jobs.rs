@@ -126,6 +126,16 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
     // Each of the four runs stops at this bound (a busy machine, a slow
     // interpreter); the rate is then over the jobs done by then.
     let limit = Duration::from_secs(ctx.pick(100, 30));
+    // What one job's supervision costs the machine, apart from the agent.
+    let (bin, runs, count) = (
+        ctx.agent.bin.clone(),
+        ctx.data_dir("s3-zygote"),
+        ctx.pick(2000, 200),
+    );
+    match tokio::task::spawn_blocking(move || supervisor_path(&bin, &runs, count)).await? {
+        Ok(note) => out.note(note),
+        Err(e) => out.note(format!("the supervisor path alone was not measured: {e:#}")),
+    }
     for c in [2usize, 4] {
         // The baseline first, with no agent alive, so this process's
         // children CPU time is the spawned interpreters' alone.
@@ -300,6 +310,74 @@ fn direct_spawns(
         done.into_inner(),
         start.elapsed(),
         children_cpu_seconds() - cpu0,
+    ))
+}
+
+/// The agent's zygote (`execd supervise`) driven directly, as the agent
+/// drives it, with `n` jobs of `/bin/true` one after the other (run
+/// directory, job line, pid report, `go`, `started`, `end`, the directory
+/// removed), against `n` direct spawns of `/bin/true`: the machine's CPU
+/// per job of each, and so what a job's supervisor process costs.
+fn supervisor_path(bin: &Path, runs: &Path, n: usize) -> Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    std::fs::create_dir_all(runs)?;
+    let machine0 = agent::machine_cpu_seconds();
+    let start = Instant::now();
+    for _ in 0..n {
+        let status = Command::new("/bin/true").stdin(Stdio::null()).status()?;
+        if !status.success() {
+            bail!("/bin/true: {status}");
+        }
+    }
+    let direct = (agent::machine_cpu_seconds() - machine0, start.elapsed());
+
+    let mut zygote = Command::new(bin)
+        .arg("supervise")
+        .arg(runs)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} supervise", bin.display()))?;
+    let mut to = zygote.stdin.take().context("zygote stdin")?;
+    let mut from = BufReader::new(zygote.stdout.take().context("zygote stdout")?);
+    // Its spare supervisor forked, as between an idle agent's jobs.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut line = String::new();
+    let mut expect = |from: &mut BufReader<_>, what: &str| -> Result<()> {
+        line.clear();
+        from.read_line(&mut line)?;
+        if !line.starts_with(what) {
+            bail!("the zygote said {line:?}, not {what:?}");
+        }
+        Ok(())
+    };
+    let machine0 = agent::machine_cpu_seconds();
+    let start = Instant::now();
+    for i in 0..n {
+        let dir = runs.join(i.to_string());
+        std::fs::create_dir(&dir)?;
+        let spec = json!({
+            "program": "/bin/true", "args": [], "working_dir": dir, "env": {},
+            "timeout_ms": 10_000, "kill_grace_ms": 1_000, "max_output_bytes": 1 << 20,
+        });
+        writeln!(to, "{i} {}\t{spec}", dir.display())?;
+        expect(&mut from, &format!("{i} pid "))?;
+        writeln!(to, "{i} go")?;
+        expect(&mut from, &format!("{i} started"))?;
+        expect(&mut from, &format!("{i} end"))?;
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let supervised = (agent::machine_cpu_seconds() - machine0, start.elapsed());
+    drop(to);
+    let _ = zygote.wait();
+    let per_job =
+        |(cpu, wall): (f64, Duration)| (cpu * 1e3 / n as f64, wall.as_secs_f64() * 1e3 / n as f64);
+    let ((s_cpu, s_wall), (d_cpu, d_wall)) = (per_job(supervised), per_job(direct));
+    Ok(format!(
+        "the supervisor path alone ({n} × /bin/true through the agent's zygote, driven directly, one at a time): \
+         machine CPU {s_cpu:.2} ms/job, wall {s_wall:.2} ms/job; /bin/true spawned directly: {d_cpu:.2} ms, {d_wall:.2} ms; \
+         so a job's supervision costs {:.2} ms of CPU",
+        s_cpu - d_cpu
     ))
 }
 

@@ -4,7 +4,7 @@
 //! `<data-dir>/runs/<execution id>/`
 //! - `main.<ext>`       the code
 //! - `supervisor.json`  who runs it: supervisor and program pid, start time, machine boot
-//! - `stdout`, `stderr` the output, up to the cap; `<stream>.truncated` once output is dropped
+//! - `stdout`, `stderr` the output, up to the cap (made with its first byte); `<stream>.truncated` once output is dropped
 //! - `status.json`      how it ended (written atomically by the supervisor, last)
 //! - `supervisor.log`   the supervisor's own complaints, if it has any
 //!
