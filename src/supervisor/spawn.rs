@@ -24,10 +24,13 @@ use nix::sys::signal::Signal;
 
 use super::files::Spec;
 
-/// The stack the child runs on until its `exec`: our few calls, and
-/// glibc's `execvp` (a `PATH` buffer, and the argument vector again for a
-/// script without `#!`), whatever the number of arguments.
+/// The stack the child runs on until its `exec`, beyond what the arguments
+/// take: our few calls, and glibc's `execvp` (a `PATH` buffer of at most
+/// `PATH_MAX`). For a script without `#!`, `execvp` copies the argument
+/// vector onto the stack too: `STACK_PER_ARG` more per argument. Untouched
+/// pages cost nothing (they are mapped as they are touched).
 const STACK_BYTES: usize = 64 << 10;
+const STACK_PER_ARG: usize = 2 * std::mem::size_of::<usize>();
 
 /// The started program: its pid (also its process group) and the reading
 /// ends of its stdout and stderr.
@@ -73,7 +76,7 @@ pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
     let failed = AtomicI32::new(0);
     // Pages of its own, mapped as they are touched: a `vec!` would zero
     // (and fault in) all of it first.
-    let mut stack = memmap2::MmapMut::map_anon(STACK_BYTES)?;
+    let mut stack = memmap2::MmapMut::map_anon(STACK_BYTES + STACK_PER_ARG * argv.len())?;
 
     let (null_fd, out_fd, err_fd) = (null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd());
     let child = Box::new(|| -> isize {

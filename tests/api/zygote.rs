@@ -291,17 +291,38 @@ async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_
         "oops\n"
     );
 
+    // A script without `#!` runs under /bin/sh, as `execvp` does it, with
+    // every one of its many arguments (the shell's argument vector is
+    // copied on the stack the program starts on).
+    std::fs::write(bin.join("count"), "echo $#\n").unwrap();
+    std::fs::set_permissions(
+        bin.join("count"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let many = vec!["x"; 20_000];
+    let (line, dir) = job_running(tmp.path(), "h", "count", &many, &work, &[("PATH", &path)]);
+    zygote.say(&format!("4 {line}"));
+    pid_of(&zygote.next(), "4");
+    zygote.say("4 go");
+    assert_eq!(zygote.next(), "4 started");
+    assert_eq!(zygote.next(), "4 end");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("stdout")).unwrap(),
+        "20000\n"
+    );
+
     // Nothing to run (found out at the `exec`, after the go), or nowhere
     // to run it (before the pid is reported): an error, an end.
     let missing = tmp.path().join("no-such-program");
     for (token, program, cwd) in [
-        ("2", missing.to_str().unwrap(), work.clone()),
-        ("3", "/bin/true", tmp.path().join("no-such-dir")),
+        ("5", missing.to_str().unwrap(), work.clone()),
+        ("6", "/bin/true", tmp.path().join("no-such-dir")),
     ] {
         let (line, dir) = job_running(tmp.path(), token, program, &[], &cwd, &[]);
         zygote.say(&format!("{token} {line}"));
         let mut report = zygote.next();
-        if token == "2" {
+        if token == "5" {
             pid_of(&report, token);
             zygote.say(&format!("{token} go"));
             report = zygote.next();
