@@ -94,7 +94,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     mask.thread_block()?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
 
-    // The forked program reports its pid on a copy of our stdout (its own
+    // The program reports its pid on a copy of our stdout (its own
     // is the job's pipe by then), closed by its `exec`.
     let report = nix::fcntl::fcntl(1, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
     // SAFETY: the fd was just duplicated for us alone.
