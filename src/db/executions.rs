@@ -10,13 +10,12 @@ use crate::domain::{ExecutionId, Lane, ProcessId, Program, Status, Submission};
 /// How a submission was stored.
 #[derive(Debug)]
 pub enum Inserted {
-    New,
+    /// Stored; already claimed when the insert was asked to claim it and
+    /// its lane had no queued row (it was then the lane's oldest).
+    New(Option<Box<Claimed>>),
     /// A row with the same idempotency key exists: its id, and whether the
     /// request that created it was the same one.
-    Existing {
-        id: String,
-        same_request: bool,
-    },
+    Existing { id: String, same_request: bool },
 }
 
 /// The idempotency key of a request and a hash of what was asked.
@@ -60,6 +59,18 @@ impl Run {
     }
 }
 
+/// Who claims a row as it is inserted, and when.
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimAs<'a> {
+    pub owner: &'a str,
+    pub now: &'a str,
+}
+
+/// Stores a submission as queued, in one statement. With `claim_as`, and
+/// no queued row in its lane (so that this one is the oldest, and the
+/// claim takes it), it is stored claimed instead, as `claim` would leave it:
+/// a pickup one round trip shorter, and no entry in the queue index that
+/// the claim would remove at once.
 #[tracing::instrument(skip_all, fields(execution_id = %id))]
 pub async fn insert(
     conn: &mut SqliteConnection,
@@ -68,15 +79,9 @@ pub async fn insert(
     submission: &Submission,
     idempotency: Option<&Idempotency>,
     created_at: &str,
+    claim_as: Option<ClaimAs<'_>>,
 ) -> Result<Inserted, sqlx::Error> {
-    let Run {
-        language,
-        code,
-        args,
-        working_dir,
-        env,
-        timeout_ms,
-    } = Run::of(submission);
+    let run = Run::of(submission);
     let callback = submission.callback.as_ref();
     let callback_headers =
         callback.map(|c| serde_json::to_string(&c.headers).expect("strings serialize"));
@@ -88,23 +93,36 @@ pub async fn insert(
     let key = idempotency.map(|i| i.key.as_str());
     let hash = idempotency.map(|i| i.request_hash.as_str());
     let max_attempts = i64::from(submission.max_attempts);
-    let done = sqlx::query!(
-        r#"INSERT INTO executions
+    let owner = claim_as.map(|c| c.owner);
+    let now = claim_as.map(|c| c.now);
+    // `WHERE true`: an upsert after `INSERT … SELECT` needs one (SQLite's parser).
+    let stored = sqlx::query!(
+        r#"WITH lane AS (
+             SELECT ?18 IS NULL
+                    OR EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3) AS busy
+           )
+           INSERT INTO executions
              (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
               created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
-              max_attempts)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (idempotency_key) DO NOTHING"#,
+              max_attempts, status, owner, attempt, started_at)
+           SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                  CASE WHEN busy THEN 'queued' ELSE 'running' END,
+                  CASE WHEN busy THEN NULL ELSE ?18 END,
+                  CASE WHEN busy THEN 0 ELSE 1 END,
+                  CASE WHEN busy THEN NULL ELSE ?19 END
+             FROM lane WHERE true
+           ON CONFLICT (idempotency_key) DO NOTHING
+           RETURNING seq AS "seq!", status AS "status!", attempt AS "attempt!""#,
         id_str,
         process_id,
         lane,
         submission.name,
-        language,
-        code,
-        args,
-        working_dir,
-        env,
-        timeout_ms,
+        run.language,
+        run.code,
+        run.args,
+        run.working_dir,
+        run.env,
+        run.timeout_ms,
         created_at,
         callback_url,
         callback_headers,
@@ -112,11 +130,26 @@ pub async fn insert(
         key,
         hash,
         max_attempts,
+        owner,
+        now,
     )
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    if done.rows_affected() == 1 {
-        return Ok(Inserted::New);
+    if let Some(row) = stored {
+        let claimed = match (row.status.as_str(), now) {
+            ("running", Some(now)) => Some(Box::new(Claimed {
+                seq: row.seq,
+                id: id_str.to_string(),
+                lane: lane.to_string(),
+                process_id: process_id.to_string(),
+                run,
+                attempt: row.attempt,
+                max_attempts,
+                started_at: now.to_string(),
+            })),
+            _ => None,
+        };
+        return Ok(Inserted::New(claimed));
     }
     let existing = sqlx::query!(
         r#"SELECT id AS "id!", request_hash FROM executions WHERE idempotency_key = ?"#,

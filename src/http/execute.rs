@@ -179,17 +179,28 @@ pub(super) async fn submit(
         .writer
         .write_as(claiming, move |c| {
             Box::pin(async move {
-                let inserted = executions::insert(
+                let now = db::now();
+                let claim_as = permit.as_ref().map(|_| executions::ClaimAs {
+                    owner: runner.owner(),
+                    now: &now,
+                });
+                let mut inserted = executions::insert(
                     c,
                     &id,
                     &process_id,
                     &submission,
                     idempotency.as_ref(),
                     &created_at,
+                    claim_as,
                 )
                 .await?;
-                if let (Inserted::New, Some(permit)) = (&inserted, permit) {
-                    let jobs = executions::claim(c, lane, 1, runner.owner(), &db::now()).await?;
+                if let (Inserted::New(claimed), Some(permit)) = (&mut inserted, permit) {
+                    // Stored claimed (its lane had no queued row), or else the
+                    // lane's oldest queued row is claimed.
+                    let jobs = match claimed.take() {
+                        Some(job) => vec![*job],
+                        None => executions::claim(c, lane, 1, runner.owner(), &now).await?,
+                    };
                     let launcher = runner.launcher();
                     launcher.prelaunch(&jobs, &writer);
                     // The claim takes the lane's oldest queued row: when that
@@ -211,13 +222,13 @@ pub(super) async fn submit(
             })
         })
         .await;
-    if claiming && !matches!(inserted, Ok(Inserted::New)) {
+    if claiming && !matches!(inserted, Ok(Inserted::New(_))) {
         // Not stored, or a replay of another execution: this id never runs.
         launcher.abandon(&fresh.execution_id);
     }
     let inserted = inserted?;
     let id = match inserted {
-        Inserted::New => {
+        Inserted::New(_) => {
             if !claiming {
                 state.runner.wake(lane);
             }

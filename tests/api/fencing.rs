@@ -1,12 +1,10 @@
 //! Fenced writes, against the real database layer: once another owner has
 //! taken a row over, a stale runner's writes change nothing.
 
-use std::time::Duration;
-
 use execd::db::executions::{self, Fence, Finish};
 use execd::db::output::{self, Chunk};
 use execd::db::{self, Db};
-use execd::domain::{new_ids, ExecuteIn, Lane, Languages, Limits, Status, Stream, Submission};
+use execd::domain::{new_ids, Lane, Status, Stream};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
@@ -16,23 +14,21 @@ async fn a_stale_writer_changes_nothing_after_the_row_was_taken_over() {
     let (db, writer) = Db::open(&dir.path().join("execd.db"), stop.clone())
         .await
         .unwrap();
-    let limits = Limits {
-        max_code_bytes: 1000,
-        max_timeout: Duration::from_secs(60),
-        default_workdir: dir.path().to_path_buf(),
-        languages: Languages::detect(),
-    };
-    let input = ExecuteIn {
-        code: Some("echo hi".into()),
-        language: Some("bash".into()),
-        ..Default::default()
-    };
-    let submission = Submission::parse(input, Lane::Background, &limits).unwrap();
+    let submission = crate::helpers::background_submission(dir.path());
     let (exec_id, process_id) = new_ids();
     db.writer
         .write(move |c| {
             Box::pin(async move {
-                executions::insert(c, &exec_id, &process_id, &submission, None, &db::now()).await
+                executions::insert(
+                    c,
+                    &exec_id,
+                    &process_id,
+                    &submission,
+                    None,
+                    &db::now(),
+                    None,
+                )
+                .await
             })
         })
         .await

@@ -254,3 +254,21 @@ pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A background `echo hi` submission, parsed as the API parses one, for
+/// tests of the database layer; it runs in `workdir`.
+pub fn background_submission(workdir: &std::path::Path) -> execd::domain::Submission {
+    use execd::domain::{ExecuteIn, Lane, Languages, Limits, Submission};
+    let limits = Limits {
+        max_code_bytes: 1000,
+        max_timeout: Duration::from_secs(60),
+        default_workdir: workdir.to_path_buf(),
+        languages: Languages::detect(),
+    };
+    let input = ExecuteIn {
+        code: Some("echo hi".into()),
+        language: Some("bash".into()),
+        ..Default::default()
+    };
+    Submission::parse(input, Lane::Background, &limits).unwrap()
+}

@@ -9,6 +9,7 @@ mod execute;
 mod fencing;
 mod helpers;
 mod processes;
+mod queue;
 mod receiver;
 mod restart;
 mod retention;
