@@ -228,34 +228,42 @@ impl Launcher {
         })
     }
 
-    /// Makes the run directory of execution `id` and forks its supervisor,
-    /// which is handed the spec over the zygote's pipe (env values never
-    /// touch the disk); the code file is written meanwhile, before any go.
+    /// Has a supervisor forked for execution `id`, handed the spec over the
+    /// zygote's pipe (env values never touch the disk), and makes the run
+    /// directory and its code file while the supervisor starts the program:
+    /// both are there before any go.
     async fn prepare(&self, id: &str, job: &Run) -> Result<Watch, String> {
         let run = RunDir::new(self.config.runs_dir.join(id));
-        // A new attempt starts clean: nothing of an earlier one is mistaken for its own.
-        // On a blocking thread: the runtime's workers are busy with the
-        // claim meanwhile.
-        let dir = run.path().to_owned();
-        let fresh = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => std::fs::create_dir_all(&dir),
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        let (spec, code) = fresh
-            .and_then(|()| self.spec(job, &run))
+        // A new attempt starts clean: nothing of an earlier one is mistaken
+        // for its own. Removed before the supervisor can write there.
+        if run.path().exists() {
+            let dir = run.path().to_owned();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| format!("could not start: {e}"))?;
+        }
+        let (spec, code) = self
+            .spec(job, &run)
             .map_err(|e| format!("could not start: {e}"))?;
         let watch = self
             .supervisors
             .launch(run.path(), &spec)
             .await
             .map_err(|e| format!("could not start a supervisor: {e}"))?;
-        if let Some(file) = code {
-            if let Err(e) = std::fs::write(&file, &job.code) {
-                self.supervisors.send(watch.token, "drop").await;
-                return Err(format!("could not write the code: {e}"));
-            }
+        // On a blocking thread: the runtime's workers are busy with the
+        // claim meanwhile.
+        let dir = run.path().to_owned();
+        let made = tokio::task::spawn_blocking(move || std::fs::create_dir_all(dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let written = made.and_then(|()| match code {
+            Some(file) => std::fs::write(file, &job.code),
+            None => Ok(()),
+        });
+        if let Err(e) = written {
+            self.supervisors.send(watch.token, "drop").await;
+            return Err(format!("could not write the code: {e}"));
         }
         Ok(watch)
     }

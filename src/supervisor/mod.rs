@@ -113,6 +113,9 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECANCELED as i32) => return Ok(()),
         Err(e) => {
             let error = format!("could not start {}: {e}", spec.program.display());
+            // Before its go, the run directory may not be made yet: the agent
+            // makes it while the program is started.
+            std::fs::create_dir_all(dir.path())?;
             finish(dir, Outcome::FailedToStart, None, Some(error.clone()))?;
             reporter.say(&format!("error {error}"));
             return Ok(());
@@ -250,6 +253,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
 /// Sends the supervisor's complaints (its stderr) to the run directory's
 /// log, which exists only once there is one.
 fn log_to(dir: &RunDir) {
+    let _ = std::fs::create_dir_all(dir.path());
     if let Ok(log) = File::options().create(true).append(true).open(dir.log()) {
         let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
     }

@@ -320,6 +320,11 @@ async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_
         ("6", "/bin/true", tmp.path().join("no-such-dir")),
     ] {
         let (line, dir) = job_running(tmp.path(), token, program, &[], &cwd, &[]);
+        if token == "6" {
+            // The agent makes the run directory while the program starts:
+            // a start that fails first makes it itself, to say why.
+            std::fs::remove_dir(&dir).unwrap();
+        }
         zygote.say(&format!("{token} {line}"));
         let mut report = zygote.next();
         if token == "5" {
