@@ -71,6 +71,11 @@ pub struct ClaimAs<'a> {
 /// claim takes it), it is stored claimed instead, as `claim` would leave it:
 /// a pickup one round trip shorter, and no entry in the queue index that
 /// the claim would remove at once.
+///
+/// Two statements with the same row: the one that may claim returns what
+/// it did, and costs a submission without a free slot about a tenth of the
+/// durable submission rate (scenario 1 of BENCHMARKS.md), so that one has
+/// the plain insert.
 #[tracing::instrument(skip_all, fields(execution_id = %id))]
 pub async fn insert(
     conn: &mut SqliteConnection,
@@ -93,63 +98,94 @@ pub async fn insert(
     let key = idempotency.map(|i| i.key.as_str());
     let hash = idempotency.map(|i| i.request_hash.as_str());
     let max_attempts = i64::from(submission.max_attempts);
-    let owner = claim_as.map(|c| c.owner);
-    let now = claim_as.map(|c| c.now);
-    // `WHERE true`: an upsert after `INSERT … SELECT` needs one (SQLite's parser).
-    let stored = sqlx::query!(
-        r#"WITH lane AS (
-             SELECT ?18 IS NULL
-                    OR EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3) AS busy
-           )
-           INSERT INTO executions
-             (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
-              created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
-              max_attempts, status, owner, attempt, started_at)
-           SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                  CASE WHEN busy THEN 'queued' ELSE 'running' END,
-                  CASE WHEN busy THEN NULL ELSE ?18 END,
-                  CASE WHEN busy THEN 0 ELSE 1 END,
-                  CASE WHEN busy THEN NULL ELSE ?19 END
-             FROM lane WHERE true
-           ON CONFLICT (idempotency_key) DO NOTHING
-           RETURNING seq AS "seq!", status AS "status!", attempt AS "attempt!""#,
-        id_str,
-        process_id,
-        lane,
-        submission.name,
-        run.language,
-        run.code,
-        run.args,
-        run.working_dir,
-        run.env,
-        run.timeout_ms,
-        created_at,
-        callback_url,
-        callback_headers,
-        callback_secret,
-        key,
-        hash,
-        max_attempts,
-        owner,
-        now,
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = stored {
-        let claimed = match (row.status.as_str(), now) {
-            ("running", Some(now)) => Some(Box::new(Claimed {
-                seq: row.seq,
-                id: id_str.to_string(),
-                lane: lane.to_string(),
-                process_id: process_id.to_string(),
-                run,
-                attempt: row.attempt,
-                max_attempts,
-                started_at: now.to_string(),
-            })),
-            _ => None,
-        };
-        return Ok(Inserted::New(claimed));
+    let stored = match claim_as {
+        None => sqlx::query!(
+            r#"INSERT INTO executions
+                 (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
+                  created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
+                  max_attempts)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (idempotency_key) DO NOTHING"#,
+            id_str,
+            process_id,
+            lane,
+            submission.name,
+            run.language,
+            run.code,
+            run.args,
+            run.working_dir,
+            run.env,
+            run.timeout_ms,
+            created_at,
+            callback_url,
+            callback_headers,
+            callback_secret,
+            key,
+            hash,
+            max_attempts,
+        )
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        .eq(&1)
+        .then_some(Inserted::New(None)),
+        // A VALUES insert, not `INSERT … SELECT`: one that reads the table
+        // it writes has SQLite copy what it selects into a temporary table.
+        Some(ClaimAs { owner, now }) => sqlx::query!(
+            r#"INSERT INTO executions
+                 (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
+                  created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
+                  max_attempts, status, owner, attempt, started_at)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                      THEN 'running' ELSE 'queued' END,
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                      THEN ?18 END,
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                      THEN 1 ELSE 0 END,
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                      THEN ?19 END)
+               ON CONFLICT (idempotency_key) DO NOTHING
+               RETURNING seq AS "seq!", status AS "status!", attempt AS "attempt!""#,
+            id_str,
+            process_id,
+            lane,
+            submission.name,
+            run.language,
+            run.code,
+            run.args,
+            run.working_dir,
+            run.env,
+            run.timeout_ms,
+            created_at,
+            callback_url,
+            callback_headers,
+            callback_secret,
+            key,
+            hash,
+            max_attempts,
+            owner,
+            now,
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|row| {
+            Inserted::New((row.status == "running").then(|| {
+                Box::new(Claimed {
+                    seq: row.seq,
+                    id: id_str.to_string(),
+                    lane: lane.to_string(),
+                    process_id: process_id.to_string(),
+                    run,
+                    attempt: row.attempt,
+                    max_attempts,
+                    started_at: now.to_string(),
+                })
+            }))
+        }),
+    };
+    if let Some(inserted) = stored {
+        return Ok(inserted);
     }
     let existing = sqlx::query!(
         r#"SELECT id AS "id!", request_hash FROM executions WHERE idempotency_key = ?"#,
