@@ -104,26 +104,24 @@ impl Tail {
         }
         let mut chunks = Vec::new();
         let mut taken = 0u64;
-        if let Some(file) = self.file.as_mut().filter(|_| waiting > 0) {
+        if waiting > 0 {
+            // A size above zero came from an open file.
+            let file = self.file.as_mut()?;
             file.seek(SeekFrom::Start(self.offset)).ok()?;
-        }
-        while let Some(file) = self
-            .file
-            .as_mut()
-            .filter(|_| taken < waiting.min(BATCH_BYTES))
-        {
-            let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
-            let mut data = vec![0u8; want];
-            if file.read_exact(&mut data).is_err() {
-                break;
+            while taken < waiting.min(BATCH_BYTES) {
+                let want = (waiting - taken).min(CHUNK_BYTES as u64) as usize;
+                let mut data = vec![0u8; want];
+                if file.read_exact(&mut data).is_err() {
+                    break;
+                }
+                taken += want as u64;
+                chunks.push(Chunk {
+                    stream: self.stream,
+                    seq: self.seq + chunks.len() as i64,
+                    data,
+                    truncated: false,
+                });
             }
-            taken += want as u64;
-            chunks.push(Chunk {
-                stream: self.stream,
-                seq: self.seq + chunks.len() as i64,
-                data,
-                truncated: false,
-            });
         }
         // The flag goes with the last of the output (or alone, once the rest is in).
         let flag_now = truncated && taken == waiting;

@@ -61,10 +61,11 @@ pub(super) struct Gated<'a> {
 /// the gate before its `exec`. `ECANCELED` when the gate was closed instead
 /// of opened: nothing ran.
 pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
-    let program = cstring(spec.program.as_os_str())?;
-    let argv_owned: Vec<CString> = std::iter::once(Ok(program.clone()))
+    // The program is also its own `argv[0]`.
+    let argv_owned: Vec<CString> = std::iter::once(cstring(spec.program.as_os_str()))
         .chain(spec.args.iter().map(|a| cstring(OsStr::new(a))))
         .collect::<std::io::Result<_>>()?;
+    let program = &argv_owned[0];
     let argv = null_terminated(&argv_owned);
     let envp_owned = environment(spec)?;
     let envp = null_terminated(&envp_owned);

@@ -71,23 +71,15 @@ impl Drop for Zygote {
 /// A job line for the zygote (`<run dir>\t<spec>`) whose program creates
 /// `marker` when it runs, and its run directory.
 fn job(runs: &Path, name: &str, marker: &Path) -> (String, PathBuf) {
-    let dir = runs.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let spec = Spec {
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), format!("echo ran > '{}'", marker.display())],
-        working_dir: dir.clone(),
-        env: Default::default(),
-        timeout_ms: 10_000,
-        kill_grace_ms: 1_000,
-        max_output_bytes: 1 << 20,
-    };
-    let line = format!(
-        "{}\t{}",
-        dir.display(),
-        serde_json::to_string(&spec).unwrap()
-    );
-    (line, dir)
+    let script = format!("echo ran > '{}'", marker.display());
+    job_running(
+        runs,
+        name,
+        "/bin/sh",
+        &["-c", &script],
+        &runs.join(name),
+        &[],
+    )
 }
 
 fn pid_of(report: &str, token: &str) -> i64 {
