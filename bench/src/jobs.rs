@@ -123,8 +123,10 @@ async fn check_same_python(agent: &Agent, python: &Path, out: &mut Outcome) {
 pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
     let mut out = Outcome::default();
     let n = ctx.pick(2000, 200);
-    // Each of the four runs stops at this bound (a busy machine, a slow
-    // interpreter); the rate is then over the jobs done by then.
+    let rounds = ctx.pick(4, 2);
+    // Each side at each concurrency stops at this bound (a busy machine, a
+    // slow interpreter; a share of it per round); the rate is then over the
+    // jobs done by then.
     let limit = Duration::from_secs(ctx.pick(100, 30));
     // What one job's supervision costs the machine, apart from the agent.
     let (bin, runs, count) = (
@@ -137,21 +139,6 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         Err(e) => out.note(format!("the supervisor path alone was not measured: {e:#}")),
     }
     for c in [2usize, 4] {
-        // The baseline first, with no agent alive, so this process's
-        // children CPU time is the spawned interpreters' alone.
-        let python = ctx.python.clone();
-        let machine0 = agent::machine_cpu_seconds();
-        let (direct_done, direct, direct_cpu) =
-            tokio::task::spawn_blocking(move || direct_spawns(&python, n, c, limit)).await??;
-        let direct_machine = agent::machine_cpu_seconds() - machine0;
-        let direct_rate = direct_done as f64 / direct.as_secs_f64();
-        if direct_done < n {
-            out.note(format!(
-                "C={c}: direct spawns stopped at the {} s bound after {direct_done} of {n}",
-                limit.as_secs()
-            ));
-        }
-
         let token = random_hex(16);
         let flags = ["--background-concurrency", &c.to_string()].map(String::from);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -167,28 +154,61 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         }
         let db = report::open_db_read(&agent.db_path())?;
         let pid = agent.pid();
-        let cpu0 = agent::cpu_seconds(pid).unwrap_or_default().0;
-        let machine0 = agent::machine_cpu_seconds();
-        let start = Instant::now();
-        let body = json!({"code": "print(1)", "language": "python"});
-        submit_many(&agent.api, "/execute/background", body, n, 8).await?;
-        let submitted = start.elapsed();
-        let (end, done) = wait_terminal_bounded(
-            &db,
-            n,
-            Duration::from_millis(10),
-            limit.saturating_sub(submitted),
-        )
-        .await?;
-        let wall = end - start;
+        // In rounds, the two sides taking turns (direct first, then the
+        // agent first, …): the machine's speed drifts by more than the gap
+        // measured, so each side gets as much of each part of the run.
+        let batch = n / rounds;
+        let (mut direct, mut direct_done, mut direct_cpu, mut direct_machine) =
+            (Duration::ZERO, 0, 0.0, 0.0);
+        let (mut wall, mut done, mut submitted, mut agent_cpu, mut machine) =
+            (Duration::ZERO, 0, Duration::ZERO, 0.0, 0.0);
+        for round in 0..rounds {
+            for agent_turn in [round % 2 == 1, round % 2 == 0] {
+                if !agent_turn {
+                    // The agent is alive but idle; this process's children
+                    // CPU time counts only the interpreters reaped here.
+                    let python = ctx.python.clone();
+                    let machine0 = agent::machine_cpu_seconds();
+                    let (spawned, took, cpu) = tokio::task::spawn_blocking(move || {
+                        direct_spawns(&python, batch, c, limit / rounds as u32)
+                    })
+                    .await??;
+                    direct_machine += agent::machine_cpu_seconds() - machine0;
+                    (direct, direct_done, direct_cpu) =
+                        (direct + took, direct_done + spawned, direct_cpu + cpu);
+                    continue;
+                }
+                let cpu0 = agent::cpu_seconds(pid).unwrap_or_default().0;
+                let machine0 = agent::machine_cpu_seconds();
+                let start = Instant::now();
+                let body = json!({"code": "print(1)", "language": "python"});
+                submit_many(&agent.api, "/execute/background", body, batch, 8).await?;
+                let sent = start.elapsed();
+                let (end, ended) = wait_terminal_bounded(
+                    &db,
+                    done + batch,
+                    Duration::from_millis(10),
+                    (limit / rounds as u32).saturating_sub(sent),
+                )
+                .await?;
+                agent_cpu += agent::cpu_seconds(pid).unwrap_or_default().0 - cpu0;
+                machine += agent::machine_cpu_seconds() - machine0;
+                (wall, done, submitted) = (wall + (end - start), ended, submitted + sent);
+            }
+        }
+        let direct_rate = direct_done as f64 / direct.as_secs_f64();
+        if direct_done < n {
+            out.note(format!(
+                "C={c}: direct spawns stopped at the {} s bound after {direct_done} of {n}",
+                limit.as_secs()
+            ));
+        }
         if done < n {
             out.note(format!(
                 "C={c}: the agent run stopped at the {} s bound after {done} of {n} jobs",
                 limit.as_secs()
             ));
         }
-        let cpu1 = agent::cpu_seconds(pid).unwrap_or_default().0;
-        let machine = agent::machine_cpu_seconds() - machine0;
         agent.stop().await?;
         let ok: i64 = db.query_row(
             "SELECT count(*) FROM executions WHERE status = 'completed' AND stdout_bytes = 2",
@@ -203,11 +223,11 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         let rate = done as f64 / wall.as_secs_f64();
         let ratio = rate / direct_rate;
         out.note(format!(
-            "C={c}: agent {done} jobs in {:.2} s (submitted in {:.2} s), agent CPU {:.2} ms/job, machine CPU {:.2} ms/job (everything: agent, supervisors, interpreters, this harness); \
+            "C={c}, in {rounds} rounds each: agent {done} jobs in {:.2} s (submitted in {:.2} s), agent CPU {:.2} ms/job, machine CPU {:.2} ms/job (everything: agent, supervisors, interpreters, this harness); \
              direct {direct_done} in {:.2} s, interpreters {:.2} ms/spawn, machine CPU {:.2} ms/spawn",
             wall.as_secs_f64(),
             submitted.as_secs_f64(),
-            (cpu1 - cpu0) * 1e3 / done.max(1) as f64,
+            agent_cpu * 1e3 / done.max(1) as f64,
             machine * 1e3 / done.max(1) as f64,
             direct.as_secs_f64(),
             direct_cpu * 1e3 / direct_done.max(1) as f64,

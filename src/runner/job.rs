@@ -172,7 +172,7 @@ impl Runner {
                             kill_sent = true;
                             match job.started() {
                                 Some(started) if started.supervisor_alive() => {
-                                    let _ = kill(Pid::from_raw(started.supervisor_pid as i32), Signal::SIGUSR1);
+                                    let _ = started.request_kill();
                                 }
                                 _ => break,
                             }

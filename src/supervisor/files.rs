@@ -56,7 +56,8 @@ pub enum Outcome {
     Exited,
     /// It outlived its timeout and was killed.
     Timeout,
-    /// It was killed on request (SIGUSR1 to the supervisor).
+    /// It was killed on request (SIGUSR1 to the supervisor, carrying the
+    /// program's pid).
     Killed,
     /// The supervisor was told to stop (SIGTERM) and took the program with it.
     Terminated,
@@ -173,6 +174,22 @@ impl Started {
     pub fn supervisor_alive(&self) -> bool {
         self.boot_id == boot_id()
             && process_start(self.supervisor_pid) == Some(self.supervisor_start)
+    }
+
+    /// Asks the supervisor to kill this job: SIGUSR1 carrying the program's
+    /// pid, so a supervisor that has moved on to another job ignores it.
+    pub fn request_kill(&self) -> std::io::Result<()> {
+        let value = nix::libc::sigval {
+            sival_ptr: self.program_pid as usize as *mut nix::libc::c_void,
+        };
+        // SAFETY: sigqueue only reads its arguments.
+        let sent =
+            unsafe { nix::libc::sigqueue(self.supervisor_pid as i32, nix::libc::SIGUSR1, value) };
+        if sent == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     /// Pids of processes still in the program's group that started no

@@ -1,12 +1,14 @@
 //! The per-job supervisor, and the zygote that forks one per job.
 //!
-//! One supervisor per job, in its own session, so the job outlives the agent
-//! (upgrade, crash, OOM kill). The supervisor owns the program: it starts it
-//! in its own process group, copies its output into the run directory up to
-//! the cap, enforces the timeout, answers kill requests (SIGUSR1), and writes
-//! how it ended (`status.json`) before it exits. It is one thread and one
-//! `poll` loop (a signalfd for kills and the program's end, the two output
-//! pipes, the timeout): a fork of it costs no threads, stacks or arenas.
+//! One supervisor per running job, in its own session, so the job outlives
+//! the agent (upgrade, crash, OOM kill). The supervisor owns the program: it
+//! starts it in its own process group, copies its output into the run
+//! directory up to the cap, enforces the timeout, answers kill requests
+//! (SIGUSR1 carrying the program's pid), and writes how it ended
+//! (`status.json`) before it takes another job or exits. It is one thread
+//! and one `poll` loop (a signalfd for kills and the program's end, the two
+//! output pipes, the timeout): a fork of it costs no threads, stacks or
+//! arenas, and a supervisor kept for the next job costs no fork at all.
 
 pub mod files;
 mod spawn;
@@ -58,42 +60,64 @@ impl Reporter {
     }
 }
 
-/// Runs the job of `dir` (`spec`, as JSON) to its end; the process's exit code.
-fn run(dir: RunDir, spec: &str, reporter: &Reporter, gate: OwnedFd) -> u8 {
+/// What a supervisor does once a job is over.
+enum After {
+    /// Takes another job: this one ended cleanly and is recorded (or was
+    /// dropped before it ran).
+    Next,
+    /// Exits with this code: it was told to stop, or the job could not be
+    /// recorded (its complaint went to the run directory's log, where its
+    /// stderr now points).
+    Exit(u8),
+}
+
+/// Blocks the signals a supervisor takes through its signalfd: a kill
+/// (SIGUSR1), a stop (SIGTERM) and the program's end (SIGCHLD). Done once,
+/// before its first job, so none can slip in unheard; the program starts
+/// with an empty mask.
+fn listen() -> std::io::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGCHLD] {
+        mask.add(signal);
+    }
+    mask.thread_block()?;
+    Ok(SignalFd::with_flags(
+        &mask,
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )?)
+}
+
+/// Runs the job of `dir` (`spec`, as JSON) to its end.
+fn run(dir: RunDir, spec: &str, reporter: &Reporter, gate: OwnedFd, signals: &SignalFd) -> After {
     let spec: Spec = match serde_json::from_str(spec) {
         Ok(spec) => spec,
         Err(e) => {
             log_to(&dir);
             eprintln!("execd supervise: a spec that does not parse: {e}");
             reporter.say(&format!("error cannot read the spec: {e}"));
-            return 2;
+            return After::Exit(2);
         }
     };
-    let code = match supervise(&dir, &spec, reporter, gate) {
-        Ok(()) => 0,
+    match supervise(&dir, &spec, reporter, gate, signals) {
+        Ok(true) => After::Next,
+        Ok(false) => After::Exit(0),
         Err(e) => {
             log_to(&dir);
             eprintln!("execd supervise: {e}");
-            2
+            After::Exit(2)
         }
-    };
-    // `status.json` is written (or cannot be): the agent may read it.
-    reporter.say("end");
-    code
+    }
 }
 
-fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> std::io::Result<()> {
-    // Signals first, so a kill request cannot slip in before we listen: a
-    // kill (SIGUSR1), a stop (SIGTERM) and the program's end (SIGCHLD), read
-    // from a signalfd in the one loop below. The program starts with an
-    // empty mask (std resets it before the `exec`).
-    let mut mask = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGCHLD] {
-        mask.add(signal);
-    }
-    mask.thread_block()?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-
+/// Runs one job; whether the supervisor may take another (not once it was
+/// told to stop).
+fn supervise(
+    dir: &RunDir,
+    spec: &Spec,
+    reporter: &Reporter,
+    gate: OwnedFd,
+    signals: &SignalFd,
+) -> std::io::Result<bool> {
     // The program reports its pid on a copy of our stdout (its own
     // is the job's pipe by then), closed by its `exec`.
     let report = nix::fcntl::fcntl(1, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
@@ -110,7 +134,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
     let program = match spawned {
         Ok(program) => program,
         // Dropped before its start (or the zygote went): nothing ran, nothing to say.
-        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECANCELED as i32) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECANCELED as i32) => return Ok(true),
         Err(e) => {
             let error = format!("could not start {}: {e}", spec.program.display());
             // Before its go, the run directory may not be made yet: the agent
@@ -118,7 +142,7 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
             std::fs::create_dir_all(dir.path())?;
             finish(dir, Outcome::FailedToStart, None, Some(error.clone()))?;
             reporter.say(&format!("error {error}"));
-            return Ok(());
+            return Ok(true);
         }
     };
     let started_at = Instant::now();
@@ -212,6 +236,15 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
         if ready[0] {
             while let Ok(Some(info)) = signals.read_signal() {
                 let outcome = match Signal::try_from(info.ssi_signo as i32) {
+                    // A kill names its job by the program's pid (`sigqueue`):
+                    // one meant for an earlier job of this supervisor is
+                    // late, not ours. A plain `kill` means the job running.
+                    Ok(Signal::SIGUSR1)
+                        if info.ssi_code == nix::libc::SI_QUEUE
+                            && info.ssi_ptr != u64::from(pid) =>
+                    {
+                        continue
+                    }
                     Ok(Signal::SIGUSR1) => Outcome::Killed,
                     Ok(Signal::SIGTERM) => Outcome::Terminated,
                     _ => continue,
@@ -247,7 +280,9 @@ fn supervise(dir: &RunDir, spec: &Spec, reporter: &Reporter, gate: OwnedFd) -> s
         Outcome::Terminated => Some("its supervisor was terminated".to_string()),
         _ => None,
     };
-    finish(dir, outcome, status, error)
+    let go_on = outcome != Outcome::Terminated;
+    finish(dir, outcome, status, error)?;
+    Ok(go_on)
 }
 
 /// Sends the supervisor's complaints (its stderr) to the run directory's

@@ -335,3 +335,71 @@ async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_
         assert!(!dir.join("stdout").exists(), "no output, no file");
     }
 }
+
+#[tokio::test]
+async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut zygote = Zygote::start(tmp.path());
+    let marker = tmp.path().join("ran");
+    let (first, first_dir) = job(tmp.path(), "i", &marker);
+    zygote.say(&format!("1 {first}"));
+    pid_of(&zygote.next(), "1");
+    zygote.say("1 go");
+    assert_eq!(zygote.next(), "1 started");
+    assert_eq!(zygote.next(), "1 end");
+    let first = files::RunDir::new(&first_dir).read_started().unwrap();
+
+    let (second, second_dir) = job_running(
+        tmp.path(),
+        "j",
+        "/bin/sh",
+        &["-c", "echo up; sleep 30"],
+        tmp.path(),
+        &[],
+    );
+    zygote.say(&format!("2 {second}"));
+    let pid = pid_of(&zygote.next(), "2");
+    zygote.say("2 go");
+    assert_eq!(zygote.next(), "2 started");
+    let second = files::RunDir::new(&second_dir).read_started().unwrap();
+    assert_eq!(
+        second.supervisor_pid, first.supervisor_pid,
+        "the second job went to the first one's supervisor"
+    );
+
+    // A kill of the first job that comes late reaches the same process: it
+    // names a program that is gone, and the second job runs on.
+    first.request_kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(pid), "a late kill of the last job killed this one");
+    assert!(second_dir.join("status.json").metadata().is_err());
+
+    // Its own kill ends it.
+    second.request_kill().unwrap();
+    assert_eq!(zygote.next(), "2 end");
+    let ended = files::RunDir::new(&second_dir).read_ended().unwrap();
+    assert_eq!(ended.outcome, files::Outcome::Killed, "{ended:?}");
+
+    // Told to stop while it waits for a job, the supervisor goes; the
+    // next job gets another.
+    let supervisor = i64::from(second.supervisor_pid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(supervisor)).await,
+        "an idle supervisor outlived SIGTERM"
+    );
+    let marker = tmp.path().join("ran-too");
+    let (third, third_dir) = job(tmp.path(), "k", &marker);
+    zygote.say(&format!("3 {third}"));
+    pid_of(&zygote.next(), "3");
+    zygote.say("3 go");
+    assert_eq!(zygote.next(), "3 started");
+    assert_eq!(zygote.next(), "3 end");
+    assert!(marker.exists());
+    let third = files::RunDir::new(&third_dir).read_started().unwrap();
+    assert_ne!(i64::from(third.supervisor_pid), supervisor);
+}
