@@ -16,6 +16,9 @@ pub struct Source {
     pub completed_at: Option<String>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// Bytes stored per stream: a stream with none has no tail to read.
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
     pub callback_url: String,
     pub callback_headers: Option<String>,
     pub callback_secret: Option<String>,
@@ -31,6 +34,7 @@ pub async fn source(
         r#"SELECT id AS "id!", process_id, attempt, status, exit_code, error, started_at, completed_at,
                   stdout_truncated AS "stdout_truncated: bool",
                   stderr_truncated AS "stderr_truncated: bool",
+                  stdout_bytes, stderr_bytes,
                   callback_url AS "callback_url!", callback_headers, callback_secret
              FROM executions WHERE id = ? AND callback_url IS NOT NULL"#,
         execution_id

@@ -304,24 +304,31 @@ pub struct Finish {
     pub completed_at: String,
 }
 
-/// Moves a running row to its terminal status. False when fenced out (another
-/// owner or attempt has the row, or it is no longer running).
+/// Moves a running row to its terminal status, with the program's pid and
+/// when it was spawned if they are not stored yet (a short job's start and
+/// end take one statement). False when fenced out (another owner or attempt
+/// has the row, or it is no longer running).
 #[tracing::instrument(skip_all, fields(execution_id = %fence.id, status = %finish.status))]
 pub async fn finish(
     conn: &mut SqliteConnection,
     fence: &Fence,
     finish: &Finish,
+    spawned: Option<(i64, &str)>,
 ) -> Result<bool, sqlx::Error> {
     debug_assert!(finish.status.is_terminal());
     let status = finish.status.as_str();
+    let (pid, spawned_at) = spawned.unzip();
     let done = sqlx::query!(
         r#"UPDATE executions
-              SET status = ?, exit_code = ?, error = ?, completed_at = ?
+              SET status = ?, exit_code = ?, error = ?, completed_at = ?,
+                  pid = COALESCE(?, pid), spawned_at = COALESCE(?, spawned_at)
             WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
         status,
         finish.exit_code,
         finish.error,
         finish.completed_at,
+        pid,
+        spawned_at,
         fence.id,
         fence.owner,
         fence.attempt,

@@ -60,24 +60,25 @@ pub async fn enqueue(
     let Some(source) = callbacks::source(conn, execution_id).await? else {
         return Ok(None);
     };
-    let (bytes, cut) = output::read_tail(
-        &mut *conn,
-        execution_id,
-        source.attempt,
-        Stream::Stdout,
-        payload_output_bytes,
-    )
-    .await?;
-    let stdout = StreamTail { bytes, cut };
-    let (bytes, cut) = output::read_tail(
-        &mut *conn,
-        execution_id,
-        source.attempt,
-        Stream::Stderr,
-        payload_output_bytes,
-    )
-    .await?;
-    let stderr = StreamTail { bytes, cut };
+    let mut tails = [StreamTail::default(), StreamTail::default()];
+    for (tail, (stream, stored)) in tails.iter_mut().zip([
+        (Stream::Stdout, source.stdout_bytes),
+        (Stream::Stderr, source.stderr_bytes),
+    ]) {
+        // Most jobs write nothing to one of their streams: no query for it.
+        if stored > 0 {
+            let (bytes, cut) = output::read_tail(
+                &mut *conn,
+                execution_id,
+                source.attempt,
+                stream,
+                payload_output_bytes,
+            )
+            .await?;
+            *tail = StreamTail { bytes, cut };
+        }
+    }
+    let [stdout, stderr] = tails;
     let now = db::now();
     let new = NewCallback {
         id: format!("msg_{}", ulid::Ulid::new().to_string().to_lowercase()),

@@ -7,6 +7,7 @@ use crate::domain::seconds_between;
 
 /// One stream's text for the payload: the tail that was kept, and whether
 /// anything before it (or past the agent's storage cap) is missing.
+#[derive(Default)]
 pub struct StreamTail {
     pub bytes: Vec<u8>,
     pub cut: bool,
@@ -64,6 +65,8 @@ mod tests {
             completed_at: Some("2025-01-28T00:00:01.5Z".into()),
             stdout_truncated: false,
             stderr_truncated: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
             callback_url: "http://127.0.0.1/x".into(),
             callback_headers: None,
             callback_secret: None,

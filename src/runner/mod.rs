@@ -359,14 +359,12 @@ impl Runner {
                 let running = self.running.clone();
                 self.end(move |c| {
                     Box::pin(async move {
-                        if let Some(spawned) = &spawned {
-                            executions::set_pid(c, &fence, spawned.pid, &spawned.at).await?;
-                        }
                         if !output.is_empty() {
                             crate::db::output::append(c, &fence, &output, &finish.completed_at)
                                 .await?;
                         }
-                        let ended = executions::finish(c, &fence, &finish).await?;
+                        let spawned = spawned.as_ref().map(|s| (s.pid, s.at.as_str()));
+                        let ended = executions::finish(c, &fence, &finish, spawned).await?;
                         let next = match chain {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                             false => Vec::new(),

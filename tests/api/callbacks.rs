@@ -95,7 +95,7 @@ async fn a_callback_arrives_once_with_both_signatures_verifying_against_the_raw_
         let id = submit_async(
             &app,
             json!({
-                "code": "print('hello from async')",
+                "code": "import sys\nprint('hello from async')\nprint('and a warning', file=sys.stderr)",
                 "callback_url": receiver.url("/hooks/execd"),
                 "callback_headers": { "X-Tenant": "acme", "Authorization": "Bearer receiver-token" },
                 "callback_signature_secret": secret,
@@ -123,10 +123,10 @@ async fn a_callback_arrives_once_with_both_signatures_verifying_against_the_raw_
         assert_eq!(body["status"], "completed");
         assert_eq!(body["success"], true);
         assert_eq!(body["stdout"], "hello from async\n");
+        assert_eq!(body["stderr"], "and a warning\n");
         assert_eq!(body["exit_code"], 0);
         for field in [
             "process_id",
-            "stderr",
             "execution_time",
             "started_at",
             "completed_at",
