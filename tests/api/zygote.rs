@@ -340,8 +340,15 @@ async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_
 async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last() {
     let tmp = tempfile::tempdir().unwrap();
     let mut zygote = Zygote::start(tmp.path());
-    let marker = tmp.path().join("ran");
-    let (first, first_dir) = job(tmp.path(), "i", &marker);
+    // The first job's environment has a value of its own.
+    let (first, first_dir) = job_running(
+        tmp.path(),
+        "i",
+        "/bin/sh",
+        &["-c", "echo \"$FOO\""],
+        tmp.path(),
+        &[("FOO", "first")],
+    );
     zygote.say(&format!("1 {first}"));
     pid_of(&zygote.next(), "1");
     zygote.say("1 go");
@@ -353,7 +360,7 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
         tmp.path(),
         "j",
         "/bin/sh",
-        &["-c", "echo up; sleep 30"],
+        &["-c", "echo \"up ${FOO-unset}\"; sleep 30"],
         tmp.path(),
         &[],
     );
@@ -365,6 +372,20 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
     assert_eq!(
         second.supervisor_pid, first.supervisor_pid,
         "the second job went to the first one's supervisor"
+    );
+    assert_eq!(
+        std::fs::read_to_string(first_dir.join("stdout")).unwrap(),
+        "first\n"
+    );
+    // Nothing of the first job's environment is left for the second.
+    assert!(
+        eventually(Duration::from_secs(5), || std::fs::read_to_string(
+            second_dir.join("stdout")
+        )
+        .is_ok_and(|out| out == "up unset\n"))
+        .await,
+        "{:?}",
+        std::fs::read_to_string(second_dir.join("stdout"))
     );
 
     // A kill of the first job that comes late reaches the same process: it
