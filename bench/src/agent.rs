@@ -192,6 +192,11 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
+        Ok(serde_json::from_str(&self.get_text(path).await?)?)
+    }
+
+    /// The body of a GET, as text (`/metrics`).
+    pub async fn get_text(&self, path: &str) -> Result<String> {
         let response = self
             .client
             .get(format!("{}{path}", self.base))
@@ -203,7 +208,23 @@ impl Api {
         if !status.is_success() {
             bail!("GET {path}: {status}: {text}");
         }
-        Ok(serde_json::from_str(&text)?)
+        Ok(text)
+    }
+
+    /// The agent's group commits so far, from `/metrics`: (commits, writes
+    /// in them, seconds spent, from `BEGIN` to the WAL's sync).
+    pub async fn writer_totals(&self) -> Result<(f64, f64, f64)> {
+        let text = self.get_text("/metrics").await?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .with_context(|| format!("{name} in /metrics"))
+        };
+        Ok((
+            value("execd_db_commit_seconds_count")?,
+            value("execd_db_write_batch_size_sum")?,
+            value("execd_db_commit_seconds_sum")?,
+        ))
     }
 }
 

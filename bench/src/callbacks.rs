@@ -64,6 +64,7 @@ pub async fn callbacks(ctx: &Ctx) -> Result<Outcome> {
     let token = random_hex(16);
     let agent = Agent::start(&ctx.agent, &ctx.data_dir("s5"), &token, &AGENT_FLAGS).await?;
     let db = report::open_db_read(&agent.db_path())?;
+    let writer0 = agent.api.writer_totals().await?;
     let start = Instant::now();
     let body = json!({"code": "true", "language": "bash", "callback_url": url});
     submit_many(&agent.api, "/execute/async", body.clone(), n, 8).await?;
@@ -78,6 +79,7 @@ pub async fn callbacks(ctx: &Ctx) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let wall = start.elapsed();
+    let writer1 = agent.api.writer_totals().await?;
     wait_terminal(&db, n, Duration::from_millis(10), Duration::from_secs(10)).await?;
     // Let the last attempts be recorded before stopping.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -163,6 +165,22 @@ pub async fn callbacks(ctx: &Ctx) -> Result<Outcome> {
     out.note(format!(
         "completion → first attempt p50 {p50:.2} ms, p90 {:.2} ms, p99 {p99:.2} ms; payload {payload_len} B",
         quantile(&first, 0.9)
+    ));
+    // The writer's share of the run: a first attempt waits for the commit
+    // (and sync) of its job's end, so a writer busy all the time means
+    // batches, and waits, grow.
+    let (commits, writes, busy) = (
+        writer1.0 - writer0.0,
+        writer1.1 - writer0.1,
+        writer1.2 - writer0.2,
+    );
+    out.note(format!(
+        "the writer over the same run: {commits:.0} group commits of {:.1} writes on average, busy {busy:.2} s of {:.2} s ({:.0}%), {:.2} ms per commit (begin to the WAL's sync), {:.2} ms of writer time per job",
+        writes / commits.max(1.0),
+        wall.as_secs_f64(),
+        100.0 * busy / wall.as_secs_f64(),
+        1e3 * busy / commits.max(1.0),
+        1e3 * busy / n as f64,
     ));
     if backlog <= 8 && rate < 2000.0 {
         out.note(
