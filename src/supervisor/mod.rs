@@ -1,4 +1,5 @@
-//! The per-job supervisor, and the zygote that forks one per job.
+//! The supervisors, one per running job, and the zygote that forks them
+//! and hands each its jobs.
 //!
 //! One supervisor per running job, in its own session, so the job outlives
 //! the agent (upgrade, crash, OOM kill). The supervisor owns the program: it
@@ -391,13 +392,13 @@ impl Capture {
         };
         let room = self.cap.saturating_sub(self.kept).min(n as u64) as usize;
         if room > 0 {
-            if self.out.is_none() {
-                match File::options().create(true).append(true).open(&self.path) {
-                    Ok(file) => self.out = Some(file),
+            let out = match &mut self.out {
+                Some(out) => out,
+                None => match File::options().create(true).append(true).open(&self.path) {
+                    Ok(file) => self.out.insert(file),
                     Err(_) => return false,
-                }
-            }
-            let out = self.out.as_mut().expect("opened above");
+                },
+            };
             if out.write_all(&buf[..room]).is_err() {
                 return false;
             }

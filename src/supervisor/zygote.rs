@@ -206,11 +206,8 @@ impl Pool {
     /// socket closed); gone, they are forgotten.
     fn take_back(&mut self, ready: &[bool]) {
         let busy = std::mem::take(&mut self.busy);
-        for (supervisor, ready) in busy
-            .into_iter()
-            .zip(ready.iter().chain(std::iter::repeat(&false)))
-        {
-            if !*ready {
+        for (supervisor, &ready) in busy.into_iter().zip(ready) {
+            if !ready {
                 self.busy.push(supervisor);
                 continue;
             }
@@ -293,17 +290,15 @@ fn work(zygote: UnixStream) -> u8 {
         };
         let reporter = Reporter(token.to_string());
         let after = run(RunDir::new(path), spec, &reporter, gate, &signals);
-        let again = matches!(after, After::Next) && done < JOBS_PER_SUPERVISOR;
         // Free before the agent hears of the end: the next job can come to
         // this supervisor rather than to a fork.
-        if again && (&zygote).write_all(b"f").is_err() {
-            reporter.say("end");
-            return 0;
-        }
+        let freed = matches!(after, After::Next)
+            && done < JOBS_PER_SUPERVISOR
+            && (&zygote).write_all(b"f").is_ok();
         reporter.say("end");
         match after {
             After::Exit(code) => return code,
-            After::Next if !again => return 0,
+            After::Next if !freed => return 0,
             After::Next => {}
         }
     }
@@ -335,10 +330,11 @@ fn next_job(zygote: &UnixStream, signals: &SignalFd) -> Option<(String, OwnedFd)
             break;
         }
     }
-    let mut buf = vec![0u8; 64 << 10];
+    // One buffer for every read: most lines fit in it at once.
+    let mut chunk = [0u8; 4 << 10];
     let mut space = nix::cmsg_space!([RawFd; 1]);
     let (n, gate) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(&mut chunk)];
         let msg = recvmsg::<()>(
             zygote.as_raw_fd(),
             &mut iov,
@@ -352,20 +348,17 @@ fn next_job(zygote: &UnixStream, signals: &SignalFd) -> Option<(String, OwnedFd)
         });
         (msg.bytes, gate)
     };
+    // None at the zygote's end (nothing read, so no gate either).
     // SAFETY: the fd was just received, and is ours alone.
     let gate = unsafe { OwnedFd::from_raw_fd(gate?) };
-    if n == 0 {
-        return None;
-    }
-    buf.truncate(n);
+    let mut line = chunk[..n].to_vec();
     // A long line comes in pieces after the first.
     let mut reader = zygote;
-    while buf.last() != Some(&b'\n') {
-        let mut more = [0u8; 64 << 10];
-        match reader.read(&mut more) {
+    while line.last() != Some(&b'\n') {
+        match reader.read(&mut chunk) {
             Ok(0) | Err(_) => return None,
-            Ok(got) => buf.extend_from_slice(&more[..got]),
+            Ok(got) => line.extend_from_slice(&chunk[..got]),
         }
     }
-    String::from_utf8(buf).ok().map(|line| (line, gate))
+    String::from_utf8(line).ok().map(|line| (line, gate))
 }

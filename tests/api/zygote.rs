@@ -53,6 +53,16 @@ impl Zygote {
         stdin.flush().unwrap();
     }
 
+    /// Runs the job `line` as `token` through its start to its end, as the
+    /// agent drives it (job line, pid report, `go`, `started`, `end`).
+    fn run_job(&mut self, token: &str, line: &str) {
+        self.say(&format!("{token} {line}"));
+        pid_of(&self.next(), token);
+        self.say(&format!("{token} go"));
+        assert_eq!(self.next(), format!("{token} started"));
+        assert_eq!(self.next(), format!("{token} end"));
+    }
+
     /// The next report line, within 10 s.
     fn next(&self) -> String {
         self.reports
@@ -146,11 +156,7 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     let (started, _) = job(tmp.path(), "c", &started_marker);
     let (waiting, waiting_dir) = job(tmp.path(), "d", &waiting_marker);
 
-    zygote.say(&format!("1 {started}"));
-    pid_of(&zygote.next(), "1");
-    zygote.say("1 go");
-    assert_eq!(zygote.next(), "1 started");
-    assert_eq!(zygote.next(), "1 end");
+    zygote.run_job("1", &started);
     zygote.say(&format!("2 {waiting}"));
     let pid = pid_of(&zygote.next(), "2");
 
@@ -294,11 +300,7 @@ async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_
     .unwrap();
     let many = vec!["x"; 20_000];
     let (line, dir) = job_running(tmp.path(), "h", "count", &many, &work, &[("PATH", &path)]);
-    zygote.say(&format!("4 {line}"));
-    pid_of(&zygote.next(), "4");
-    zygote.say("4 go");
-    assert_eq!(zygote.next(), "4 started");
-    assert_eq!(zygote.next(), "4 end");
+    zygote.run_job("4", &line);
     assert_eq!(
         std::fs::read_to_string(dir.join("stdout")).unwrap(),
         "20000\n"
@@ -349,11 +351,7 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
         tmp.path(),
         &[("FOO", "first")],
     );
-    zygote.say(&format!("1 {first}"));
-    pid_of(&zygote.next(), "1");
-    zygote.say("1 go");
-    assert_eq!(zygote.next(), "1 started");
-    assert_eq!(zygote.next(), "1 end");
+    zygote.run_job("1", &first);
     let first = files::RunDir::new(&first_dir).read_started().unwrap();
 
     let (second, second_dir) = job_running(
@@ -415,11 +413,7 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
     );
     let marker = tmp.path().join("ran-too");
     let (third, third_dir) = job(tmp.path(), "k", &marker);
-    zygote.say(&format!("3 {third}"));
-    pid_of(&zygote.next(), "3");
-    zygote.say("3 go");
-    assert_eq!(zygote.next(), "3 started");
-    assert_eq!(zygote.next(), "3 end");
+    zygote.run_job("3", &third);
     assert!(marker.exists());
     let third = files::RunDir::new(&third_dir).read_started().unwrap();
     assert_ne!(i64::from(third.supervisor_pid), supervisor);
