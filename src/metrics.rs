@@ -49,6 +49,7 @@ pub struct Metrics {
     pub callback_delivery_seconds: Histogram,
     pub db_batch_size: Histogram,
     pub db_commit_seconds: Histogram,
+    pub db_sync_seconds: Histogram,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_seconds: Histogram,
     pub executions: Family<RunLabels, Gauge>,
@@ -71,6 +72,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         callback_delivery_seconds: seconds_histogram(),
         db_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
         db_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        db_sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         http_requests: Family::default(),
         http_request_seconds: seconds_histogram(),
         executions: Family::default(),
@@ -102,6 +104,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "db_commit_seconds",
         "Time of one group commit, begin to commit",
         metrics.db_commit_seconds.clone(),
+    );
+    registry.register(
+        "db_wal_sync_seconds",
+        "Time of one sync of the WAL, which makes every group commit before it durable",
+        metrics.db_sync_seconds.clone(),
     );
     registry.register(
         "http_requests",

@@ -211,20 +211,50 @@ impl Api {
         Ok(text)
     }
 
-    /// The agent's group commits so far, from `/metrics`: (commits, writes
-    /// in them, seconds spent, from `BEGIN` to the WAL's sync).
-    pub async fn writer_totals(&self) -> Result<(f64, f64, f64)> {
+    /// The agent's group commits so far, from `/metrics`.
+    pub async fn writer_totals(&self) -> Result<WriterTotals> {
         let text = self.get_text("/metrics").await?;
         let value = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
                 .with_context(|| format!("{name} in /metrics"))
         };
-        Ok((
-            value("execd_db_commit_seconds_count")?,
-            value("execd_db_write_batch_size_sum")?,
-            value("execd_db_commit_seconds_sum")?,
-        ))
+        Ok(WriterTotals {
+            commits: value("execd_db_commit_seconds_count")?,
+            writes: value("execd_db_write_batch_size_sum")?,
+            busy: value("execd_db_commit_seconds_sum")?,
+            // Absent from builds that synced inside the writer's commit.
+            syncs: value("execd_db_wal_sync_seconds_count").unwrap_or(0.0),
+            syncing: value("execd_db_wal_sync_seconds_sum").unwrap_or(0.0),
+        })
+    }
+}
+
+/// Totals of the agent's writer, as `/metrics` counts them.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterTotals {
+    /// Group commits.
+    pub commits: f64,
+    /// Writes in them.
+    pub writes: f64,
+    /// Seconds the writer spent on them, `BEGIN` to `COMMIT`.
+    pub busy: f64,
+    /// Syncs of the WAL (each makes every commit before it durable).
+    pub syncs: f64,
+    /// Seconds spent syncing, beside the writer.
+    pub syncing: f64,
+}
+
+impl std::ops::Sub for WriterTotals {
+    type Output = WriterTotals;
+    fn sub(self, earlier: WriterTotals) -> WriterTotals {
+        WriterTotals {
+            commits: self.commits - earlier.commits,
+            writes: self.writes - earlier.writes,
+            busy: self.busy - earlier.busy,
+            syncs: self.syncs - earlier.syncs,
+            syncing: self.syncing - earlier.syncing,
+        }
     }
 }
 

@@ -10,9 +10,12 @@
 //!
 //! The commit and its fsync are two steps (the connection runs with
 //! `synchronous=NORMAL`, so `COMMIT` writes the WAL frames without syncing
-//! them, and the writer then syncs the WAL file itself): what a job asked to
-//! run the moment its write is committed (`after_commit`: the start of a
-//! claimed program) runs between the two, and every answer after the second.
+//! them, and a thread of the writer's then syncs the WAL file): what a job
+//! asked to run the moment its write is committed (`after_commit`: the start
+//! of a claimed program) runs between the two, and every answer after the
+//! second. The writer does not wait for the sync: it runs the next batch
+//! while the disk syncs the last, and one sync answers every batch committed
+//! before it began.
 //! An fsync that fails leaves the disk and the page cache disagreeing about
 //! what is written; the agent then stops at once, and its restart recovers
 //! from what the disk holds.
@@ -30,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 const MAX_BATCH: usize = 512;
 /// Jobs waiting for the writer before senders wait too (backpressure).
 const QUEUE: usize = 4096;
+/// Committed batches waiting for their sync before the writer waits too.
+const SYNC_AHEAD: usize = 64;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
@@ -83,8 +88,7 @@ impl Writer {
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let hooks = Arc::new(Mutex::new(Vec::new()));
-        let sync = WalSync { wal, file: None };
-        let task = tokio::spawn(run(conn, rx, hooks.clone(), sync, shutdown));
+        let task = tokio::spawn(run(conn, rx, hooks.clone(), wal, shutdown));
         (Writer { jobs: tx, hooks }, task)
     }
 
@@ -155,9 +159,10 @@ async fn run(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<Job>,
     hooks: Arc<Mutex<Vec<Hook>>>,
-    mut sync: WalSync,
+    wal: PathBuf,
     shutdown: CancellationToken,
 ) {
+    let (committed, syncer) = WalSync::start(wal);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -177,10 +182,15 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut batch, &hooks, &mut sync).await;
+        commit_batch(&mut conn, &mut batch, &hooks, &committed).await;
     }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the writer connection failed");
+    }
+    // The last commits' callers are answered once their sync is done.
+    drop(committed);
+    if syncer.await.is_err() {
+        tracing::error!("the WAL sync thread panicked");
     }
     tracing::debug!("database writer stopped");
 }
@@ -189,7 +199,7 @@ async fn commit_batch(
     conn: &mut SqliteConnection,
     batch: &mut Vec<Job>,
     hooks: &Mutex<Vec<Hook>>,
-    sync: &mut WalSync,
+    committed: &mpsc::Sender<Vec<Reply>>,
 ) {
     let size = batch.len();
     let started = std::time::Instant::now();
@@ -236,19 +246,6 @@ async fn commit_batch(
             Err(WriteError::from(e))
         }
     };
-    if outcome.is_ok() && !failed_alone {
-        for hook in asked {
-            hook();
-        }
-        // The callers hear from the thread that synced, as soon as it did.
-        let answers = std::mem::take(&mut replies);
-        sync.wal(move || {
-            for reply in answers {
-                reply(Ok(()));
-            }
-        })
-        .await;
-    }
     let metrics = crate::metrics::get();
     metrics.db_batch_size.observe(size as f64);
     metrics
@@ -259,38 +256,72 @@ async fn commit_batch(
         elapsed_us = started.elapsed().as_micros() as u64,
         "group commit"
     );
+    if outcome.is_ok() && !failed_alone {
+        for hook in asked {
+            hook();
+        }
+        // Answered once synced, while this task runs the next batch.
+        if committed.send(replies).await.is_err() {
+            // The sync thread is gone (it stops the agent when a sync
+            // fails); dropping the replies answers `NotDone`.
+            tracing::error!("no WAL sync thread; callers not answered");
+        }
+        return;
+    }
     for reply in replies {
         reply(outcome.clone());
     }
 }
 
 /// Makes the WAL's committed frames durable: the fsync `synchronous=FULL`
-/// would do inside `COMMIT`, done by the writer after it.
+/// would do inside `COMMIT`, done on a thread of its own after it, so the
+/// writer runs the next batch meanwhile. One sync covers every commit made
+/// before it starts: the thread takes all the batches waiting, syncs once,
+/// and answers their callers.
 struct WalSync {
     wal: PathBuf,
-    /// The WAL file, opened at the first commit (SQLite creates it).
-    file: Option<Arc<File>>,
+    /// The WAL file, opened at the first sync (SQLite creates it).
+    file: Option<File>,
 }
 
 impl WalSync {
-    /// Syncs the WAL file and then, on the same thread, runs `then`; or
-    /// stops the agent if the sync fails.
-    async fn wal(&mut self, then: impl FnOnce() + Send + 'static) {
+    /// Starts the sync thread; send it each committed batch's replies.
+    fn start(wal: PathBuf) -> (mpsc::Sender<Vec<Reply>>, tokio::task::JoinHandle<()>) {
+        // A few batches ahead at most: past that the writer waits for the disk.
+        let (tx, rx) = mpsc::channel(SYNC_AHEAD);
+        let sync = WalSync { wal, file: None };
+        (tx, tokio::task::spawn_blocking(move || sync.run(rx)))
+    }
+
+    fn run(mut self, mut committed: mpsc::Receiver<Vec<Reply>>) {
+        let mut waiting = Vec::new();
+        while let Some(replies) = committed.blocking_recv() {
+            waiting.push(replies);
+            while let Ok(replies) = committed.try_recv() {
+                waiting.push(replies);
+            }
+            let started = std::time::Instant::now();
+            self.sync();
+            crate::metrics::get()
+                .db_sync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            for reply in waiting.drain(..).flatten() {
+                reply(Ok(()));
+            }
+        }
+    }
+
+    /// Syncs the WAL file, or stops the agent if that fails.
+    fn sync(&mut self) {
         let file = match &self.file {
-            Some(file) => file.clone(),
+            Some(file) => file,
             None => match self.open() {
-                Ok(file) => self.file.insert(Arc::new(file)).clone(),
+                Ok(file) => self.file.insert(file),
                 Err(e) => fatal(&self.wal, &e),
             },
         };
-        let wal = self.wal.clone();
-        let synced = tokio::task::spawn_blocking(move || match file.sync_data() {
-            Ok(()) => then(),
-            Err(e) => fatal(&wal, &e),
-        })
-        .await;
-        if let Err(e) = synced {
-            fatal(&self.wal, &std::io::Error::other(e));
+        if let Err(e) = file.sync_data() {
+            fatal(&self.wal, &e);
         }
     }
 

@@ -109,8 +109,14 @@ pub struct Deliverer {
     db: Db,
     config: DeliveryConfig,
     client: reqwest::Client,
-    /// Woken when a delivery is queued or an attempt ends (a permit is free).
+    /// Woken when a delivery is handed over, an attempt ends (a permit is
+    /// free), or the next claim moves sooner.
     wake: Notify,
+    /// When the loop next claims due deliveries from the database: at start,
+    /// when told some may be due (`wake`), when a retry falls due, and a poll
+    /// after the last claim. Deliveries handed over with their lease need no
+    /// claim, so a burst of completions costs the writer no claims.
+    claim_at: std::sync::Mutex<Instant>,
     /// Attempts in flight, waited for on shutdown.
     tasks: TaskTracker,
     /// Deliveries leased with their insert, waiting for a permit: their
@@ -130,14 +136,26 @@ impl Deliverer {
             config,
             client,
             wake: Notify::new(),
+            claim_at: std::sync::Mutex::new(Instant::now()),
             tasks: TaskTracker::new(),
             ready: std::sync::Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
-    /// Wakes the loop: a delivery was queued.
+    /// Wakes the loop to claim at once: a delivery may be due that was not
+    /// handed over (queued without a lease, or made due now).
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.claim_by(Instant::now());
+    }
+
+    /// Has the loop claim no later than `at`.
+    fn claim_by(&self, at: Instant) {
+        let mut claim_at = self.claim_at.lock().unwrap();
+        if at < *claim_at {
+            *claim_at = at;
+            drop(claim_at);
+            self.wake.notify_one();
+        }
     }
 
     /// A lease for deliveries inserted now: long enough for an attempt and
@@ -153,7 +171,7 @@ impl Deliverer {
             return;
         }
         self.ready.lock().unwrap().extend(due);
-        self.wake();
+        self.wake.notify_one();
     }
 
     /// Frees the leases of earlier boots (their POSTs died with them), then
@@ -195,8 +213,11 @@ impl Deliverer {
                     .spawn(self.clone().attempt(due, permit, shutdown.clone()));
             }
             let free = permits.available_permits();
-            let mut sleep_for = self.config.poll_interval;
-            if free > 0 {
+            let now = Instant::now();
+            if free > 0 && *self.claim_at.lock().unwrap() <= now {
+                // Until told otherwise, the next claim is a poll away; a wake
+                // during this claim brings it back to now.
+                *self.claim_at.lock().unwrap() = now + self.config.poll_interval;
                 match self.claim(free).await {
                     Ok(due) => {
                         let full = due.len() == free;
@@ -211,18 +232,30 @@ impl Deliverer {
                                 shutdown.clone(),
                             ));
                         }
-                        if full {
-                            continue;
-                        }
-                        sleep_for = self.until_next_due().await.min(sleep_for);
+                        // More may be due: claim again once a permit is free.
+                        let next = if full {
+                            Instant::now()
+                        } else {
+                            Instant::now() + self.until_next_due().await
+                        };
+                        self.claim_by(next);
                     }
                     Err(e) => tracing::error!(error = %e, "claiming callbacks failed"),
                 }
             }
+            // With no permit free, an attempt's end wakes the loop.
+            let claim_at = *self.claim_at.lock().unwrap();
+            let timer = async {
+                if permits.available_permits() > 0 {
+                    tokio::time::sleep_until(claim_at.into()).await;
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
-                () = tokio::time::sleep(sleep_for) => {}
+                () = timer => {}
             }
         }
     }
@@ -335,8 +368,12 @@ impl Deliverer {
             Ok(false) => tracing::warn!("attempt not recorded: the lease was lost"),
             Err(e) => tracing::error!(error = %e, "attempt not recorded"),
         }
+        // Its retry is claimed when due (recorded first: its lease is free).
+        if let Some(delay) = next {
+            self.claim_by(Instant::now() + delay);
+        }
         drop(permit);
-        self.wake();
+        self.wake.notify_one();
     }
 
     /// One signed POST, classified.

@@ -454,6 +454,39 @@ async fn redeliver_queues_a_new_delivery_of_a_finished_execution() {
     app.stop().await;
 }
 
+/// Deliveries reach the loop without its safety-net poll (a minute here):
+/// a first attempt is handed over with the completion, a retry is claimed
+/// when it falls due, and a redelivery at once.
+#[tokio::test]
+async fn no_attempt_waits_for_the_poll() {
+    let app = spawn_app_with(|c| {
+        c.callback_retry_schedule = "100ms,100ms".into();
+        c.callback_jitter = 0.0;
+        c.poll_interval_secs = 60.0;
+    })
+    .await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![Reply::Status(500)]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo due", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    let got = receiver.wait_for(2, Duration::from_secs(5)).await;
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    wait_callback_status(&app, &id, "delivered", Duration::from_secs(5)).await;
+    let (status, out) = app
+        .post_json(
+            &format!("/execute/processes/{id}/callback/redeliver"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let got = receiver.wait_for(3, Duration::from_secs(5)).await;
+    assert_ne!(got[1].header("webhook-id"), got[2].header("webhook-id"));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn killed_and_timed_out_async_executions_send_their_callback_too() {
     let app = spawn_app_with(|c| c.async_concurrency = 1).await;

@@ -334,6 +334,7 @@ async fn metrics_show_executions_queues_callbacks_and_database_writes() {
         "execd_execution_duration_seconds_count{",
         "execd_db_write_batch_size_count",
         "execd_db_commit_seconds_bucket",
+        "execd_db_wal_sync_seconds_bucket",
         "execd_http_requests_total{",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
