@@ -65,8 +65,20 @@ struct Job {
     guarded: bool,
 }
 
-/// What runs once the write job that asked for it is committed.
+/// What runs once the write job that asked for it is committed (or synced).
 type Hook = Box<dyn FnOnce() + Send>;
+
+/// Hooks asked for by the jobs of the batch being written.
+#[derive(Default)]
+struct Hooks {
+    /// Run after `COMMIT`, before the sync.
+    commit: Vec<Hook>,
+    /// Run after the sync, before the callers are answered.
+    sync: Vec<Hook>,
+}
+
+/// A committed batch, for the sync thread: its hooks, then its callers.
+type Committed = (Vec<Hook>, Vec<Reply>);
 
 /// A handle to the writer task; cheap to clone.
 #[derive(Clone)]
@@ -75,7 +87,7 @@ pub struct Writer {
     /// producers instead of growing memory.
     jobs: mpsc::Sender<Job>,
     /// Hooks asked for by the jobs of the batch being written.
-    hooks: Arc<Mutex<Vec<Hook>>>,
+    hooks: Arc<Mutex<Hooks>>,
 }
 
 impl Writer {
@@ -87,7 +99,7 @@ impl Writer {
         shutdown: CancellationToken,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let hooks = Arc::new(Mutex::new(Vec::new()));
+        let hooks = Arc::new(Mutex::new(Hooks::default()));
         let task = tokio::spawn(run(conn, rx, hooks.clone(), wal, shutdown));
         (Writer { jobs: tx, hooks }, task)
     }
@@ -97,7 +109,15 @@ impl Writer {
     /// Call it only from inside a write job's closure. If that job or its
     /// batch is rolled back, `hook` is dropped without running.
     pub fn after_commit(&self, hook: impl FnOnce() + Send + 'static) {
-        self.hooks.lock().unwrap().push(Box::new(hook));
+        self.hooks.lock().unwrap().commit.push(Box::new(hook));
+    }
+
+    /// Runs `hook` as soon as the write job this is called from is durable
+    /// (its commit synced), on the thread that synced, before its caller is
+    /// answered: what another task would otherwise do only once woken by
+    /// the answer. Same rules as `after_commit`.
+    pub fn after_sync(&self, hook: impl FnOnce() + Send + 'static) {
+        self.hooks.lock().unwrap().sync.push(Box::new(hook));
     }
 
     /// Runs `f` in the next group commit and returns its result once committed.
@@ -158,7 +178,7 @@ impl Writer {
 async fn run(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<Job>,
-    hooks: Arc<Mutex<Vec<Hook>>>,
+    hooks: Arc<Mutex<Hooks>>,
     wal: PathBuf,
     shutdown: CancellationToken,
 ) {
@@ -198,8 +218,8 @@ async fn run(
 async fn commit_batch(
     conn: &mut SqliteConnection,
     batch: &mut Vec<Job>,
-    hooks: &Mutex<Vec<Hook>>,
-    committed: &mpsc::Sender<Vec<Reply>>,
+    hooks: &Mutex<Hooks>,
+    committed: &mpsc::Sender<Committed>,
 ) {
     let size = batch.len();
     let started = std::time::Instant::now();
@@ -217,7 +237,10 @@ async fn commit_batch(
     let mut failed_alone = false;
     for job in batch.drain(..) {
         // The hooks this job asks for, dropped if its writes are undone.
-        let asked_before = hooks.lock().unwrap().len();
+        let asked_before = {
+            let hooks = hooks.lock().unwrap();
+            (hooks.commit.len(), hooks.sync.len())
+        };
         let (ok, reply) = if !job.guarded || alone {
             let (ok, reply) = (job.run)(conn).await;
             failed_alone |= alone && job.guarded && !ok;
@@ -232,7 +255,9 @@ async fn commit_batch(
             (ok, reply)
         };
         if !ok {
-            hooks.lock().unwrap().truncate(asked_before);
+            let mut hooks = hooks.lock().unwrap();
+            hooks.commit.truncate(asked_before.0);
+            hooks.sync.truncate(asked_before.1);
         }
         replies.push(reply);
     }
@@ -257,11 +282,11 @@ async fn commit_batch(
         "group commit"
     );
     if outcome.is_ok() && !failed_alone {
-        for hook in asked {
+        for hook in asked.commit {
             hook();
         }
         // Answered once synced, while this task runs the next batch.
-        if committed.send(replies).await.is_err() {
+        if committed.send((asked.sync, replies)).await.is_err() {
             // The sync thread is gone (it stops the agent when a sync
             // fails); dropping the replies answers `NotDone`.
             tracing::error!("no WAL sync thread; callers not answered");
@@ -286,27 +311,32 @@ struct WalSync {
 
 impl WalSync {
     /// Starts the sync thread; send it each committed batch's replies.
-    fn start(wal: PathBuf) -> (mpsc::Sender<Vec<Reply>>, tokio::task::JoinHandle<()>) {
+    fn start(wal: PathBuf) -> (mpsc::Sender<Committed>, tokio::task::JoinHandle<()>) {
         // A few batches ahead at most: past that the writer waits for the disk.
         let (tx, rx) = mpsc::channel(SYNC_AHEAD);
         let sync = WalSync { wal, file: None };
         (tx, tokio::task::spawn_blocking(move || sync.run(rx)))
     }
 
-    fn run(mut self, mut committed: mpsc::Receiver<Vec<Reply>>) {
+    fn run(mut self, mut committed: mpsc::Receiver<Committed>) {
         let mut waiting = Vec::new();
-        while let Some(replies) = committed.blocking_recv() {
-            waiting.push(replies);
-            while let Ok(replies) = committed.try_recv() {
-                waiting.push(replies);
+        while let Some(batch) = committed.blocking_recv() {
+            waiting.push(batch);
+            while let Ok(batch) = committed.try_recv() {
+                waiting.push(batch);
             }
             let started = std::time::Instant::now();
             self.sync();
             crate::metrics::get()
                 .db_sync_seconds
                 .observe(started.elapsed().as_secs_f64());
-            for reply in waiting.drain(..).flatten() {
-                reply(Ok(()));
+            for (hooks, replies) in waiting.drain(..) {
+                for hook in hooks {
+                    hook();
+                }
+                for reply in replies {
+                    reply(Ok(()));
+                }
             }
         }
     }

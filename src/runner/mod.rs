@@ -504,8 +504,9 @@ impl Runner {
     }
 
     /// Writes a terminal transition (`change` returns the executions it
-    /// ended) and, in the same transaction, the callback of each async one;
-    /// then wakes the waiters and the deliverer.
+    /// ended) and, in the same transaction, the callback of each async one,
+    /// handed to the deliverer as soon as the transaction is synced; then
+    /// wakes the waiters.
     /// `change` may return a value of its own beside the ids.
     async fn end<T, F>(&self, change: F) -> Result<(Vec<String>, T), db::WriteError>
     where
@@ -518,7 +519,9 @@ impl Runner {
     {
         let cap = self.config.callback_output_bytes;
         let lease = self.deliverer.lease();
-        let (ended, value, due) = self
+        let deliverer = self.deliverer.clone();
+        let writer = self.db.writer.clone();
+        let (ended, value) = self
             .db
             .writer
             .write(move |c| {
@@ -528,11 +531,12 @@ impl Runner {
                     for id in &ended {
                         due.extend(delivery::enqueue(c, id, cap, Some(lease.clone())).await?);
                     }
-                    Ok((ended, value, due))
+                    // Handed over the moment the end is durable.
+                    writer.after_sync(move || deliverer.dispatch(due));
+                    Ok((ended, value))
                 })
             })
             .await?;
-        self.deliverer.dispatch(due);
         for id in &ended {
             let _ = self.finished.send(id.clone());
         }
