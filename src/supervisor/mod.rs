@@ -1,8 +1,8 @@
 //! The supervisors, one per running job, and the zygote that forks them
 //! and hands each its jobs.
 //!
-//! One supervisor per running job, in its own session, so the job outlives
-//! the agent (upgrade, crash, OOM kill). The supervisor owns the program: it
+//! One supervisor per running job, in the zygote's session (not the
+//! agent's), so the job outlives the agent (upgrade, crash, OOM kill). The supervisor owns the program: it
 //! starts it in its own process group, copies its output into the run
 //! directory up to the cap, enforces the timeout, answers kill requests
 //! (SIGUSR1 carrying the program's pid), and writes how it ended

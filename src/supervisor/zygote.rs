@@ -51,7 +51,8 @@ const JOBS_PER_SUPERVISOR: u32 = 1000;
 /// runs (or `<token> error <why>`), `<token> output` when much new output
 /// waits in the run directory, `<token> end` once `status.json` is written.
 ///
-/// Each supervisor is a process of its own, in its own session, with a
+/// Each supervisor is a process of its own, in its own process group (in
+/// the zygote's session: all jobs share one scheduling autogroup), with a
 /// socket to the zygote: a job comes on it as its line and the reading end
 /// of a gate made for it (`SCM_RIGHTS`), and the supervisor says `f` on it
 /// once the job is over and recorded, to be handed the next (up to
@@ -219,7 +220,7 @@ impl Pool {
         }
     }
 
-    /// Forks a supervisor: in its own session, stdin on /dev/null, it waits
+    /// Forks a supervisor: in its own process group, stdin on /dev/null, it waits
     /// on its socket for jobs (or for the zygote to go: it then exits).
     fn fork(&mut self) -> Option<UnixStream> {
         let (ours, theirs) = UnixStream::pair().ok()?;
@@ -239,7 +240,15 @@ impl Pool {
                         nix::sys::signal::SigHandler::SigDfl,
                     );
                 }
-                let _ = nix::unistd::setsid();
+                // A process group of its own (a signal to the zygote's
+                // reaches no job), in the zygote's session: every job shares
+                // the session's scheduling autogroup, so under load the
+                // agent gets the CPU share of one session against all of
+                // them, not of one against each.
+                let _ = nix::unistd::setpgid(
+                    nix::unistd::Pid::from_raw(0),
+                    nix::unistd::Pid::from_raw(0),
+                );
                 if let Ok(null) = File::open("/dev/null") {
                     let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
                 }

@@ -418,3 +418,60 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
     let third = files::RunDir::new(&third_dir).read_started().unwrap();
     assert_ne!(i64::from(third.supervisor_pid), supervisor);
 }
+
+/// (process group, session) of `pid`, from /proc.
+fn group_and_session(stat: &str) -> (i64, i64) {
+    // After the `(comm)`: state, ppid, pgrp, session.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    (fields[2].parse().unwrap(), fields[3].parse().unwrap())
+}
+
+/// Supervisors share the zygote's session, and so one scheduling autogroup
+/// for all jobs (with a session each, the agent got one share against each
+/// job's under load, and its callbacks waited 4× longer); each still has a
+/// process group of its own, and so does its program.
+#[tokio::test]
+async fn jobs_share_the_zygotes_session_each_in_a_process_group_of_its_own() {
+    let runs = tempfile::tempdir().unwrap();
+    let out = runs.path().join("ids");
+    let script = format!(
+        "cat /proc/$$/stat /proc/$PPID/stat > '{}'; echo $PPID >> '{}'",
+        out.display(),
+        out.display()
+    );
+    let (line, _) = job_running(
+        runs.path(),
+        "j",
+        "/bin/sh",
+        &["-c", &script],
+        runs.path(),
+        &[],
+    );
+    let mut zygote = Zygote::start(runs.path());
+    zygote.say(&format!("t1 {line}"));
+    let program = pid_of(&zygote.next(), "t1");
+    zygote.say("t1 go");
+    assert_eq!(zygote.next(), "t1 started");
+    assert_eq!(zygote.next(), "t1 end");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let supervisor: i64 = lines[2].parse().unwrap();
+    let zygote_stat = std::fs::read_to_string(format!("/proc/{}/stat", zygote.child.id())).unwrap();
+    let (zygote_group, zygote_session) = group_and_session(&zygote_stat);
+    assert_eq!(
+        group_and_session(lines[0]),
+        (program, zygote_session),
+        "the program"
+    );
+    assert_eq!(
+        group_and_session(lines[1]),
+        (supervisor, zygote_session),
+        "the supervisor"
+    );
+    assert_ne!(supervisor, zygote_group);
+}
