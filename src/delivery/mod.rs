@@ -158,6 +158,18 @@ impl Deliverer {
         }
     }
 
+    /// Whether a claim is due; if so, the next one is put a poll away until
+    /// told otherwise (a wake from now on brings it back, so none is lost).
+    fn claim_due_now(&self) -> bool {
+        let now = Instant::now();
+        let mut claim_at = self.claim_at.lock().unwrap();
+        if *claim_at > now {
+            return false;
+        }
+        *claim_at = now + self.config.poll_interval;
+        true
+    }
+
     /// A lease for deliveries inserted now: long enough for an attempt and
     /// its record; a crash frees it at the next start.
     pub fn lease(&self) -> Lease {
@@ -213,11 +225,7 @@ impl Deliverer {
                     .spawn(self.clone().attempt(due, permit, shutdown.clone()));
             }
             let free = permits.available_permits();
-            let now = Instant::now();
-            if free > 0 && *self.claim_at.lock().unwrap() <= now {
-                // Until told otherwise, the next claim is a poll away; a wake
-                // during this claim brings it back to now.
-                *self.claim_at.lock().unwrap() = now + self.config.poll_interval;
+            if free > 0 && self.claim_due_now() {
                 match self.claim(free).await {
                     Ok(due) => {
                         let full = due.len() == free;
