@@ -103,25 +103,31 @@ async fn a_failing_write_in_a_batch_rolls_back_alone() {
     assert_eq!(stored(&db).await, ["a", "b", "first"]);
 }
 
-/// Like `put`, with an after-commit hook that logs `hook <k>` and whether
-/// the row was then in the database at `path` (read on a connection of its
-/// own); `heard <k>` is logged when the caller hears back.
+/// Like `put`, with an after-commit hook (after-sync with `synced`) that
+/// logs `hook <k>` and whether the row was then in the database at `path`
+/// (read on a connection of its own); `heard <k>` is logged when the caller
+/// hears back.
 async fn put_hooked(
     db: &Db,
     path: &Path,
     k: &'static str,
     fail: bool,
     log: &Arc<Mutex<Vec<String>>>,
+    synced: bool,
 ) {
     let (writer, hook_log, path) = (db.writer.clone(), log.clone(), path.to_owned());
     let ok = put_with(db, k, fail, Duration::ZERO, move || {
-        writer.after_commit(move || {
+        let hook = move || {
             let seen = count_elsewhere(&path, k);
             hook_log
                 .lock()
                 .unwrap()
                 .push(format!("hook {k} seen {seen}"));
-        });
+        };
+        match synced {
+            true => writer.after_sync(hook),
+            false => writer.after_commit(hook),
+        }
     })
     .await;
     log.lock().unwrap().push(format!("heard {k} {ok}"));
@@ -153,21 +159,30 @@ fn count_elsewhere(path: &Path, k: &str) -> i64 {
 
 #[tokio::test]
 async fn an_after_commit_hook_runs_committed_before_its_caller_hears_and_never_on_rollback() {
+    hooks_run_committed_before_the_caller_hears_and_never_on_rollback(false).await;
+}
+
+#[tokio::test]
+async fn an_after_sync_hook_runs_committed_before_its_caller_hears_and_never_on_rollback() {
+    hooks_run_committed_before_the_caller_hears_and_never_on_rollback(true).await;
+}
+
+async fn hooks_run_committed_before_the_caller_hears_and_never_on_rollback(synced: bool) {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path()).await;
     let path = dir.path().join("execd.db");
     let log = Arc::new(Mutex::new(Vec::new()));
     // Alone in its transaction, then failing alone, then in a batch of
     // three where the middle one fails.
-    put_hooked(&db, &path, "alone", false, &log).await;
-    put_hooked(&db, &path, "lone-bad", true, &log).await;
+    put_hooked(&db, &path, "alone", false, &log, synced).await;
+    put_hooked(&db, &path, "lone-bad", true, &log, synced).await;
     let hold = put(&db, "hold", false, Duration::from_millis(200));
     let later = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         tokio::join!(
-            put_hooked(&db, &path, "x", false, &log),
-            put_hooked(&db, &path, "bad", true, &log),
-            put_hooked(&db, &path, "y", false, &log),
+            put_hooked(&db, &path, "x", false, &log, synced),
+            put_hooked(&db, &path, "bad", true, &log, synced),
+            put_hooked(&db, &path, "y", false, &log, synced),
         );
     };
     tokio::join!(hold, later);
