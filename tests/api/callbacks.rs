@@ -47,6 +47,15 @@ async fn wait_callback_status(app: &TestApp, id: &str, status: &str, within: Dur
     .await
 }
 
+/// Asks for a new delivery of execution `id`'s callback.
+async fn redeliver(app: &TestApp, id: &str) -> (u16, Value) {
+    app.post_json(
+        &format!("/execute/processes/{id}/callback/redeliver"),
+        json!({}),
+    )
+    .await
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
     mac.update(data);
@@ -417,12 +426,7 @@ async fn redeliver_queues_a_new_delivery_of_a_finished_execution() {
     )
     .await;
     wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
-    let (status, out) = app
-        .post_json(
-            &format!("/execute/processes/{id}/callback/redeliver"),
-            json!({}),
-        )
-        .await;
+    let (status, out) = redeliver(&app, &id).await;
     assert_eq!(status, 200, "{out}");
     let got = receiver.wait_for(2, Duration::from_secs(10)).await;
     verify(&got[1], "k");
@@ -438,15 +442,7 @@ async fn redeliver_queues_a_new_delivery_of_a_finished_execution() {
     let (_, sync) = app
         .post_json("/execute", json!({ "code": "echo s", "language": "bash" }))
         .await;
-    let (status, err) = app
-        .post_json(
-            &format!(
-                "/execute/processes/{}/callback/redeliver",
-                sync["execution_id"].as_str().unwrap()
-            ),
-            json!({}),
-        )
-        .await;
+    let (status, err) = redeliver(&app, sync["execution_id"].as_str().unwrap()).await;
     assert_eq!(
         (status, err["code"].as_str()),
         (400, Some("INVALID_REQUEST"))
@@ -475,12 +471,7 @@ async fn no_attempt_waits_for_the_poll() {
     let got = receiver.wait_for(2, Duration::from_secs(5)).await;
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
     wait_callback_status(&app, &id, "delivered", Duration::from_secs(5)).await;
-    let (status, out) = app
-        .post_json(
-            &format!("/execute/processes/{id}/callback/redeliver"),
-            json!({}),
-        )
-        .await;
+    let (status, out) = redeliver(&app, &id).await;
     assert_eq!(status, 200, "{out}");
     let got = receiver.wait_for(3, Duration::from_secs(5)).await;
     assert_ne!(got[1].header("webhook-id"), got[2].header("webhook-id"));
