@@ -5,6 +5,7 @@
 
 use sqlx::{SqliteConnection, SqlitePool};
 
+use super::output::{self, Chunk, Counts};
 use crate::domain::{ExecutionId, Lane, ProcessId, Program, Status, Submission};
 
 /// How a submission was stored.
@@ -304,24 +305,29 @@ pub struct Finish {
     pub completed_at: String,
 }
 
-/// Moves a running row to its terminal status, with the program's pid and
-/// when it was spawned if they are not stored yet (a short job's start and
-/// end take one statement). False when fenced out (another owner or attempt
-/// has the row, or it is no longer running).
+/// Moves a running row to its terminal status, with the last of its output
+/// (`output`, counted in the same statement) and the program's pid and when
+/// it was spawned if they are not stored yet: a short job's start, output
+/// and end take one statement and its chunks. False when fenced out
+/// (another owner or attempt has the row, or it is no longer running).
 #[tracing::instrument(skip_all, fields(execution_id = %fence.id, status = %finish.status))]
 pub async fn finish(
     conn: &mut SqliteConnection,
     fence: &Fence,
     finish: &Finish,
     spawned: Option<(i64, &str)>,
+    output: &[Chunk],
 ) -> Result<bool, sqlx::Error> {
     debug_assert!(finish.status.is_terminal());
     let status = finish.status.as_str();
     let (pid, spawned_at) = spawned.unzip();
+    let counts = Counts::of(output);
     let done = sqlx::query!(
         r#"UPDATE executions
               SET status = ?, exit_code = ?, error = ?, completed_at = ?,
-                  pid = COALESCE(?, pid), spawned_at = COALESCE(?, spawned_at)
+                  pid = COALESCE(?, pid), spawned_at = COALESCE(?, spawned_at),
+                  stdout_bytes = stdout_bytes + ?, stdout_truncated = MAX(stdout_truncated, ?),
+                  stderr_bytes = stderr_bytes + ?, stderr_truncated = MAX(stderr_truncated, ?)
             WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
         status,
         finish.exit_code,
@@ -329,6 +335,10 @@ pub async fn finish(
         finish.completed_at,
         pid,
         spawned_at,
+        counts.stdout_bytes,
+        counts.stdout_truncated,
+        counts.stderr_bytes,
+        counts.stderr_truncated,
         fence.id,
         fence.owner,
         fence.attempt,
@@ -338,6 +348,7 @@ pub async fn finish(
     if done.rows_affected() == 0 {
         return Ok(false);
     }
+    output::insert(conn, fence, output, &finish.completed_at).await?;
     record_attempt(conn, &fence.id, status).await?;
     Ok(true)
 }

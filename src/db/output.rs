@@ -16,6 +16,36 @@ pub struct Chunk {
     pub truncated: bool,
 }
 
+/// What a set of chunks adds to its row: bytes and truncation flags per stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub stdout_bytes: i64,
+    pub stdout_truncated: bool,
+    pub stderr_bytes: i64,
+    pub stderr_truncated: bool,
+}
+
+impl Counts {
+    pub fn of(chunks: &[Chunk]) -> Counts {
+        let total = |s: Stream| -> (i64, bool) {
+            chunks
+                .iter()
+                .filter(|c| c.stream == s)
+                .fold((0, false), |(n, t), c| {
+                    (n + c.data.len() as i64, t || c.truncated)
+                })
+        };
+        let (stdout_bytes, stdout_truncated) = total(Stream::Stdout);
+        let (stderr_bytes, stderr_truncated) = total(Stream::Stderr);
+        Counts {
+            stdout_bytes,
+            stdout_truncated,
+            stderr_bytes,
+            stderr_truncated,
+        }
+    }
+}
+
 /// Appends chunks of a running execution and counts their bytes. Nothing is
 /// written when the fence does not hold (returns false).
 #[tracing::instrument(skip_all, fields(execution_id = %fence.id, chunks = chunks.len()))]
@@ -25,25 +55,16 @@ pub async fn append(
     chunks: &[Chunk],
     now: &str,
 ) -> Result<bool, sqlx::Error> {
-    let total = |s: Stream| -> (i64, bool) {
-        chunks
-            .iter()
-            .filter(|c| c.stream == s)
-            .fold((0, false), |(n, t), c| {
-                (n + c.data.len() as i64, t || c.truncated)
-            })
-    };
-    let (out_bytes, out_trunc) = total(Stream::Stdout);
-    let (err_bytes, err_trunc) = total(Stream::Stderr);
+    let counts = Counts::of(chunks);
     let done = sqlx::query!(
         r#"UPDATE executions
               SET stdout_bytes = stdout_bytes + ?, stdout_truncated = MAX(stdout_truncated, ?),
                   stderr_bytes = stderr_bytes + ?, stderr_truncated = MAX(stderr_truncated, ?)
             WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
-        out_bytes,
-        out_trunc,
-        err_bytes,
-        err_trunc,
+        counts.stdout_bytes,
+        counts.stdout_truncated,
+        counts.stderr_bytes,
+        counts.stderr_truncated,
         fence.id,
         fence.owner,
         fence.attempt,
@@ -53,6 +74,18 @@ pub async fn append(
     if done.rows_affected() == 0 {
         return Ok(false);
     }
+    insert(conn, fence, chunks, now).await?;
+    Ok(true)
+}
+
+/// Inserts the chunks that hold data, once the caller has counted them in
+/// their row (which the fence allowed).
+pub(super) async fn insert(
+    conn: &mut SqliteConnection,
+    fence: &Fence,
+    chunks: &[Chunk],
+    now: &str,
+) -> Result<(), sqlx::Error> {
     for chunk in chunks.iter().filter(|c| !c.data.is_empty()) {
         let stream = chunk.stream.as_str();
         sqlx::query!(
@@ -68,7 +101,7 @@ pub async fn append(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// All stored output of one stream of one attempt, in order.

@@ -31,6 +31,12 @@ impl Lane {
         }
     }
 
+    /// Whether its executions may have a callback (only `/execute/async`
+    /// takes a `callback_url`).
+    pub fn has_callbacks(self) -> bool {
+        self == Lane::Async
+    }
+
     /// The timeout a route applies when the client gives none (API.md).
     pub fn default_timeout(self) -> Duration {
         Duration::from_secs(match self {

@@ -8,6 +8,12 @@ use nix::unistd::Pid;
 
 use super::launch::{Ready, HANDSHAKE_TIMEOUT};
 use super::tail::{Tail, FLUSH_INTERVAL};
+
+/// How long a silent job's pid may wait for a write to go with (its
+/// output's, or its end's) before it is stored alone: a job shorter than
+/// this starts and ends in two commits (its insert and its end), and the
+/// API shows a silent running job's pid within about this delay.
+const PID_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 use super::zygote::Watch;
 use super::{Runner, Running, StopReason};
 use crate::db::executions::{self, Claimed, Fence, Finish};
@@ -37,9 +43,11 @@ pub struct Attached {
     /// Who runs the job, once read from the run directory.
     pub started: Option<Started>,
     /// The program's pid, known but not stored yet: it goes with the job's
-    /// first stored output, its first tick, or its end, whichever comes
-    /// first (a short job's start and end take one commit, not two).
+    /// first stored output or its end, or alone at the first tick after
+    /// `pid_due`, whichever comes first.
     pub unstored: Option<Spawned>,
+    /// When an unstored pid is stored even with nothing to go with.
+    pub pid_due: std::time::Instant,
 }
 
 /// A started program: its pid, and when its gate opened.
@@ -78,6 +86,7 @@ impl Runner {
             watch: Some(watch),
             started: None,
             unstored: None,
+            pid_due: std::time::Instant::now() + PID_DELAY,
         };
         // Nothing was forked to run (`error …` or `end`): status.json tells,
         // or follow() finds the job lost. Otherwise the program runs since
@@ -165,6 +174,7 @@ impl Runner {
                     let reason = *handle.reason.lock().unwrap();
                     match reason {
                         StopReason::Shutdown => {
+                            self.store_pid(fence, &mut job).await;
                             self.pump(fence, &mut job).await;
                             return Followed::Detached;
                         }
@@ -203,6 +213,7 @@ impl Runner {
                 Followed::Ended(finish_of(&ended), rest, job.unstored.take())
             }
             None => {
+                self.store_pid(fence, &mut job).await;
                 self.pump(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
@@ -210,11 +221,17 @@ impl Runner {
         }
     }
 
-    /// Stores the program's pid if it is not stored yet, then the new output:
-    /// what the API shows of a running job, in that order.
+    /// Stores the new output, and before it the program's pid if that is
+    /// not stored yet (what the API shows of a running job, in that order);
+    /// with no new output, the pid only once it is due.
     async fn pump(&self, fence: &Fence, job: &mut Attached) {
-        self.store_pid(fence, job).await;
         let writer = &self.db.writer;
+        let [out, err] = &mut job.tails;
+        if job.unstored.is_some()
+            && (std::time::Instant::now() >= job.pid_due || out.has_new() || err.has_new())
+        {
+            self.store_pid(fence, job).await;
+        }
         let [out, err] = &mut job.tails;
         tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
     }

@@ -357,14 +357,11 @@ impl Runner {
                 let launcher = self.launcher.clone();
                 let writer = self.db.writer.clone();
                 let running = self.running.clone();
-                self.end(move |c| {
+                self.end(lane.has_callbacks(), move |c| {
                     Box::pin(async move {
-                        if !output.is_empty() {
-                            crate::db::output::append(c, &fence, &output, &finish.completed_at)
-                                .await?;
-                        }
                         let spawned = spawned.as_ref().map(|s| (s.pid, s.at.as_str()));
-                        let ended = executions::finish(c, &fence, &finish, spawned).await?;
+                        let ended =
+                            executions::finish(c, &fence, &finish, spawned, &output).await?;
                         let next = match chain {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                             false => Vec::new(),
@@ -403,7 +400,7 @@ impl Runner {
         tracing::warn!(execution_id = %fence.id, %error, "process lost");
         let fence = fence.clone();
         let (_, outcome) = self
-            .end(move |c| {
+            .end(lane.has_callbacks(), move |c| {
                 Box::pin(async move {
                     let outcome = executions::lose(c, &fence, &error, &db::now()).await?;
                     let ended = match outcome {
@@ -469,7 +466,8 @@ impl Runner {
         let exec_id = row.id.clone();
         let killed_queued = {
             let exec_id = exec_id.clone();
-            self.end(move |c| {
+            let callbacks = row.lane == Lane::Async.as_str();
+            self.end(callbacks, move |c| {
                 Box::pin(async move {
                     let killed = executions::kill_queued(c, &exec_id, &db::now()).await?;
                     Ok((if killed { vec![exec_id] } else { vec![] }, ()))
@@ -506,9 +504,14 @@ impl Runner {
     /// Writes a terminal transition (`change` returns the executions it
     /// ended) and, in the same transaction, the callback of each async one,
     /// handed to the deliverer as soon as the transaction is synced; then
-    /// wakes the waiters.
+    /// wakes the waiters. Without `callbacks` (a lane that has none), no
+    /// callback is looked for.
     /// `change` may return a value of its own beside the ids.
-    async fn end<T, F>(&self, change: F) -> Result<(Vec<String>, T), db::WriteError>
+    async fn end<T, F>(
+        &self,
+        callbacks: bool,
+        change: F,
+    ) -> Result<(Vec<String>, T), db::WriteError>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(
@@ -528,7 +531,7 @@ impl Runner {
                 Box::pin(async move {
                     let (ended, value) = change(&mut *c).await?;
                     let mut due = Vec::new();
-                    for id in &ended {
+                    for id in ended.iter().filter(|_| callbacks) {
                         due.extend(delivery::enqueue(c, id, cap, Some(lease.clone())).await?);
                     }
                     // Handed over the moment the end is durable.

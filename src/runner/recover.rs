@@ -97,6 +97,8 @@ impl Runner {
                 tails,
                 started,
                 unstored,
+                // Stored at the first look, which is at once.
+                pid_due: std::time::Instant::now(),
             };
             tracing::info!(execution_id = %row.id, "re-attached to a running job");
             let meta = JobMeta {

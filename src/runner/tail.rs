@@ -82,21 +82,31 @@ impl Tail {
         Vec::new()
     }
 
+    /// Whether the file holds output not in the database yet (a stat).
+    pub fn has_new(&mut self) -> bool {
+        !self.fenced_out && self.size().is_some_and(|size| size > self.offset)
+    }
+
+    /// The file's size so far (0 before it exists); `None` if it cannot be read.
+    fn size(&mut self) -> Option<u64> {
+        // The supervisor makes the file with the stream's first byte.
+        if self.file.is_none() {
+            self.file = File::open(self.run.output(self.stream)).ok();
+        }
+        match &self.file {
+            Some(file) => file.metadata().ok().map(|m| m.len()),
+            None => Some(0),
+        }
+    }
+
     /// The next batch of new output (up to BATCH_BYTES, as chunks of at most
     /// CHUNK_BYTES), read but not stored; `None` when there is nothing new.
     fn read(&mut self) -> Option<Batch> {
         if self.fenced_out {
             return None;
         }
-        // The supervisor makes the file with the stream's first byte.
-        if self.file.is_none() {
-            self.file = File::open(self.run.output(self.stream)).ok();
-        }
         // Only what is there: an idle job costs a stat, not a buffer.
-        let size = match &self.file {
-            Some(file) => file.metadata().ok()?.len(),
-            None => 0,
-        };
+        let size = self.size()?;
         let waiting = size.saturating_sub(self.offset);
         let truncated = !self.flagged && self.run.truncated_marker(self.stream).exists();
         if waiting == 0 && !truncated {

@@ -80,7 +80,7 @@ async fn a_stale_writer_changes_nothing_after_the_row_was_taken_over() {
                 Ok([
                     output::append(c, &f, std::slice::from_ref(&chunk), &db::now()).await?,
                     executions::set_pid(c, &f, 4242, &db::now()).await?,
-                    executions::finish(c, &f, &finish, None).await?,
+                    executions::finish(c, &f, &finish, None, &[]).await?,
                     executions::lose(c, &f, "stale", &db::now())
                         .await?
                         .is_some(),
@@ -116,7 +116,7 @@ async fn a_stale_writer_changes_nothing_after_the_row_was_taken_over() {
                     error: None,
                     completed_at: db::now(),
                 };
-                executions::finish(c, &owner, &finish, None).await
+                executions::finish(c, &owner, &finish, None, &[]).await
             })
         })
         .await

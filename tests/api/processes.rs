@@ -25,6 +25,30 @@ async fn output_is_visible_while_the_job_still_runs() {
 }
 
 #[tokio::test]
+async fn a_silent_job_shows_its_pid_within_about_a_second_and_keeps_it_when_it_ends() {
+    let app = spawn_app().await;
+    // Running and silent: the pid waits for nothing to go with, not forever.
+    let id = app
+        .background(json!({ "code": "sleep 30", "language": "bash" }))
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(5), |p| !p["pid"].is_null())
+        .await;
+    assert_eq!(p["status"], "running", "{p}");
+    assert!(p["spawned_at"].is_string(), "{p}");
+    assert!(alive(p["pid"].as_i64().unwrap()));
+    // Short and silent: its pid goes with its end.
+    let id = app
+        .background(json!({ "code": "sleep 0.2", "language": "bash" }))
+        .await;
+    let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert!(p["pid"].as_i64().unwrap() > 0, "{p}");
+    assert!(p["spawned_at"].is_string(), "{p}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_line_printed_by_a_running_job_shows_up_within_a_few_hundred_ms() {
     let app = spawn_app().await;
     let marker = tempfile::tempdir().unwrap();
