@@ -231,7 +231,7 @@ impl Api {
 }
 
 /// Totals of the agent's writer, as `/metrics` counts them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct WriterTotals {
     /// Group commits.
     pub commits: f64,
@@ -243,6 +243,19 @@ pub struct WriterTotals {
     pub syncs: f64,
     /// Seconds spent syncing, beside the writer.
     pub syncing: f64,
+}
+
+impl std::ops::Add for WriterTotals {
+    type Output = WriterTotals;
+    fn add(self, more: WriterTotals) -> WriterTotals {
+        WriterTotals {
+            commits: self.commits + more.commits,
+            writes: self.writes + more.writes,
+            busy: self.busy + more.busy,
+            syncs: self.syncs + more.syncs,
+            syncing: self.syncing + more.syncing,
+        }
+    }
 }
 
 impl std::ops::Sub for WriterTotals {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::agent::{self, random_hex, Agent, Api};
+use crate::agent::{self, random_hex, Agent, Api, WriterTotals};
 use crate::report::{self, median, thousands, Outcome, Row};
 use crate::Ctx;
 
@@ -162,6 +162,8 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
             (Duration::ZERO, 0, 0.0, 0.0);
         let (mut wall, mut done, mut submitted, mut agent_cpu, mut machine) =
             (Duration::ZERO, 0, Duration::ZERO, 0.0, 0.0);
+        // Over the agent's turns: its writer, and this process (the load).
+        let (mut writer, mut harness_cpu) = (Some(WriterTotals::default()), 0.0);
         for round in 0..rounds {
             for agent_turn in [round % 2 == 1, round % 2 == 0] {
                 if !agent_turn {
@@ -178,6 +180,8 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
                         (direct + took, direct_done + spawned, direct_cpu + cpu);
                     continue;
                 }
+                let writer0 = agent.api.writer_totals().await.ok();
+                let harness0 = agent::cpu_seconds(std::process::id()).unwrap_or_default().0;
                 let cpu0 = agent::cpu_seconds(pid).unwrap_or_default().0;
                 let machine0 = agent::machine_cpu_seconds();
                 let start = Instant::now();
@@ -193,6 +197,12 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
                 .await?;
                 agent_cpu += agent::cpu_seconds(pid).unwrap_or_default().0 - cpu0;
                 machine += agent::machine_cpu_seconds() - machine0;
+                harness_cpu +=
+                    agent::cpu_seconds(std::process::id()).unwrap_or_default().0 - harness0;
+                writer = match (writer, writer0, agent.api.writer_totals().await.ok()) {
+                    (Some(sum), Some(before), Some(after)) => Some(sum + (after - before)),
+                    _ => None,
+                };
                 (wall, done, submitted) = (wall + (end - start), ended, submitted + sent);
             }
         }
@@ -234,6 +244,20 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
             direct_machine * 1e3 / direct_done.max(1) as f64,
         ));
         out.note(format!("C={c}: {}", timeline(&db, c, wall)?));
+        let per_job = |x: f64| x / done.max(1) as f64;
+        out.note(match writer {
+            Some(w) => format!(
+                "C={c}, per job over the agent's turns: the writer's group commits {:.2} ({:.2} writes), syncs of the WAL {:.2}; this harness's own CPU {:.2} ms (its HTTP client and its 10 ms database poll)",
+                per_job(w.commits),
+                per_job(w.writes),
+                per_job(w.syncs),
+                per_job(harness_cpu) * 1e3,
+            ),
+            None => format!(
+                "C={c}: this harness's own CPU {:.2} ms/job over the agent's turns (no writer metrics)",
+                per_job(harness_cpu) * 1e3
+            ),
+        });
         out.rows.push(Row::new(
             "3",
             &format!("{} × python print(1), concurrency {c}", thousands(n as f64)),

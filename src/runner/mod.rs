@@ -359,15 +359,17 @@ impl Runner {
                 let running = self.running.clone();
                 self.end(lane.has_callbacks(), move |c| {
                     Box::pin(async move {
-                        let spawned = spawned.as_ref().map(|s| (s.pid, s.at.as_str()));
-                        let ended =
-                            executions::finish(c, &fence, &finish, spawned, &output).await?;
+                        // The next job first: its preparation overlaps the
+                        // rest of this transaction.
                         let next = match chain {
                             true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                             false => Vec::new(),
                         };
                         running.register_on_commit(&next, &writer);
                         launcher.prelaunch(&next, &writer);
+                        let spawned = spawned.as_ref().map(|s| (s.pid, s.at.as_str()));
+                        let ended =
+                            executions::finish(c, &fence, &finish, spawned, &output).await?;
                         Ok((if ended { vec![fence.id] } else { vec![] }, next))
                     })
                 })
