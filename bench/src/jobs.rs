@@ -52,30 +52,47 @@ pub async fn submit_many(
 }
 
 /// Waits until `n` executions are terminal or `limit` passed; returns when
-/// it stopped waiting and how many had ended then.
+/// it stopped waiting and how many had ended then. With `slots` (at most
+/// that many run at once), it polls every `poll` only once no more than
+/// `slots` are unfinished; before, it sleeps half the time the rest but
+/// `slots` should take at the rate seen so far (at most 250 ms): a poll
+/// costs this process CPU that the agent's jobs share, and the direct loop
+/// it is compared with waits for its children without any.
 async fn wait_terminal_bounded(
     db: &rusqlite::Connection,
     n: usize,
+    slots: Option<usize>,
     poll: Duration,
     limit: Duration,
 ) -> Result<(Instant, usize)> {
-    let deadline = Instant::now() + limit;
+    let start = Instant::now();
+    let deadline = start + limit;
+    let mut first = None;
     loop {
         // All rows less the unfinished ones: the second count reads only the
         // unfinished rows' entries of the status index, so a poll costs
-        // microseconds, not a scan of every finished row (CPU the agent's
-        // jobs would share).
+        // microseconds, not a scan of every finished row.
         let done: i64 = db.query_row(
             "SELECT (SELECT count(*) FROM executions)
                   - (SELECT count(*) FROM executions WHERE status IN ('queued', 'running'))",
             [],
             |r| r.get(0),
         )?;
-        let now = Instant::now();
-        if done as usize >= n || now > deadline {
-            return Ok((now, done as usize));
+        let (done, now) = (done as usize, Instant::now());
+        if done >= n || now > deadline {
+            return Ok((now, done));
         }
-        tokio::time::sleep(poll).await;
+        let first = *first.get_or_insert(done);
+        let unfinished = n - done;
+        let sleep = match slots {
+            Some(slots) if unfinished > slots && done > first => {
+                let per_job = now.duration_since(start) / (done - first) as u32;
+                (per_job * (unfinished - slots) as u32 / 2).clamp(poll, Duration::from_millis(250))
+            }
+            Some(slots) if unfinished > slots => poll.max(Duration::from_millis(50)),
+            _ => poll,
+        };
+        tokio::time::sleep(sleep.min(deadline.saturating_duration_since(now))).await;
     }
 }
 
@@ -87,7 +104,7 @@ pub async fn wait_terminal(
     poll: Duration,
     limit: Duration,
 ) -> Result<Instant> {
-    let (seen, done) = wait_terminal_bounded(db, n, poll, limit).await?;
+    let (seen, done) = wait_terminal_bounded(db, n, None, poll, limit).await?;
     if done < n {
         bail!(
             "only {done} of {n} executions ended within {} s",
@@ -191,6 +208,7 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
                 let (end, ended) = wait_terminal_bounded(
                     &db,
                     done + batch,
+                    Some(c),
                     Duration::from_millis(10),
                     (limit / rounds as u32).saturating_sub(sent),
                 )

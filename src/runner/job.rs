@@ -221,19 +221,33 @@ impl Runner {
         }
     }
 
-    /// Stores the new output, and before it the program's pid if that is
-    /// not stored yet (what the API shows of a running job, in that order);
-    /// with no new output, the pid only once it is due.
+    /// Stores the new output, and with its first write the program's pid
+    /// if that is not stored yet (the API shows it before the output); with
+    /// no new output, the pid alone once it is due.
     async fn pump(&self, fence: &Fence, job: &mut Attached) {
+        if let Some(spawned) = job.unstored.take() {
+            let [out, err] = &mut job.tails;
+            if out.has_new() {
+                out.along = Some(spawned);
+            } else if err.has_new() {
+                err.along = Some(spawned);
+            } else {
+                job.unstored = Some(spawned);
+                if std::time::Instant::now() >= job.pid_due {
+                    self.store_pid(fence, job).await;
+                }
+            }
+        }
         let writer = &self.db.writer;
         let [out, err] = &mut job.tails;
-        if job.unstored.is_some()
-            && (std::time::Instant::now() >= job.pid_due || out.has_new() || err.has_new())
-        {
-            self.store_pid(fence, job).await;
-        }
-        let [out, err] = &mut job.tails;
         tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
+        // Not taken after all (nothing was read): kept for the next write,
+        // or the end.
+        for tail in &mut job.tails {
+            if let Some(spawned) = tail.along.take() {
+                job.unstored.get_or_insert(spawned);
+            }
+        }
     }
 }
 

@@ -13,7 +13,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
-use crate::db::executions::Fence;
+use super::job::Spawned;
+use crate::db::executions::{self, Fence};
 use crate::db::output::{self, Chunk};
 use crate::db::{self, Writer};
 use crate::domain::Stream;
@@ -40,6 +41,8 @@ pub struct Tail {
     flagged: bool,
     /// The fence no longer holds: stop writing.
     fenced_out: bool,
+    /// The program's pid, to store in this stream's next write, before its output.
+    pub along: Option<Spawned>,
 }
 
 impl Tail {
@@ -52,6 +55,7 @@ impl Tail {
             seq,
             flagged: false,
             fenced_out: false,
+            along: None,
         }
     }
 
@@ -163,9 +167,15 @@ impl Tail {
             chunks, progress, ..
         } = batch;
         let fence = fence.clone();
+        let pid = self.along.take();
         let written = writer
             .write(move |c| {
-                Box::pin(async move { output::append(c, &fence, &chunks, &db::now()).await })
+                Box::pin(async move {
+                    if let Some(Spawned { pid, at }) = &pid {
+                        executions::set_pid(c, &fence, *pid, at).await?;
+                    }
+                    output::append(c, &fence, &chunks, &db::now()).await
+                })
             })
             .await;
         match written {
