@@ -265,7 +265,7 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         let per_job = |x: f64| x / done.max(1) as f64;
         out.note(match writer {
             Some(w) => format!(
-                "C={c}, per job over the agent's turns: the writer's group commits {:.2} ({:.2} writes), syncs of the WAL {:.2}; this harness's own CPU {:.2} ms (its HTTP client and its 10 ms database poll)",
+                "C={c}, per job over the agent's turns: the writer's group commits {:.2} ({:.2} writes), syncs of the WAL {:.2}; this harness's own CPU {:.2} ms (its HTTP client and its database poll)",
                 per_job(w.commits),
                 per_job(w.writes),
                 per_job(w.syncs),
