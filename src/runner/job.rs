@@ -8,18 +8,18 @@ use nix::unistd::Pid;
 
 use super::launch::{Ready, HANDSHAKE_TIMEOUT};
 use super::tail::{Tail, FLUSH_INTERVAL};
-
-/// How long a silent job's pid may wait for a write to go with (its
-/// output's, or its end's) before it is stored alone: a job shorter than
-/// this starts and ends in two commits (its insert and its end), and the
-/// API shows a silent running job's pid within about this delay.
-const PID_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 use super::zygote::Watch;
 use super::{Runner, Running, StopReason};
 use crate::db::executions::{self, Claimed, Fence, Finish};
 use crate::db::output::Chunk;
 use crate::domain::{Status, Stream};
 use crate::supervisor::files::{Ended, Outcome, RunDir, Started};
+
+/// How long a silent job's pid may wait for a write to go with (its first
+/// output's, or its end's) before it is stored alone: a silent job shorter
+/// than this is two commits (its insert and its end), and the API shows a
+/// silent running job's pid within about this delay.
+const PID_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How a followed job came out.
 pub enum Followed {
