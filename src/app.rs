@@ -17,7 +17,7 @@ use crate::db::Db;
 use crate::delivery::{Deliverer, DeliveryConfig};
 use crate::domain::{Lane, Languages, Limits};
 use crate::http::{self, AppState, Auth};
-use crate::runner::{Runner, RunnerConfig};
+use crate::runner::{Runner, RunnerConfig, RunsDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -68,7 +68,16 @@ pub async fn serve(
         })?;
     // Held until serve returns: one agent per data dir.
     let _lock = lock_data_dir(&config.data_dir)?;
-    create_dir(&config.runs_dir())?;
+    let runs_dir =
+        RunsDir::prepare(&config.data_dir, config.runs_dir.as_deref()).map_err(|source| {
+            StartError::Dir {
+                path: (config.runs_dir.clone())
+                    .unwrap_or_else(|| config.data_dir.join("runs"))
+                    .display()
+                    .to_string(),
+                source,
+            }
+        })?;
     let workdir = config.default_workdir();
     create_dir(&workdir)?;
     let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
@@ -104,7 +113,7 @@ pub async fn serve(
         RunnerConfig {
             owner: owner.clone(),
             languages: languages.clone(),
-            runs_dir: config.runs_dir(),
+            runs_dir: runs_dir.path.clone(),
             supervisor_bin,
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace(),
@@ -162,6 +171,7 @@ pub async fn serve(
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         db = %config.db_path().display(),
+        runs = %runs_dir.path.display(),
         boot = %owner,
         languages = ?installed,
         startup_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -183,6 +193,7 @@ pub async fn serve(
     let _ = retention_task.await;
     stop_writer.cancel();
     let _ = writer_task.await;
+    runs_dir.release();
     tracing::info!("stopped");
     served.map_err(StartError::Serve)
 }

@@ -131,6 +131,13 @@ pub struct Config {
     #[arg(long = "kill-grace", env = "EXECD_KILL_GRACE", default_value_t = 2.0)]
     pub kill_grace_secs: f64,
 
+    /// Where run directories are made. Default: `<data-dir>/runs`, a link to
+    /// a private directory on /dev/shm when that is a tmpfs (else a plain
+    /// directory). Name one on disk where memory is short: a running job's
+    /// output up to the cap is held there.
+    #[arg(long, env = "EXECD_RUNS_DIR")]
+    pub runs_dir: Option<PathBuf>,
+
     /// Working directory of runs that name none. Created at start. Default: `<data-dir>/workspace`.
     #[arg(long, env = "EXECD_WORKDIR")]
     pub workdir: Option<PathBuf>,
@@ -282,10 +289,6 @@ impl Config {
         self.data_dir.join("token")
     }
 
-    pub fn runs_dir(&self) -> PathBuf {
-        self.data_dir.join("runs")
-    }
-
     pub fn default_workdir(&self) -> PathBuf {
         self.workdir
             .clone()
@@ -335,6 +338,7 @@ impl fmt::Debug for Config {
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_timeout_secs", &self.max_timeout_secs)
             .field("kill_grace_secs", &self.kill_grace_secs)
+            .field("runs_dir", &self.runs_dir)
             .field("workdir", &self.workdir)
             .field("list_output_bytes", &self.list_output_bytes)
             .field("poll_interval_secs", &self.poll_interval_secs)

@@ -12,6 +12,7 @@ mod job;
 mod launch;
 mod recover;
 mod registry;
+mod runs_dir;
 mod tail;
 mod zygote;
 
@@ -33,6 +34,7 @@ use crate::domain::{seconds_between, Lane, Languages, Status};
 use job::{Attached, Followed};
 pub use launch::Launcher;
 use registry::{Registry, Running, StopReason};
+pub use runs_dir::RunsDir;
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]

@@ -137,6 +137,28 @@ async fn env_values_never_reach_the_disk_of_a_running_job() {
 }
 
 #[tokio::test]
+async fn a_configured_runs_dir_holds_the_run_directories() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let runs = elsewhere.path().join("runs");
+    let wanted = runs.clone();
+    let app = spawn_app_with(move |c| c.runs_dir = Some(wanted)).await;
+    let (_, out) = app
+        .post_json(
+            "/execute/background",
+            json!({ "code": "echo up; sleep 30", "language": "bash" }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let run = out["execution_id"].as_str().unwrap();
+    app.wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .await;
+    assert!(runs.join(run).join("supervisor.json").is_file());
+    assert!(!app.data_dir.path().join("runs").exists());
+    app.stop().await;
+    assert!(runs.is_dir(), "a configured runs dir is kept");
+}
+
+#[tokio::test]
 async fn the_agents_own_settings_do_not_leak_into_programs() {
     let app = spawn_app().await;
     let (_, out) = app

@@ -139,18 +139,26 @@ impl TestApp {
     /// Kills every job still queued or running, then stops the agent: no
     /// process of a test outlives it.
     pub async fn stop(self) -> TempDir {
-        for status in ["running", "queued"] {
-            let (_, list) = self
-                .get_json(&format!("/execute/processes?status={status}&limit=1000"))
-                .await;
-            for p in list["processes"].as_array().into_iter().flatten() {
-                let id = p["process_id"].as_str().unwrap();
-                let _ = self
-                    .client
-                    .post(self.path(&format!("/execute/kill/{id}")))
-                    .bearer_auth(TOKEN)
-                    .send()
+        // A kill frees a slot a queued job may take: a few rounds, bounded.
+        for _ in 0..5 {
+            let mut killed = 0;
+            for status in ["queued", "running"] {
+                let (_, list) = self
+                    .get_json(&format!("/execute/processes?status={status}&limit=1000"))
                     .await;
+                for p in list["processes"].as_array().into_iter().flatten() {
+                    let id = p["process_id"].as_str().unwrap();
+                    killed += 1;
+                    let _ = self
+                        .client
+                        .post(self.path(&format!("/execute/kill/{id}")))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .await;
+                }
+            }
+            if killed == 0 {
+                break;
             }
         }
         self.shutdown().await

@@ -37,6 +37,10 @@ async fn a_silent_job_shows_its_pid_within_about_a_second_and_keeps_it_when_it_e
     assert_eq!(p["status"], "running", "{p}");
     assert!(p["spawned_at"].is_string(), "{p}");
     assert!(alive(p["pid"].as_i64().unwrap()));
+    let (status, _) = app
+        .post_json(&format!("/execute/kill/{id}"), json!({}))
+        .await;
+    assert_eq!(status, 200);
     // Short and silent: its pid goes with its end.
     let id = app
         .background(json!({ "code": "sleep 0.2", "language": "bash" }))

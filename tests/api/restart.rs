@@ -350,3 +350,54 @@ async fn jobs_outlive_the_supervisor_zygote_and_a_killed_zygote_is_replaced() {
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+/// Whether /dev/shm is a tmpfs, where run directories go by default.
+fn memory_is_tmpfs() -> bool {
+    nix::sys::statfs::statfs("/dev/shm")
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+#[tokio::test]
+async fn run_directories_live_in_memory_outlive_a_restart_and_go_with_the_last_job() {
+    if !memory_is_tmpfs() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let go = data.path().join("workspace").join("go");
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let code = format!(
+        "echo up; while [ ! -e {} ]; do sleep 0.01; done; echo done",
+        go.display()
+    );
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": code, "language": "bash" }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let run = out["execution_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "up\n"
+    })
+    .await;
+    let link = data.path().join("runs");
+    let memory = std::fs::read_link(&link).expect("<data-dir>/runs is a link");
+    assert!(memory.starts_with("/dev/shm"), "{}", memory.display());
+    assert!(memory.join(&run).join("supervisor.json").is_file());
+    // A stop with a job running keeps its run directory for the next start.
+    assert!(agent.terminate().success());
+    assert!(memory.join(&run).is_dir());
+    let agent = Agent::start(data.path(), port, &[]).await;
+    assert_eq!(std::fs::read_link(&link).unwrap(), memory);
+    std::fs::write(&go, "").unwrap();
+    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["stdout"], "up\ndone\n", "{p}");
+    // Once no run is left, a stop takes the memory back.
+    assert!(agent.terminate().success());
+    assert!(!memory.exists(), "{} left", memory.display());
+    assert!(std::fs::symlink_metadata(&link).is_err());
+    assert_nothing_left(data.path()).await;
+}
