@@ -238,10 +238,10 @@ pub struct Summary {
 }
 
 /// Every delivery of an execution, newest first.
-pub async fn deliveries(
-    pool: &SqlitePool,
-    execution_id: &str,
-) -> Result<Vec<Summary>, sqlx::Error> {
+pub async fn deliveries<'c, E>(executor: E, execution_id: &str) -> Result<Vec<Summary>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     sqlx::query_as!(
         Summary,
         r#"SELECT id AS "id!", url, status, attempts, next_attempt_at, last_status, last_error,
@@ -249,7 +249,7 @@ pub async fn deliveries(
              FROM callbacks WHERE execution_id = ? ORDER BY created_at DESC, id DESC"#,
         execution_id
     )
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await
 }
 

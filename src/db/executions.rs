@@ -348,26 +348,23 @@ pub async fn finish(
     if done.rows_affected() == 0 {
         return Ok(false);
     }
+    // The attempt's record is the `execution_attempt_ended` trigger's.
     output::insert(conn, fence, output, &finish.completed_at).await?;
-    record_attempt(conn, &fence.id, status).await?;
     Ok(true)
 }
 
-/// Records the attempt a row just ended, as the row says it ended.
-async fn record_attempt(
-    conn: &mut SqliteConnection,
-    id: &str,
-    outcome: &str,
-) -> Result<(), sqlx::Error> {
+/// Records the attempt a row just lost, as the row says it ended. (An
+/// attempt's own end is recorded by the `execution_attempt_ended` trigger,
+/// which keeps this record.)
+async fn record_lost(conn: &mut SqliteConnection, id: &str) -> Result<(), sqlx::Error> {
     let now = crate::db::now();
     sqlx::query!(
         r#"INSERT OR REPLACE INTO execution_attempts
              (execution_id, attempt, owner, started_at, ended_at, outcome, exit_code, error)
-           SELECT id, attempt, owner, started_at, COALESCE(completed_at, ?2), ?3, exit_code, error
+           SELECT id, attempt, owner, started_at, COALESCE(completed_at, ?2), 'lost', exit_code, error
              FROM executions WHERE id = ?1 AND attempt > 0"#,
         id,
         now,
-        outcome,
     )
     .execute(&mut *conn)
     .await?;
@@ -420,7 +417,10 @@ pub struct ExecutionRow {
 }
 
 /// One execution by its `exec_…` or `proc_…` id.
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<ExecutionRow>, sqlx::Error> {
+pub async fn get<'c, E>(executor: E, id: &str) -> Result<Option<ExecutionRow>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     sqlx::query_as!(
         ExecutionRow,
         r#"SELECT seq AS "seq!", id, process_id, lane, name, language,
@@ -432,7 +432,7 @@ pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<ExecutionRow>, sq
              FROM executions WHERE id = ?1 OR process_id = ?1"#,
         id
     )
-    .fetch_optional(pool)
+    .fetch_optional(executor)
     .await
 }
 
@@ -448,10 +448,10 @@ pub struct ListFilter {
 }
 
 /// Executions, newest first.
-pub async fn list(
-    pool: &SqlitePool,
-    filter: &ListFilter,
-) -> Result<Vec<ExecutionRow>, sqlx::Error> {
+pub async fn list<'c, E>(executor: E, filter: &ListFilter) -> Result<Vec<ExecutionRow>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     let before = filter.before.unwrap_or(i64::MAX);
     match filter.status {
         // Separate statements so each uses its index: (status, seq) or the rowid.
@@ -474,7 +474,7 @@ pub async fn list(
                 filter.limit,
                 filter.offset,
             )
-            .fetch_all(pool)
+            .fetch_all(executor)
             .await
         }
         None => {
@@ -494,7 +494,7 @@ pub async fn list(
                 filter.limit,
                 filter.offset,
             )
-            .fetch_all(pool)
+            .fetch_all(executor)
             .await
         }
     }
@@ -571,7 +571,7 @@ pub async fn lose(
     if marked.rows_affected() == 0 {
         return Ok(None);
     }
-    record_attempt(conn, &fence.id, "lost").await?;
+    record_lost(conn, &fence.id).await?;
     let requeued = sqlx::query!(
         r#"UPDATE executions
               SET status = 'queued', owner = NULL, pid = NULL, started_at = NULL, spawned_at = NULL,

@@ -105,12 +105,15 @@ pub(super) async fn insert(
 }
 
 /// All stored output of one stream of one attempt, in order.
-pub async fn read(
-    pool: &SqlitePool,
+pub async fn read<'c, E>(
+    executor: E,
     execution_id: &str,
     attempt: i64,
     stream: Stream,
-) -> Result<Vec<u8>, sqlx::Error> {
+) -> Result<Vec<u8>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     let stream = stream.as_str();
     let mut rows = sqlx::query_scalar!(
         r#"SELECT data AS "data!: Vec<u8>" FROM output_chunks
@@ -119,7 +122,7 @@ pub async fn read(
         attempt,
         stream
     )
-    .fetch(pool);
+    .fetch(executor);
     let mut out = Vec::new();
     while let Some(data) = rows.try_next().await? {
         out.extend_from_slice(&data);

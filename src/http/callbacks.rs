@@ -6,6 +6,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{json, Value};
+use sqlx::SqliteConnection;
 
 use super::{timestamp_now, ApiError, AppState};
 use crate::db::callbacks::{self, Summary};
@@ -54,11 +55,14 @@ impl From<Summary> for CallbackOut {
 }
 
 /// The latest delivery of an async execution, if one was queued.
-pub async fn latest(state: &AppState, row: &ExecutionRow) -> Result<Option<CallbackOut>, ApiError> {
+pub async fn latest(
+    conn: &mut SqliteConnection,
+    row: &ExecutionRow,
+) -> Result<Option<CallbackOut>, ApiError> {
     if row.callback_url.is_none() {
         return Ok(None);
     }
-    let mut all = callbacks::deliveries(&state.db.readers, &row.id).await?;
+    let mut all = callbacks::deliveries(conn, &row.id).await?;
     Ok((!all.is_empty()).then(|| all.swap_remove(0).into()))
 }
 
@@ -156,7 +160,7 @@ pub(super) async fn redeliver(
     Ok(Json(json!({
         "execution_id": row.id,
         "process_id": row.process_id,
-        "callback": latest(&state, &row).await?,
+        "callback": latest(&mut *state.db.readers.acquire().await?, &row).await?,
         "message": message,
         "timestamp": timestamp_now(),
     })))

@@ -281,8 +281,12 @@ async fn run_to_end(
         .ok_or_else(|| {
             ApiError::internal(format!("execution {} vanished", submitted.execution_id))
         })?;
-    let [(stdout, stdout_truncated), (stderr, stderr_truncated)] =
-        read_output(state, &row, OutputView::Full).await?;
+    let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = read_output(
+        &mut *state.db.readers.acquire().await?,
+        &row,
+        OutputView::Full,
+    )
+    .await?;
     let execution_time =
         seconds_between(row.started_at.as_deref(), row.completed_at.as_deref()).unwrap_or(0.0);
     let mut out = json!({

@@ -8,6 +8,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sqlx::SqliteConnection;
 
 use super::{parse_json, timestamp_now, ApiError, AppState};
 use crate::db::executions::{self, ExecutionRow, ListFilter};
@@ -72,44 +73,54 @@ pub enum OutputView {
 }
 
 /// The two streams of an execution as text (invalid UTF-8 replaced), with
-/// their truncation flags.
+/// their truncation flags. Read on `conn`: inside the transaction `row` was
+/// read in, the output is the row's (a running job's pid, byte counts and
+/// flags match what is shown).
 pub async fn read_output(
-    state: &AppState,
+    conn: &mut SqliteConnection,
     row: &ExecutionRow,
     view: OutputView,
 ) -> Result<[(String, bool); 2], ApiError> {
-    let read = |stream: Stream, stored_flag: bool| async move {
-        let (bytes, cut) = match view {
-            OutputView::Full => (
-                output::read(&state.db.readers, &row.id, row.attempt, stream).await?,
-                false,
-            ),
-            OutputView::Tail(max) => {
-                output::read_tail(&state.db.readers, &row.id, row.attempt, stream, max).await?
-            }
-        };
-        Ok::<_, ApiError>((
-            String::from_utf8_lossy(&bytes).into_owned(),
-            stored_flag || cut,
-        ))
+    Ok([
+        read_stream(conn, row, Stream::Stdout, view).await?,
+        read_stream(conn, row, Stream::Stderr, view).await?,
+    ])
+}
+
+async fn read_stream(
+    conn: &mut SqliteConnection,
+    row: &ExecutionRow,
+    stream: Stream,
+    view: OutputView,
+) -> Result<(String, bool), ApiError> {
+    let (bytes, cut) = match view {
+        OutputView::Full => (
+            output::read(&mut *conn, &row.id, row.attempt, stream).await?,
+            false,
+        ),
+        OutputView::Tail(max) => {
+            output::read_tail(&mut *conn, &row.id, row.attempt, stream, max).await?
+        }
     };
-    let (stdout, stderr) = tokio::try_join!(
-        read(Stream::Stdout, row.stdout_truncated),
-        read(Stream::Stderr, row.stderr_truncated)
-    )?;
-    Ok([stdout, stderr])
+    let flagged = match stream {
+        Stream::Stdout => row.stdout_truncated,
+        Stream::Stderr => row.stderr_truncated,
+    };
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), flagged || cut))
 }
 
 impl ProcessOut {
+    /// The process `row` with its output and callback, read on `conn` (in
+    /// the transaction `row` was read in).
     pub async fn load(
-        state: &AppState,
+        conn: &mut SqliteConnection,
         row: ExecutionRow,
         view: OutputView,
     ) -> Result<ProcessOut, ApiError> {
         let [(stdout, stdout_truncated), (stderr, stderr_truncated)] =
-            read_output(state, &row, view).await?;
+            read_output(conn, &row, view).await?;
         let running = row.completed_at.is_none();
-        let callback = super::callbacks::latest(state, &row).await?;
+        let callback = super::callbacks::latest(conn, &row).await?;
         let elapsed = seconds_between(row.started_at.as_deref(), row.completed_at.as_deref());
         Ok(ProcessOut {
             execution_time: elapsed,
@@ -190,16 +201,17 @@ pub(super) async fn list(
         limit: parse_count("limit", query.limit.as_deref(), 1, MAX_LIMIT)?.unwrap_or(DEFAULT_LIMIT),
         offset: parse_count("offset", query.offset.as_deref(), 0, i64::MAX)?.unwrap_or(0),
     };
-    let rows = executions::list(&state.db.readers, &filter).await?;
+    // One read transaction: each row shown with its own output.
+    let mut tx = state.db.readers.begin().await?;
+    let rows = executions::list(&mut *tx, &filter).await?;
     let next_cursor = (rows.len() as i64 == filter.limit)
         .then(|| rows.last().map(|r| r.seq.to_string()))
         .flatten();
     let view = OutputView::Tail(state.list_output_bytes);
-    let processes = futures::future::try_join_all(
-        rows.into_iter()
-            .map(|row| ProcessOut::load(&state, row, view)),
-    )
-    .await?;
+    let mut processes = Vec::with_capacity(rows.len());
+    for row in rows {
+        processes.push(ProcessOut::load(&mut tx, row, view).await?);
+    }
     Ok(Json(json!({
         "count": processes.len(),
         "processes": processes,
@@ -213,10 +225,14 @@ pub(super) async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ProcessOut>, ApiError> {
-    let row = executions::get(&state.db.readers, &id)
+    // One read transaction: the row shown with its own output.
+    let mut tx = state.db.readers.begin().await?;
+    let row = executions::get(&mut *tx, &id)
         .await?
         .ok_or_else(|| ApiError::process_not_found(&id))?;
-    Ok(Json(ProcessOut::load(&state, row, OutputView::Full).await?))
+    Ok(Json(
+        ProcessOut::load(&mut tx, row, OutputView::Full).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/execute/kill/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished (nothing changed)", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]

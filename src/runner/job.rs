@@ -51,6 +51,7 @@ pub struct Attached {
 }
 
 /// A started program: its pid, and when its gate opened.
+#[derive(Clone)]
 pub struct Spawned {
     pub pid: i64,
     pub at: String,
@@ -225,27 +226,23 @@ impl Runner {
     /// if that is not stored yet (the API shows it before the output); with
     /// no new output, the pid alone once it is due.
     async fn pump(&self, fence: &Fence, job: &mut Attached) {
+        // Both streams get it: whichever stores output first writes it (both
+        // do, once, when both have output in the same pump). Deciding here
+        // which has output would race with the program printing.
         if let Some(spawned) = job.unstored.take() {
-            let [out, err] = &mut job.tails;
-            if out.has_new() {
-                out.along = Some(spawned);
-            } else if err.has_new() {
-                err.along = Some(spawned);
-            } else {
-                job.unstored = Some(spawned);
-                if std::time::Instant::now() >= job.pid_due {
-                    self.store_pid(fence, job).await;
-                }
+            for tail in &mut job.tails {
+                tail.along = Some(spawned.clone());
             }
         }
         let writer = &self.db.writer;
         let [out, err] = &mut job.tails;
         tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
-        // Not taken after all (nothing was read): kept for the next write,
-        // or the end.
-        for tail in &mut job.tails {
-            if let Some(spawned) = tail.along.take() {
-                job.unstored.get_or_insert(spawned);
+        // Neither stored output: kept for the next write or the end, or
+        // stored alone once due.
+        if let (Some(spawned), Some(_)) = (out.along.take(), err.along.take()) {
+            job.unstored = Some(spawned);
+            if std::time::Instant::now() >= job.pid_due {
+                self.store_pid(fence, job).await;
             }
         }
     }

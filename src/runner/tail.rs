@@ -86,11 +86,6 @@ impl Tail {
         Vec::new()
     }
 
-    /// Whether the file holds output not in the database yet (a stat).
-    pub fn has_new(&mut self) -> bool {
-        !self.fenced_out && self.size().is_some_and(|size| size > self.offset)
-    }
-
     /// The file's size so far (0 before it exists); `None` if it cannot be read.
     fn size(&mut self) -> Option<u64> {
         // The supervisor makes the file with the stream's first byte.

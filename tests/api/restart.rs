@@ -23,6 +23,18 @@ async fn wait_until(
     poll_until(within, || agent.get(&path), done).await
 }
 
+/// An execution's recorded attempts, `attempt:outcome` a line, read with `sqlite3`.
+fn attempts(data: &Path, exec_id: &str) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .arg(data.join("execd.db"))
+        .arg(format!(
+            "SELECT attempt || ':' || outcome FROM execution_attempts WHERE execution_id = '{exec_id}' ORDER BY attempt"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn terminal(p: &Value) -> bool {
     !matches!(p["status"].as_str(), Some("queued" | "running"))
 }
@@ -177,6 +189,11 @@ async fn a_job_whose_supervisor_was_killed_is_failed_within_a_second_of_the_next
     );
     assert_eq!(p["status"], "failed");
     assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
+    assert_eq!(
+        attempts(data.path(), &id),
+        "1:lost\n",
+        "failed because lost"
+    );
     assert_eq!(p["stdout"], "up\n", "output up to the loss is kept");
     let callback = receiver.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(callback[0].json()["status"], "failed");
@@ -219,17 +236,7 @@ async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recor
     assert_eq!(p["status"], "completed", "{p}");
     assert_eq!(p["attempt"], 2);
     assert_eq!(p["stdout"], "second\n", "the output of the attempt shown");
-    let attempts = std::process::Command::new("sqlite3")
-        .arg(data.path().join("execd.db"))
-        .arg(format!(
-            "SELECT attempt || ':' || outcome FROM execution_attempts WHERE execution_id = '{exec_id}' ORDER BY attempt"
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&attempts.stdout),
-        "1:lost\n2:completed\n"
-    );
+    assert_eq!(attempts(data.path(), &exec_id), "1:lost\n2:completed\n");
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
@@ -399,5 +406,30 @@ async fn run_directories_live_in_memory_outlive_a_restart_and_go_with_the_last_j
     assert!(agent.terminate().success());
     assert!(!memory.exists(), "{} left", memory.display());
     assert!(std::fs::symlink_metadata(&link).is_err());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
+async fn a_running_jobs_first_output_never_shows_without_its_pid() {
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::start(data.path(), free_port(), &[]).await;
+    // Printing at once races the agent's first look at the output files.
+    for _ in 0..12 {
+        let out = agent
+            .post(
+                "/execute/background",
+                json!({ "code": "echo started; sleep 30", "language": "bash" }),
+            )
+            .await;
+        let id = out["process_id"].as_str().unwrap().to_string();
+        let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
+            p["stdout"] == "started\n"
+        })
+        .await;
+        assert!(p["pid"].as_i64().is_some_and(|pid| pid > 0), "{p}");
+        let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
+        assert_eq!(killed["status"], "killed", "{killed}");
+    }
+    assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
