@@ -69,7 +69,7 @@ impl RunsDir {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        match in_memory() {
+        match make_in_memory() {
             Some(target) => {
                 std::os::unix::fs::symlink(&target, &link)?;
                 Ok(RunsDir {
@@ -103,7 +103,7 @@ impl RunsDir {
 }
 
 /// A new private directory on the tmpfs, or `None` where there is none to use.
-fn in_memory() -> Option<PathBuf> {
+fn make_in_memory() -> Option<PathBuf> {
     let memory = Path::new(MEMORY);
     let fs = nix::sys::statfs::statfs(memory).ok()?;
     if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
