@@ -150,12 +150,20 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
     }
     let rss_kib = agent::status_kib(pid, "VmHWM").unwrap_or(0);
     let db = agent.db_path();
+    let backlog_jobs = other_lane_under_backlog(ctx, &agent).await?;
     agent.stop().await?;
     let stored: i64 = report::open_db_read(&db)?.query_row(
         "SELECT count(*) FROM executions WHERE lane = 'async' AND status = 'queued'",
         [],
         |r| r.get(0),
     )?;
+
+    if let Some(pickup) = other_lane_pickup(&db, backlog_jobs)? {
+        out.note(format!(
+            "with those {stored} queued in the paused async lane, {backlog_jobs} background bash `true` jobs \
+             one at a time: submit → pid known {pickup}"
+        ));
+    }
 
     let rate = accepted as f64 / window.as_secs_f64();
     let (p50, p99) = (ms_at(&latency, 0.50), ms_at(&latency, 0.99));
@@ -226,6 +234,52 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
         Some(p99 < 25.0),
     ));
     Ok(out)
+}
+
+/// A backlog in one lane must not slow another's claims: background jobs,
+/// one at a time, while the paused async lane holds every submission of the
+/// window. Returns how many ran.
+async fn other_lane_under_backlog(ctx: &Ctx, agent: &Agent) -> Result<usize> {
+    let n = ctx.pick(20, 5);
+    let db = report::open_db_read(&agent.db_path())?;
+    for _ in 0..n {
+        let v = agent
+            .post(
+                "/execute/background",
+                &json!({"code": "true", "language": "bash"}),
+            )
+            .await?;
+        let id = v["execution_id"].as_str().context("execution_id")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if !report::wait_one_terminal(&db, id, deadline, Duration::from_millis(5)).await? {
+            bail!("background job {id} did not end within 10 s behind the async backlog");
+        }
+    }
+    Ok(n)
+}
+
+/// The background jobs' created → spawned p50 and p99, if the agent stamps `spawned_at`.
+fn other_lane_pickup(db: &Path, n: usize) -> Result<Option<String>> {
+    let db = report::open_db_read(db)?;
+    if n == 0 || !report::has_column(&db, "executions", "spawned_at") {
+        return Ok(None);
+    }
+    let mut stmt = db.prepare(
+        "SELECT created_at, spawned_at FROM executions WHERE lane = 'background' AND spawned_at IS NOT NULL",
+    )?;
+    let mut pickup = histogram();
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        let (created, spawned) = row?;
+        let us = report::micros_between(&created, &spawned)
+            .unwrap_or(0)
+            .max(0) as u64;
+        report::record(&mut pickup, Duration::from_micros(us));
+    }
+    Ok(Some(format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        ms_at(&pickup, 0.5),
+        ms_at(&pickup, 0.99)
+    )))
 }
 
 /// How the raw-SQLite baseline paces its commits.

@@ -132,19 +132,24 @@ pub async fn insert(
         .then_some(Inserted::New(None)),
         // A VALUES insert, not `INSERT … SELECT`: one that reads the table
         // it writes has SQLite copy what it selects into a temporary table.
+        // `INDEXED BY` the queue's partial index: the bundled SQLite picks
+        // it by itself, but SQLite 3.40's planner (the `sqlite3` CLI here)
+        // takes `(status, seq)` and reads every queued row of every lane
+        // (43 ms a look with 200,000 queued in another lane, against under
+        // a millisecond). Named, no version's planner can choose otherwise.
         Some(ClaimAs { owner, now }) => sqlx::query!(
             r#"INSERT INTO executions
                  (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
                   created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
                   max_attempts, status, owner, attempt, started_at)
                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions INDEXED BY executions_queue WHERE status = 'queued' AND lane = ?3)
                       THEN 'running' ELSE 'queued' END,
-                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions INDEXED BY executions_queue WHERE status = 'queued' AND lane = ?3)
                       THEN ?18 END,
-                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions INDEXED BY executions_queue WHERE status = 'queued' AND lane = ?3)
                       THEN 1 ELSE 0 END,
-                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions WHERE status = 'queued' AND lane = ?3)
+                 CASE WHEN NOT EXISTS (SELECT 1 FROM executions INDEXED BY executions_queue WHERE status = 'queued' AND lane = ?3)
                       THEN ?19 END)
                ON CONFLICT (idempotency_key) DO NOTHING
                RETURNING seq AS "seq!", status AS "status!", attempt AS "attempt!""#,
@@ -214,8 +219,21 @@ pub struct Claimed {
     pub started_at: String,
 }
 
+/// Whether `lane` has a queued row (the queue's index only).
+pub async fn has_queued(pool: &SqlitePool, lane: Lane) -> Result<bool, sqlx::Error> {
+    let lane = lane.as_str();
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM executions INDEXED BY executions_queue
+                          WHERE status = 'queued' AND lane = ?) AS "queued!: bool""#,
+        lane
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// Claims up to `limit` of the oldest queued rows of `lane` for `owner`, in
-/// one statement: they become `running` with a new attempt number.
+/// one statement: they become `running` with a new attempt number. (The
+/// queue's index is named, as in `insert`.)
 #[tracing::instrument(skip_all, fields(lane = lane.as_str(), limit))]
 pub async fn claim(
     conn: &mut SqliteConnection,
@@ -228,7 +246,7 @@ pub async fn claim(
     let rows = sqlx::query!(
         r#"UPDATE executions
               SET status = 'running', owner = ?1, attempt = attempt + 1, started_at = ?2
-            WHERE seq IN (SELECT seq FROM executions
+            WHERE seq IN (SELECT seq FROM executions INDEXED BY executions_queue
                            WHERE status = 'queued' AND lane = ?3
                            ORDER BY seq LIMIT ?4)
         RETURNING seq AS "seq!", id AS "id!", lane AS "lane!", process_id AS "process_id!",

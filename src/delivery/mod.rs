@@ -226,7 +226,13 @@ impl Deliverer {
             }
             let free = permits.available_permits();
             if free > 0 && self.claim_due_now() {
-                match self.claim(free).await {
+                // A look first (a read): with nothing due, an idle agent
+                // writes nothing, and the next look is when something is.
+                let claimed = match self.due_in().await {
+                    Some(wait) if wait.is_zero() => self.claim(free).await,
+                    _ => Ok(Vec::new()),
+                };
+                match claimed {
                     Ok(due) => {
                         let full = due.len() == free;
                         for delivery in due {
@@ -269,15 +275,29 @@ impl Deliverer {
     }
 
     async fn until_next_due(&self) -> Duration {
-        let next = callbacks::next_due(&self.db.readers).await.ok().flatten();
-        let Some(at) = next.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) else {
-            return self.config.poll_interval;
+        match self.due_in().await {
+            // Never spin: a row due now but leased elsewhere is re-checked shortly.
+            Some(wait) => wait.max(Duration::from_millis(5)),
+            None => self.config.poll_interval,
+        }
+    }
+
+    /// How long until the next delivery can be claimed (zero: now), or
+    /// `None` with none waiting. A failed read (or a time it cannot parse)
+    /// says now, so a claim goes ahead.
+    async fn due_in(&self) -> Option<Duration> {
+        let next = match callbacks::next_due(&self.db.readers).await {
+            Ok(next) => next?,
+            Err(_) => return Some(Duration::ZERO),
         };
-        let wait = (at.to_utc() - chrono::Utc::now())
-            .to_std()
-            .unwrap_or(Duration::ZERO);
-        // Never spin: a row due now but leased elsewhere is re-checked shortly.
-        wait.max(Duration::from_millis(5))
+        let Ok(at) = chrono::DateTime::parse_from_rfc3339(&next) else {
+            return Some(Duration::ZERO);
+        };
+        Some(
+            (at.to_utc() - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO),
+        )
     }
 
     /// Leases up to `limit` due deliveries.

@@ -154,11 +154,14 @@ impl Runner {
     async fn claim_loop(self: Arc<Self>, lane: Lane) {
         let mut tick = tokio::time::interval(self.config.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticked = false;
         loop {
             // The permits first: a submission may take one meanwhile (its
             // own claim, in its insert's transaction).
             let mut held: Vec<_> = std::iter::from_fn(|| self.try_permit(lane)).collect();
-            if !held.is_empty() {
+            // The safety tick looks before it claims: an idle agent writes
+            // (and syncs) nothing.
+            if !held.is_empty() && (!ticked || self.has_queued(lane).await) {
                 let free = held.len();
                 match self.claim(lane, free).await {
                     Ok(jobs) => {
@@ -175,12 +178,20 @@ impl Runner {
                     Err(e) => tracing::error!(error = %e, lane = lane.as_str(), "claim failed"),
                 }
             }
-            tokio::select! {
+            ticked = tokio::select! {
                 () = self.stopping.cancelled() => break,
-                () = self.wake[&lane].notified() => {}
-                _ = tick.tick() => {}
-            }
+                () = self.wake[&lane].notified() => false,
+                _ = tick.tick() => true,
+            };
         }
+    }
+
+    /// Whether `lane` has a queued execution (a read; true if it fails, so
+    /// that the claim goes ahead).
+    async fn has_queued(&self, lane: Lane) -> bool {
+        executions::has_queued(&self.db.readers, lane)
+            .await
+            .unwrap_or(true)
     }
 
     /// Claims up to `limit` queued executions of `lane` in one statement.

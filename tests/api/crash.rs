@@ -86,6 +86,17 @@ impl Agent {
         response.json().await.unwrap()
     }
 
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

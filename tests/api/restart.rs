@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
 use crate::helpers::{alive, poll_until, processes_under};
-use crate::receiver::TestReceiver;
+use crate::receiver::{Reply, TestReceiver};
 
 /// Polls the agent until the execution satisfies `done` (bounded).
 async fn wait_until(
@@ -430,6 +430,46 @@ async fn a_running_jobs_first_output_never_shows_without_its_pid() {
         let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
         assert_eq!(killed["status"], "killed", "{killed}");
     }
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+/// The writer's group commits so far, from `/metrics`.
+async fn commits(agent: &Agent) -> u64 {
+    agent
+        .get_text("/metrics")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("execd_db_write_batch_size_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the commit count in /metrics")
+}
+
+#[tokio::test]
+async fn an_idle_agent_writes_nothing_yet_picks_up_work_its_polls_find() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = TestReceiver::start().await;
+    let agent = Agent::start(
+        data.path(),
+        free_port(),
+        &["--poll-interval", "0.05", "--callback-retry-schedule", "1s"],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = commits(&agent).await;
+    // Twenty polls of each lane's claim loop and of the delivery loop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(commits(&agent).await, before, "an idle agent committed");
+    // A callback that fails once is retried by the delivery loop's poll.
+    receiver.script(vec![Reply::Status(500)]);
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": "echo hi", "language": "bash", "callback_url": receiver.url("/cb") }),
+        )
+        .await;
+    let got = receiver.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(got[1].json()["execution_id"], out["execution_id"]);
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
