@@ -124,6 +124,17 @@ pub struct Deliverer {
     ready: std::sync::Mutex<std::collections::VecDeque<Due>>,
 }
 
+/// When the next delivery can be claimed.
+#[derive(Clone, Copy)]
+enum NextDue {
+    Now,
+    In(Duration),
+    /// None is waiting.
+    Nothing,
+    /// The read failed: a claim goes ahead, the next look is a poll away.
+    Unknown,
+}
+
 impl Deliverer {
     pub fn new(db: Db, config: DeliveryConfig) -> Arc<Deliverer> {
         let client = reqwest::Client::builder()
@@ -228,9 +239,11 @@ impl Deliverer {
             if free > 0 && self.claim_due_now() {
                 // A look first (a read): with nothing due, an idle agent
                 // writes nothing, and the next look is when something is.
-                let claimed = match self.due_in().await {
-                    Some(wait) if wait.is_zero() => self.claim(free).await,
-                    _ => Ok(Vec::new()),
+                let looked = self.next_due().await;
+                let skipped = matches!(looked, NextDue::In(_) | NextDue::Nothing);
+                let claimed = match skipped {
+                    true => Ok(Vec::new()),
+                    false => self.claim(free).await,
                 };
                 match claimed {
                     Ok(due) => {
@@ -247,10 +260,11 @@ impl Deliverer {
                             ));
                         }
                         // More may be due: claim again once a permit is free.
-                        let next = if full {
-                            Instant::now()
-                        } else {
-                            Instant::now() + self.until_next_due().await
+                        // After a claim the database has changed: look again.
+                        let next = match (full, skipped) {
+                            (true, _) => Instant::now(),
+                            (false, true) => Instant::now() + self.wait_for(looked),
+                            (false, false) => Instant::now() + self.wait_for(self.next_due().await),
                         };
                         self.claim_by(next);
                     }
@@ -274,30 +288,30 @@ impl Deliverer {
         }
     }
 
-    async fn until_next_due(&self) -> Duration {
-        match self.due_in().await {
+    /// How long the loop waits before its next look.
+    fn wait_for(&self, next: NextDue) -> Duration {
+        match next {
             // Never spin: a row due now but leased elsewhere is re-checked shortly.
-            Some(wait) => wait.max(Duration::from_millis(5)),
-            None => self.config.poll_interval,
+            NextDue::Now => Duration::from_millis(5),
+            NextDue::In(wait) => wait.max(Duration::from_millis(5)),
+            NextDue::Nothing | NextDue::Unknown => self.config.poll_interval,
         }
     }
 
-    /// How long until the next delivery can be claimed (zero: now), or
-    /// `None` with none waiting. A failed read (or a time it cannot parse)
-    /// says now, so a claim goes ahead.
-    async fn due_in(&self) -> Option<Duration> {
+    /// When the next delivery can be claimed, as the database says (a read).
+    async fn next_due(&self) -> NextDue {
         let next = match callbacks::next_due(&self.db.readers).await {
-            Ok(next) => next?,
-            Err(_) => return Some(Duration::ZERO),
+            Ok(Some(next)) => next,
+            Ok(None) => return NextDue::Nothing,
+            Err(_) => return NextDue::Unknown,
         };
         let Ok(at) = chrono::DateTime::parse_from_rfc3339(&next) else {
-            return Some(Duration::ZERO);
+            return NextDue::Unknown;
         };
-        Some(
-            (at.to_utc() - chrono::Utc::now())
-                .to_std()
-                .unwrap_or(Duration::ZERO),
-        )
+        match (at.to_utc() - chrono::Utc::now()).to_std() {
+            Ok(wait) if !wait.is_zero() => NextDue::In(wait),
+            _ => NextDue::Now,
+        }
     }
 
     /// Leases up to `limit` due deliveries.

@@ -175,8 +175,9 @@ impl Runner {
                     let reason = *handle.reason.lock().unwrap();
                     match reason {
                         StopReason::Shutdown => {
-                            self.store_pid(fence, &mut job).await;
+                            // The pid with the last output, or alone.
                             self.pump(fence, &mut job).await;
+                            self.store_pid(fence, &mut job).await;
                             return Followed::Detached;
                         }
                         StopReason::Killed => {
@@ -214,8 +215,8 @@ impl Runner {
                 Followed::Ended(finish_of(&ended), rest, job.unstored.take())
             }
             None => {
-                self.store_pid(fence, &mut job).await;
                 self.pump(fence, &mut job).await;
+                self.store_pid(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
             }

@@ -481,7 +481,7 @@ impl Runner {
         let exec_id = row.id.clone();
         let killed_queued = {
             let exec_id = exec_id.clone();
-            let callbacks = row.lane == Lane::Async.as_str();
+            let callbacks = row.callback_url.is_some();
             self.end(callbacks, move |c| {
                 Box::pin(async move {
                     let killed = executions::kill_queued(c, &exec_id, &db::now()).await?;

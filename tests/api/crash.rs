@@ -76,14 +76,7 @@ impl Agent {
     }
 
     pub async fn get(&self, path: &str) -> Value {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        response.json().await.unwrap()
+        serde_json::from_str(&self.get_text(path).await).unwrap()
     }
 
     pub async fn get_text(&self, path: &str) -> String {
