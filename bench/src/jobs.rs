@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::agent::{self, random_hex, Agent, Api, WriterTotals};
 use crate::report::{self, median, thousands, Outcome, Row};
-use crate::Ctx;
+use crate::{Ctx, Python};
 
 /// Submits `n` copies of `body` to `route` with `parallel` concurrent
 /// requests; returns the execution ids.
@@ -139,12 +139,6 @@ async fn check_same_python(agent: &Agent, python: &Path, out: &mut Outcome) {
 
 pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
     let mut out = Outcome::default();
-    let n = ctx.pick(2000, 200);
-    let rounds = ctx.pick(4, 2);
-    // Each side at each concurrency stops at this bound (a busy machine, a
-    // slow interpreter; a share of it per round); the rate is then over the
-    // jobs done by then.
-    let limit = Duration::from_secs(ctx.pick(100, 30));
     // What one job's supervision costs the machine, apart from the agent.
     let (bin, runs, count) = (
         ctx.agent.bin.clone(),
@@ -155,19 +149,44 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         Ok(note) => out.note(note),
         Err(e) => out.note(format!("the supervisor path alone was not measured: {e:#}")),
     }
+    let named = ctx.pythons.len() > 1;
+    for (i, python) in ctx.pythons.iter().enumerate() {
+        trivial_with(ctx, python, named.then_some(i), &mut out).await?;
+    }
+    Ok(out)
+}
+
+/// Scenario 3 with one interpreter; `named` (its index) when there are
+/// several, so its rows and notes say which.
+async fn trivial_with(
+    ctx: &Ctx,
+    python: &Python,
+    named: Option<usize>,
+    out: &mut Outcome,
+) -> Result<()> {
+    let n = ctx.pick(2000, 200);
+    let rounds = ctx.pick(4, 2);
+    // Each side at each concurrency stops at this bound (a busy machine, a
+    // slow interpreter; a share of it per round); the rate is then over the
+    // jobs done by then.
+    let limit = Duration::from_secs(ctx.pick(100, 30));
+    let which = match named {
+        Some(_) => format!(", {}", python.path.display()),
+        None => String::new(),
+    };
     for c in [2usize, 4] {
         let token = random_hex(16);
         let flags = ["--background-concurrency", &c.to_string()].map(String::from);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let agent = Agent::start(
-            &ctx.agent_same_python,
-            &ctx.data_dir(&format!("s3-c{c}")),
+            &python.agent,
+            &ctx.data_dir(&format!("s3-c{c}-{}", named.unwrap_or(0))),
             &token,
             &flags,
         )
         .await?;
         if c == 2 {
-            check_same_python(&agent, &ctx.python, &mut out).await;
+            check_same_python(&agent, &python.path, out).await;
         }
         let db = report::open_db_read(&agent.db_path())?;
         let pid = agent.pid();
@@ -186,7 +205,7 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
                 if !agent_turn {
                     // The agent is alive but idle; this process's children
                     // CPU time counts only the interpreters reaped here.
-                    let python = ctx.python.clone();
+                    let python = python.path.clone();
                     let machine0 = agent::machine_cpu_seconds();
                     let (spawned, took, cpu) = tokio::task::spawn_blocking(move || {
                         direct_spawns(&python, batch, c, limit / rounds as u32)
@@ -227,13 +246,13 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         let direct_rate = direct_done as f64 / direct.as_secs_f64();
         if direct_done < n {
             out.note(format!(
-                "C={c}: direct spawns stopped at the {} s bound after {direct_done} of {n}",
+                "C={c}{which}: direct spawns stopped at the {} s bound after {direct_done} of {n}",
                 limit.as_secs()
             ));
         }
         if done < n {
             out.note(format!(
-                "C={c}: the agent run stopped at the {} s bound after {done} of {n} jobs",
+                "C={c}{which}: the agent run stopped at the {} s bound after {done} of {n} jobs",
                 limit.as_secs()
             ));
         }
@@ -245,13 +264,13 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         )?;
         if ok as usize != done {
             out.note(format!(
-                "C={c}: only {ok} of {done} ended jobs completed with their 2 bytes of output"
+                "C={c}{which}: only {ok} of {done} ended jobs completed with their 2 bytes of output"
             ));
         }
         let rate = done as f64 / wall.as_secs_f64();
         let ratio = rate / direct_rate;
         out.note(format!(
-            "C={c}, in {rounds} rounds each: agent {done} jobs in {:.2} s (submitted in {:.2} s), agent CPU {:.2} ms/job, machine CPU {:.2} ms/job (everything: agent, supervisors, interpreters, this harness); \
+            "C={c}{which}, in {rounds} rounds each: agent {done} jobs in {:.2} s (submitted in {:.2} s), agent CPU {:.2} ms/job, machine CPU {:.2} ms/job (everything: agent, supervisors, interpreters, this harness); \
              direct {direct_done} in {:.2} s, interpreters {:.2} ms/spawn, machine CPU {:.2} ms/spawn",
             wall.as_secs_f64(),
             submitted.as_secs_f64(),
@@ -261,31 +280,34 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
             direct_cpu * 1e3 / direct_done.max(1) as f64,
             direct_machine * 1e3 / direct_done.max(1) as f64,
         ));
-        out.note(format!("C={c}: {}", timeline(&db, c, wall)?));
+        out.note(format!("C={c}{which}: {}", timeline(&db, c, wall)?));
         let per_job = |x: f64| x / done.max(1) as f64;
         out.note(match writer {
             Some(w) => format!(
-                "C={c}, per job over the agent's turns: the writer's group commits {:.2} ({:.2} writes), syncs of the WAL {:.2}; this harness's own CPU {:.2} ms (its HTTP client and its database poll)",
+                "C={c}{which}, per job over the agent's turns: the writer's group commits {:.2} ({:.2} writes), syncs of the WAL {:.2}; this harness's own CPU {:.2} ms (its HTTP client and its database poll)",
                 per_job(w.commits),
                 per_job(w.writes),
                 per_job(w.syncs),
                 per_job(harness_cpu) * 1e3,
             ),
             None => format!(
-                "C={c}: this harness's own CPU {:.2} ms/job over the agent's turns (no writer metrics)",
+                "C={c}{which}: this harness's own CPU {:.2} ms/job over the agent's turns (no writer metrics)",
                 per_job(harness_cpu) * 1e3
             ),
         });
         out.rows.push(Row::new(
             "3",
-            &format!("{} × python print(1), concurrency {c}", thousands(n as f64)),
+            &format!(
+                "{} × python print(1), concurrency {c}{which}",
+                thousands(n as f64)
+            ),
             format!("{rate:.0} jobs/s ({ratio:.2}× direct)"),
             "≥ 0.95× direct",
             format!("direct spawn {direct_rate:.0}/s"),
             Some(ratio >= 0.95 && ok as usize == done),
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Where a job's time went, from the rows: medians of each step, and how

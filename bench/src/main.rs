@@ -30,10 +30,13 @@ struct Args {
     /// The agent binary. Default: target/release/execd of the repository.
     #[arg(long)]
     agent_bin: Option<PathBuf>,
-    /// The Python interpreter for jobs and baselines. Default: the real
-    /// executable behind `python3` (not a pyenv shim).
+    /// The Python interpreter for jobs and baselines; repeat it to run
+    /// scenario 3 with each (the others use the first). Default: the real
+    /// executable behind `python3` (not a pyenv shim) and, when it is
+    /// another one, Debian's `/usr/bin/python3`, the interpreter of the
+    /// issue's baseline figures.
     #[arg(long)]
-    python: Option<PathBuf>,
+    python: Vec<PathBuf>,
     /// Run only these scenarios, e.g. `--only 1,5`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
@@ -42,12 +45,21 @@ struct Args {
     quick: bool,
 }
 
+/// A Python interpreter, and the agent command that runs it for `python` jobs.
+pub struct Python {
+    pub path: PathBuf,
+    /// The agent command, with `python3` on PATH pointing at `path`.
+    pub agent: AgentCmd,
+}
+
 /// What every scenario needs.
 pub struct Ctx {
     pub agent: AgentCmd,
     /// The same agent command, with `python3` on PATH pointing at `python`.
     pub agent_same_python: AgentCmd,
     pub python: PathBuf,
+    /// Every interpreter scenario 3 runs with, `python` first.
+    pub pythons: Vec<Python>,
     pub quick: bool,
     /// The repository root (for the migrations of the raw-SQLite baseline).
     pub repo: PathBuf,
@@ -87,28 +99,35 @@ fn main() -> Result<()> {
             bin.display()
         );
     }
-    let python = match args.python.clone() {
-        Some(p) => p,
-        None => real_python()?,
+    let interpreters = match args.python.is_empty() {
+        false => args.python.clone(),
+        true => default_pythons()?,
     };
     let scratch_dir = tempfile::Builder::new().prefix("execd-bench-").tempdir()?;
     let scratch = scratch_dir.path().to_path_buf();
-    // A directory whose `python3` is the chosen interpreter, put first on the
-    // agent's PATH where a scenario compares with spawning it directly.
-    let pybin = scratch.join("pybin");
-    std::fs::create_dir_all(&pybin)?;
-    std::os::unix::fs::symlink(&python, pybin.join("python3"))?;
     let agent = AgentCmd {
         bin: bin.clone(),
         path_prefix: None,
     };
-    let ctx = Ctx {
-        agent_same_python: AgentCmd {
+    // For each, a directory whose `python3` is that interpreter, put first on
+    // the agent's PATH where a scenario compares with spawning it directly.
+    let mut pythons = Vec::new();
+    for (i, path) in interpreters.into_iter().enumerate() {
+        let pybin = scratch.join(format!("pybin{i}"));
+        std::fs::create_dir_all(&pybin)?;
+        std::os::unix::fs::symlink(&path, pybin.join("python3"))?;
+        let agent = AgentCmd {
             path_prefix: Some(pybin),
             ..agent.clone()
-        },
+        };
+        pythons.push(Python { path, agent });
+    }
+    let python = pythons[0].path.clone();
+    let ctx = Ctx {
+        agent_same_python: pythons[0].agent.clone(),
         agent,
         python: python.clone(),
+        pythons,
         quick: args.quick,
         repo,
         scratch,
@@ -120,7 +139,9 @@ fn main() -> Result<()> {
         println!("  {line}");
     }
     println!("  agent: {}", bin.display());
-    println!("  python: {}", python.display());
+    for python in &ctx.pythons {
+        println!("  python: {}", python.path.display());
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,6 +205,21 @@ fn main() -> Result<()> {
     }
     drop(scratch_dir);
     Ok(())
+}
+
+/// The real interpreter behind `python3`, and Debian's when that is another
+/// one: the figures for direct spawning are of Debian's `python3`.
+fn default_pythons() -> Result<Vec<PathBuf>> {
+    let mut pythons = vec![real_python()?];
+    let debian = Path::new("/usr/bin/python3");
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => true,
+    };
+    if debian.is_file() && !same(debian, &pythons[0]) {
+        pythons.push(debian.to_path_buf());
+    }
+    Ok(pythons)
 }
 
 /// The real interpreter behind `python3`: a pyenv shim costs a bash script

@@ -6,7 +6,8 @@
 //! Jobs belong to their supervisors, not to the agent: when the agent stops,
 //! they run on; when it starts, `recover` re-attaches to each (see
 //! `recover.rs`). Wake-ups are an in-process `Notify` per lane (a submission
-//! wakes its lane at once); a slow tick re-checks the queue only as a safety net.
+//! wakes its lane at once; a freed slot, too, but the loop looks before it
+//! claims); a slow tick re-checks the queue only as a safety net.
 
 mod job;
 mod launch;
@@ -76,6 +77,9 @@ pub struct Runner {
     config: RunnerConfig,
     /// One per lane: a submission wakes its lane's claim loop at once.
     wake: HashMap<Lane, Notify>,
+    /// One per lane: a slot freed by a job's end, whose own transaction
+    /// found nothing left to claim. The loop looks before it claims.
+    freed: HashMap<Lane, Notify>,
     /// One per lane: its concurrency limit, shared by claimed and re-attached jobs.
     permits: HashMap<Lane, Arc<Semaphore>>,
     /// Jobs followed by this agent, by execution id, so a kill can reach them.
@@ -110,6 +114,7 @@ impl Runner {
             db,
             deliverer,
             wake: Lane::ALL.into_iter().map(|l| (l, Notify::new())).collect(),
+            freed: Lane::ALL.into_iter().map(|l| (l, Notify::new())).collect(),
             permits: config
                 .concurrency
                 .into_iter()
@@ -146,22 +151,33 @@ impl Runner {
         })
     }
 
-    /// Wakes the claim loop of `lane`.
+    /// Wakes the claim loop of `lane`: it has queued work.
     pub fn wake(&self, lane: Lane) {
         self.wake[&lane].notify_one();
+    }
+
+    /// Tells the claim loop of `lane` that a slot is free. A job's end claims
+    /// the lane's next job in its own transaction; when that found none, only
+    /// a submission that raced with it (queued while the slot was held) can
+    /// be waiting, so the loop reads before it claims: a lane that runs out
+    /// of work makes no empty write (and sync) per job.
+    fn freed(&self, lane: Lane) {
+        self.freed[&lane].notify_one();
     }
 
     async fn claim_loop(self: Arc<Self>, lane: Lane) {
         let mut tick = tokio::time::interval(self.config.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticked = false;
+        // Whether to read the queue before claiming: after a tick or a freed
+        // slot, not after a submission's wake.
+        let mut look = false;
         loop {
             // The permits first: a submission may take one meanwhile (its
             // own claim, in its insert's transaction).
             let mut held: Vec<_> = std::iter::from_fn(|| self.try_permit(lane)).collect();
             // The safety tick looks before it claims: an idle agent writes
             // (and syncs) nothing.
-            if !held.is_empty() && (!ticked || self.has_queued(lane).await) {
+            if !held.is_empty() && (!look || self.has_queued(lane).await) {
                 let free = held.len();
                 match self.claim(lane, free).await {
                     Ok(jobs) => {
@@ -170,7 +186,6 @@ impl Runner {
                             let permit = held.pop().expect("a permit per claimed job");
                             self.launch(lane, job, permit);
                         }
-                        drop(held);
                         if full {
                             continue;
                         }
@@ -178,9 +193,13 @@ impl Runner {
                     Err(e) => tracing::error!(error = %e, lane = lane.as_str(), "claim failed"),
                 }
             }
-            ticked = tokio::select! {
+            // Not held while waiting: a submission takes a free slot itself,
+            // claiming in its insert's own transaction.
+            drop(held);
+            look = tokio::select! {
                 () = self.stopping.cancelled() => break,
                 () = self.wake[&lane].notified() => false,
+                () = self.freed[&lane].notified() => true,
                 _ = tick.tick() => true,
             };
         }
@@ -264,7 +283,7 @@ impl Runner {
             handle = next_handle;
         }
         drop(permit);
-        self.wake(lane);
+        self.freed(lane);
     }
 
     #[tracing::instrument(skip_all, fields(execution_id = %job.id, lane = lane.as_str()))]

@@ -151,6 +151,20 @@ pub fn process_start(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// This process's start time, read once per process: a supervisor runs many
+/// jobs, and a forked one (a new pid) reads its own.
+pub fn own_start() -> u64 {
+    static OWN: std::sync::Mutex<(u32, u64)> = std::sync::Mutex::new((0, 0));
+    let me = std::process::id();
+    let mut own = OWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if own.0 != me {
+        *own = (me, process_start(me).unwrap_or_default());
+    }
+    own.1
+}
+
 /// The process group of `pid`, read from `/proc/<pid>/stat`.
 pub fn process_group(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -220,6 +234,7 @@ mod tests {
     fn this_process_has_a_start_time_and_a_group() {
         let me = std::process::id();
         assert!(process_start(me).is_some());
+        assert_eq!(own_start(), process_start(me).unwrap());
         assert!(process_group(me).is_some());
         assert_eq!(process_start(u32::MAX), None);
     }

@@ -155,7 +155,7 @@ fn supervise(
     let me = std::process::id();
     let started = Started {
         supervisor_pid: me,
-        supervisor_start: files::process_start(me).unwrap_or_default(),
+        supervisor_start: files::own_start(),
         program_pid: pid,
         program_start: files::process_start(pid).unwrap_or_default(),
         boot_id: files::boot_id().to_string(),

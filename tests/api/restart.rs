@@ -446,6 +446,29 @@ async fn commits(agent: &Agent) -> u64 {
 }
 
 #[tokio::test]
+async fn a_short_job_after_idle_polls_is_two_commits_its_insert_and_its_end() {
+    let data = tempfile::tempdir().unwrap();
+    // The claim loops' safety ticks (each a look at the queue) run between jobs.
+    let agent = Agent::start(data.path(), free_port(), &["--poll-interval", "0.05"]).await;
+    for _ in 0..4 {
+        // Idle ticks, and the look after the last job freed its slot.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let before = commits(&agent).await;
+        let out = agent
+            .post("/execute", json!({ "code": "echo hi", "language": "bash" }))
+            .await;
+        assert_eq!(out["stdout"], "hi\n", "{out}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // The insert claims in its own transaction (the idle loop holds no
+        // slot), and a job's end that leaves the lane empty makes no claim
+        // of its own.
+        assert_eq!(commits(&agent).await - before, 2, "commits for one job");
+    }
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
 async fn an_idle_agent_writes_nothing_yet_picks_up_work_its_polls_find() {
     let data = tempfile::tempdir().unwrap();
     let receiver = TestReceiver::start().await;
