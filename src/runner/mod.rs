@@ -32,6 +32,7 @@ use crate::db::executions::{self, Claimed, ExecutionRow, Fence, Finish};
 use crate::db::{self, Db};
 use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
+use crate::supervisor::files::RunDir;
 use job::{Attached, Followed};
 pub use launch::Launcher;
 use registry::{Registry, Running, StopReason};
@@ -172,12 +173,17 @@ impl Runner {
         // slot, not after a submission's wake.
         let mut look = false;
         loop {
-            // The permits first: a submission may take one meanwhile (its
-            // own claim, in its insert's transaction).
-            let mut held: Vec<_> = std::iter::from_fn(|| self.try_permit(lane)).collect();
             // The safety tick looks before it claims: an idle agent writes
-            // (and syncs) nothing.
-            if !held.is_empty() && (!look || self.has_queued(lane).await) {
+            // (and syncs) nothing. No slot is held while it looks: a
+            // submission meanwhile takes one itself (its own claim, in its
+            // insert's transaction).
+            let free = self.permits[&lane].available_permits() > 0;
+            let go = free && (!look || self.has_queued(lane).await);
+            let mut held: Vec<_> = match go {
+                true => std::iter::from_fn(|| self.try_permit(lane)).collect(),
+                false => Vec::new(),
+            };
+            if !held.is_empty() {
                 let free = held.len();
                 match self.claim(lane, free).await {
                     Ok(jobs) => {
@@ -419,7 +425,7 @@ impl Runner {
         };
         match written {
             Ok(true) => {
-                let _ = tokio::fs::remove_dir_all(self.config.runs_dir.join(&fence.id)).await;
+                runs_dir::remove_run(&RunDir::new(self.config.runs_dir.join(&fence.id))).await;
             }
             Ok(false) => tracing::warn!("status not written: the execution is no longer ours"),
             Err(e) => tracing::error!(error = %e, "status not written"),
