@@ -158,9 +158,9 @@ impl Runner {
     }
 
     /// Tells the claim loop of `lane` that a slot is free. A job's end claims
-    /// the lane's next job in its own transaction; when that found none, only
-    /// a submission that raced with it (queued while the slot was held) can
-    /// be waiting, so the loop reads before it claims: a lane that runs out
+    /// the lane's next job in its own transaction; when that found none (or
+    /// the write failed), only a submission that raced with it (queued while
+    /// the slot was held) can be waiting, so the loop reads before it claims: a lane that runs out
     /// of work makes no empty write (and sync) per job.
     fn freed(&self, lane: Lane) {
         self.freed[&lane].notify_one();
@@ -177,8 +177,8 @@ impl Runner {
             // (and syncs) nothing. No slot is held while it looks: a
             // submission meanwhile takes one itself (its own claim, in its
             // insert's transaction).
-            let free = self.permits[&lane].available_permits() > 0;
-            let go = free && (!look || self.has_queued(lane).await);
+            let room = self.permits[&lane].available_permits() > 0;
+            let go = room && (!look || self.has_queued(lane).await);
             let mut held: Vec<_> = match go {
                 true => std::iter::from_fn(|| self.try_permit(lane)).collect(),
                 false => Vec::new(),

@@ -105,7 +105,6 @@ impl RunsDir {
     }
 }
 
-/// A new private directory on the tmpfs, or `None` where there is none to use.
 /// Output files past this size are removed on a blocking thread.
 const REMOVE_HERE_BYTES: u64 = 1 << 20;
 
@@ -126,6 +125,7 @@ pub async fn remove_run(run: &RunDir) {
     };
 }
 
+/// A new private directory on the tmpfs, or `None` where there is none to use.
 fn make_in_memory() -> Option<PathBuf> {
     let memory = Path::new(MEMORY);
     let fs = nix::sys::statfs::statfs(memory).ok()?;
