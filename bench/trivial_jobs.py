@@ -10,16 +10,14 @@ threads, waits until none is queued or running (a database poll every
 50 ms), and prints one line. To compare builds, copy them aside and run
 them in turns: this machine's speed drifts by more than 10% within minutes.
 """
-import json
 import os
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+
+from byhand import start_agent, submitter
 
 binary = sys.argv[1]
 jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
@@ -38,30 +36,9 @@ def machine_ticks():
 
 
 with tempfile.TemporaryDirectory() as data:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    agent = subprocess.Popen(
-        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-         "--background-concurrency", str(concurrency), "--token", "tok"],
-        env=dict(os.environ, EXECD_LOG="warn"),
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(base + "/health")
-            break
-        except OSError:
-            time.sleep(0.02)
-
-    def submit(n):
-        for _ in range(n):
-            request = urllib.request.Request(
-                base + "/execute/background",
-                data=json.dumps({"code": "true", "language": "bash"}).encode(),
-                headers={"Content-Type": "application/json", "Authorization": "Bearer tok"},
-            )
-            urllib.request.urlopen(request).read()
+    flags = ["--background-concurrency", str(concurrency)]
+    agent, base = start_agent(binary, data, flags)
+    submit = submitter(base, {"code": "true", "language": "bash"})
 
     submit(20)
     time.sleep(2)

@@ -23,6 +23,18 @@ async fn wait_until(
     poll_until(within, || agent.get(&path), done).await
 }
 
+/// Submits background `body` and waits until its stdout is `printed`: the
+/// submission's answer, and the process as it was then.
+async fn running_and_printed(agent: &Agent, body: Value, printed: &str) -> (Value, Value) {
+    let out = agent.post("/execute/background", body).await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let p = wait_until(agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == printed
+    })
+    .await;
+    (out, p)
+}
+
 /// An execution's recorded attempts, `attempt:outcome` a line, read with `sqlite3`.
 fn attempts(data: &Path, exec_id: &str) -> String {
     let out = std::process::Command::new("sqlite3")
@@ -115,17 +127,13 @@ async fn a_timeout_that_passes_while_the_agent_is_down_is_enforced_on_time() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     let agent = Agent::start(data.path(), port, &["--kill-grace", "0.5"]).await;
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": "echo started; sleep 60", "language": "bash", "timeout": 2 }),
-        )
-        .await;
-    let id = out["process_id"].as_str().unwrap().to_string();
-    let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == "started\n"
-    })
+    let (out, p) = running_and_printed(
+        &agent,
+        json!({ "code": "echo started; sleep 60", "language": "bash", "timeout": 2 }),
+        "started\n",
+    )
     .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
     let pid = p["pid"].as_i64().unwrap();
     agent.kill9();
     // Timeout 2 s plus the grace; the agent is not there to enforce it.
@@ -215,18 +223,14 @@ async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recor
         "echo x >> {m}; if [ $(wc -l < {m}) -lt 2 ]; then echo first; sleep 300; fi; echo second",
         m = marker.display()
     );
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": code, "language": "bash", "max_attempts": 2 }),
-        )
-        .await;
+    let (out, _) = running_and_printed(
+        &agent,
+        json!({ "code": code, "language": "bash", "max_attempts": 2 }),
+        "first\n",
+    )
+    .await;
     let id = out["process_id"].as_str().unwrap().to_string();
     let exec_id = out["execution_id"].as_str().unwrap().to_string();
-    wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == "first\n"
-    })
-    .await;
     agent.kill9();
     let (supervisor, _) = supervisor_of(data.path(), &exec_id);
     kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
@@ -246,17 +250,13 @@ async fn kill_works_on_a_job_re_attached_after_a_restart() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     let agent = Agent::start(data.path(), port, &[]).await;
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": "echo up; sleep 300", "language": "bash" }),
-        )
-        .await;
-    let id = out["process_id"].as_str().unwrap().to_string();
-    let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == "up\n"
-    })
+    let (out, p) = running_and_printed(
+        &agent,
+        json!({ "code": "echo up; sleep 300", "language": "bash" }),
+        "up\n",
+    )
     .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
     let pid = p["pid"].as_i64().unwrap();
     agent.kill9();
     let agent = Agent::start(data.path(), port, &[]).await;
@@ -327,17 +327,13 @@ fn zygote_of(agent: u32) -> Option<u32> {
 async fn jobs_outlive_the_supervisor_zygote_and_a_killed_zygote_is_replaced() {
     let data = tempfile::tempdir().unwrap();
     let agent = Agent::start(data.path(), free_port(), &[]).await;
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": "echo up; sleep 1; echo done", "language": "bash" }),
-        )
-        .await;
-    let id = out["execution_id"].as_str().unwrap().to_string();
-    wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == "up\n"
-    })
+    let (out, _) = running_and_printed(
+        &agent,
+        json!({ "code": "echo up; sleep 1; echo done", "language": "bash" }),
+        "up\n",
+    )
     .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
     let zygote = zygote_of(agent.pid()).expect("the agent has a supervisor zygote");
     kill(Pid::from_raw(zygote as i32), Signal::SIGKILL).unwrap();
 
@@ -377,18 +373,10 @@ async fn run_directories_live_in_memory_outlive_a_restart_and_go_with_the_last_j
         "echo up; while [ ! -e {} ]; do sleep 0.01; done; echo done",
         go.display()
     );
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": code, "language": "bash" }),
-        )
-        .await;
+    let (out, _) =
+        running_and_printed(&agent, json!({ "code": code, "language": "bash" }), "up\n").await;
     let id = out["process_id"].as_str().unwrap().to_string();
     let run = out["execution_id"].as_str().unwrap().to_string();
-    wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == "up\n"
-    })
-    .await;
     let link = data.path().join("runs");
     let memory = std::fs::read_link(&link).expect("<data-dir>/runs is a link");
     assert!(memory.starts_with("/dev/shm"), "{}", memory.display());
@@ -415,17 +403,13 @@ async fn a_running_jobs_first_output_never_shows_without_its_pid() {
     let agent = Agent::start(data.path(), free_port(), &[]).await;
     // Printing at once races the agent's first look at the output files.
     for _ in 0..12 {
-        let out = agent
-            .post(
-                "/execute/background",
-                json!({ "code": "echo started; sleep 30", "language": "bash" }),
-            )
-            .await;
-        let id = out["process_id"].as_str().unwrap().to_string();
-        let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
-            p["stdout"] == "started\n"
-        })
+        let (out, p) = running_and_printed(
+            &agent,
+            json!({ "code": "echo started; sleep 30", "language": "bash" }),
+            "started\n",
+        )
         .await;
+        let id = out["process_id"].as_str().unwrap().to_string();
         assert!(p["pid"].as_i64().is_some_and(|pid| pid > 0), "{p}");
         let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
         assert_eq!(killed["status"], "killed", "{killed}");
