@@ -129,10 +129,11 @@ pub async fn serve(
         stop.clone(),
     );
     let recovered = runner.recover().await.map_err(StartError::Recover)?;
-    if recovered.reattached + recovered.lost > 0 {
+    if recovered.reattached + recovered.lost + recovered.swept > 0 {
         tracing::info!(
             reattached = recovered.reattached,
             lost = recovered.lost,
+            swept = recovered.swept,
             "jobs of an earlier run recovered"
         );
     }

@@ -7,6 +7,8 @@
 //! - resolved as lost otherwise (the machine rebooted, the supervisor was
 //!   killed): whatever is left of the program is killed, and the execution is
 //!   queued again if it has attempts left, else failed with its callback.
+//!
+//! Then the run directories no job will use are removed (`sweep`).
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use super::tail::Tail;
 use super::{JobMeta, Runner, RunnerError};
 use crate::db::executions::{self, Fence};
 use crate::db::output;
-use crate::domain::{Lane, Stream};
+use crate::domain::{Lane, Status, Stream};
 use crate::supervisor::files::RunDir;
 
 /// What recovery found.
@@ -23,6 +25,8 @@ use crate::supervisor::files::RunDir;
 pub struct Recovered {
     pub reattached: usize,
     pub lost: usize,
+    /// Run directories removed by `sweep`.
+    pub swept: usize,
 }
 
 impl Runner {
@@ -111,6 +115,34 @@ impl Runner {
             );
             recovered.reattached += 1;
         }
+        recovered.swept = self.sweep().await?;
         Ok(recovered)
+    }
+
+    /// Removes the run directories of this database's executions that are
+    /// not running: a job an earlier agent prepared and never started (it
+    /// stopped while the program waited at its gate), or one whose end was
+    /// written but not its directory's removal. Nothing is prepared yet at
+    /// this point of the start. A directory of an execution this database
+    /// does not know is left alone: a `--runs-dir` may be shared.
+    async fn sweep(&self) -> Result<usize, RunnerError> {
+        let Ok(entries) = std::fs::read_dir(&self.config.runs_dir) else {
+            return Ok(0);
+        };
+        let mut swept = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().filter(|n| n.starts_with("exec_")) else {
+                continue;
+            };
+            let unused = executions::get(&self.db.readers, id)
+                .await?
+                .is_some_and(|row| row.status != Status::Running.as_str());
+            if unused && std::fs::remove_dir_all(entry.path()).is_ok() {
+                tracing::info!(execution_id = %id, "removed the run directory of a job not running");
+                swept += 1;
+            }
+        }
+        Ok(swept)
     }
 }

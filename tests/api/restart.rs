@@ -481,3 +481,61 @@ async fn an_idle_agent_writes_nothing_yet_picks_up_work_its_polls_find() {
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+#[tokio::test]
+async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_the_rest() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // The async lane paused: its submission stays queued.
+    let flags = ["--async-concurrency", "0"];
+    let agent = Agent::start(data.path(), port, &flags).await;
+    let done = agent
+        .post("/execute", json!({ "code": "true", "language": "bash" }))
+        .await;
+    let queued = agent
+        .post(
+            "/execute/async",
+            json!({ "code": "true", "language": "bash", "callback_url": "http://127.0.0.1:9/cb" }),
+        )
+        .await;
+    let (running, _) = running_and_printed(
+        &agent,
+        json!({ "code": "echo up; sleep 30", "language": "bash" }),
+        "up\n",
+    )
+    .await;
+    agent.kill9();
+    // What an agent stopped at the wrong moment leaves: the directory of a
+    // job prepared and never started, and of one whose end was written
+    // first. And a directory of an execution this database does not know.
+    let runs = data.path().join("runs");
+    let exec_id = |v: &Value| v["execution_id"].as_str().unwrap().to_string();
+    let stray = [exec_id(&done), exec_id(&queued)];
+    for id in &stray {
+        std::fs::create_dir_all(runs.join(id)).unwrap();
+        std::fs::write(runs.join(id).join("main.sh"), "true").unwrap();
+    }
+    let unknown = runs.join("exec_01abcdefghjkmnpqrstvwxyz0");
+    std::fs::create_dir_all(&unknown).unwrap();
+    let running_dir = runs.join(exec_id(&running));
+    assert!(running_dir.is_dir());
+
+    let agent = Agent::start(data.path(), port, &flags).await;
+    for id in &stray {
+        assert!(!runs.join(id).exists(), "{id}'s run directory is left");
+    }
+    assert!(
+        unknown.is_dir(),
+        "a directory this database does not know was removed"
+    );
+    // The running job is followed again: its directory stays while it runs.
+    let id = running["process_id"].as_str().unwrap();
+    let p = agent.get(&format!("/execute/processes/{id}")).await;
+    assert_eq!(p["status"], "running", "{p}");
+    assert!(running_dir.is_dir());
+    let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
+    assert_eq!(killed["status"], "killed", "{killed}");
+    std::fs::remove_dir(&unknown).unwrap();
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
