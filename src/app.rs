@@ -150,6 +150,7 @@ pub async fn serve(
         stop.clone(),
     );
 
+    let sweeper = runner.clone();
     let state = AppState::new(http::Inner {
         db,
         runner,
@@ -190,6 +191,12 @@ pub async fn serve(
         .await;
     stop.cancel();
     let _ = runner_task.await;
+    // A job prepared and never started (its claim not committed when the
+    // stop came) leaves its directory: gone now, so that a stop that leaves
+    // no running job leaves no run directory.
+    if let Err(e) = sweeper.sweep().await {
+        tracing::warn!(error = %e, "run directories not swept");
+    }
     let _ = delivery_task.await;
     let _ = retention_task.await;
     stop_writer.cancel();

@@ -8,7 +8,8 @@
 //!   killed): whatever is left of the program is killed, and the execution is
 //!   queued again if it has attempts left, else failed with its callback.
 //!
-//! Then the run directories no job will use are removed (`sweep`).
+//! Then the run directories no job will use are removed (`sweep`, also
+//! run at a stop).
 
 use std::sync::Arc;
 
@@ -120,12 +121,13 @@ impl Runner {
     }
 
     /// Removes the run directories of this database's executions that are
-    /// not running: a job an earlier agent prepared and never started (it
-    /// stopped while the program waited at its gate), or one whose end was
-    /// written but not its directory's removal. Nothing is prepared yet at
-    /// this point of the start. A directory of an execution this database
-    /// does not know is left alone: a `--runs-dir` may be shared.
-    async fn sweep(&self) -> Result<usize, RunnerError> {
+    /// not running: a job prepared and never started (the agent stopped
+    /// while the program waited at its gate), or one whose end was written
+    /// but not its directory's removal. Called where nothing is being
+    /// prepared: at start before the runner starts, at a stop after it has
+    /// stopped. A directory of an execution this database does not know is
+    /// left alone: a `--runs-dir` may be shared.
+    pub async fn sweep(&self) -> Result<usize, RunnerError> {
         let Ok(entries) = std::fs::read_dir(&self.config.runs_dir) else {
             return Ok(0);
         };

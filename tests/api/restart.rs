@@ -539,3 +539,28 @@ async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_the_rest(
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+#[tokio::test]
+async fn a_stop_removes_the_run_directory_of_a_job_never_started_and_then_the_runs_link() {
+    if !memory_is_tmpfs() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::start(data.path(), free_port(), &[]).await;
+    let done = agent
+        .post("/execute", json!({ "code": "true", "language": "bash" }))
+        .await;
+    // As a job prepared when the stop came leaves it (its claim never
+    // committed): only its code.
+    let link = data.path().join("runs");
+    let memory = std::fs::read_link(&link).expect("runs is a link into memory");
+    let stray = memory.join(done["execution_id"].as_str().unwrap());
+    std::fs::create_dir(&stray).unwrap();
+    std::fs::write(stray.join("main.sh"), "true").unwrap();
+    assert!(agent.terminate().success());
+    assert!(!memory.exists(), "{} left", memory.display());
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "the runs link left"
+    );
+}
