@@ -160,8 +160,9 @@ impl Runner {
     /// Tells the claim loop of `lane` that a slot is free. A job's end claims
     /// the lane's next job in its own transaction; when that found none (or
     /// the write failed), only a submission that raced with it (queued while
-    /// the slot was held) can be waiting, so the loop reads before it claims: a lane that runs out
-    /// of work makes no empty write (and sync) per job.
+    /// the slot was held) can be waiting, so the loop reads before it
+    /// claims: a lane that runs out of work makes no empty write (and sync)
+    /// per job.
     fn freed(&self, lane: Lane) {
         self.freed[&lane].notify_one();
     }
@@ -179,9 +180,10 @@ impl Runner {
             // insert's transaction).
             let room = self.permits[&lane].available_permits() > 0;
             let go = room && (!look || self.has_queued(lane).await);
-            let mut held: Vec<_> = match go {
-                true => std::iter::from_fn(|| self.try_permit(lane)).collect(),
-                false => Vec::new(),
+            let mut held: Vec<_> = if go {
+                std::iter::from_fn(|| self.try_permit(lane)).collect()
+            } else {
+                Vec::new()
             };
             if !held.is_empty() {
                 let free = held.len();

@@ -62,9 +62,8 @@ impl Runner {
             if !(alive || run.ended().exists()) {
                 kill_leftovers(&run);
                 let error = "the process was lost: its supervisor is gone (the machine restarted, or it was killed)";
-                if self.lose(lane, &fence, error.to_string()).await? {
-                    let _ = tokio::fs::remove_dir_all(run.path()).await;
-                }
+                // Its run directory goes with the sweep below.
+                self.lose(lane, &fence, error.to_string()).await?;
                 recovered.lost += 1;
                 continue;
             }
@@ -122,8 +121,8 @@ impl Runner {
 
     /// Removes the run directories of this database's executions that are
     /// not running: a job prepared and never started (the agent stopped
-    /// while the program waited at its gate), or one whose end was written
-    /// but not its directory's removal. Called where nothing is being
+    /// while the program waited at its gate), one lost at recovery, or one
+    /// whose end was written but not its directory's removal. Called where nothing is being
     /// prepared: at start before the runner starts, at a stop after it has
     /// stopped. A directory of an execution this database does not know is
     /// left alone: a `--runs-dir` may be shared.
