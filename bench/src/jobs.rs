@@ -145,23 +145,32 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
         ctx.data_dir("s3-zygote"),
         ctx.pick(2000, 200),
     );
-    match tokio::task::spawn_blocking(move || supervisor_path(&bin, &runs, count)).await? {
-        Ok(note) => out.note(note),
-        Err(e) => out.note(format!("the supervisor path alone was not measured: {e:#}")),
-    }
+    let supervision =
+        match tokio::task::spawn_blocking(move || supervisor_path(&bin, &runs, count)).await? {
+            Ok((note, cost)) => {
+                out.note(note);
+                Some(cost)
+            }
+            Err(e) => {
+                out.note(format!("the supervisor path alone was not measured: {e:#}"));
+                None
+            }
+        };
     let named = ctx.pythons.len() > 1;
     for (i, python) in ctx.pythons.iter().enumerate() {
-        trivial_with(ctx, python, named.then_some(i), &mut out).await?;
+        trivial_with(ctx, python, named.then_some(i), supervision, &mut out).await?;
     }
     Ok(out)
 }
 
 /// Scenario 3 with one interpreter; `named` (its index) when there are
-/// several, so its rows and notes say which.
+/// several, so its rows and notes say which. `supervision`: what one job's
+/// supervision costs the machine (ms of CPU), measured alone before.
 async fn trivial_with(
     ctx: &Ctx,
     python: &Python,
     named: Option<usize>,
+    supervision: Option<f64>,
     out: &mut Outcome,
 ) -> Result<()> {
     let n = ctx.pick(2000, 200);
@@ -281,6 +290,16 @@ async fn trivial_with(
             direct_machine * 1e3 / direct_done.max(1) as f64,
         ));
         out.note(format!("C={c}{which}: {}", timeline(&db, c, wall)?));
+        out.note(format!(
+            "C={c}{which}: {}",
+            Budget {
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+                direct: (direct, direct_done, direct_machine),
+                agent: (wall, done, machine),
+                agent_cpu,
+                supervision,
+            }
+        ));
         let per_job = |x: f64| x / done.max(1) as f64;
         out.note(match writer {
             Some(w) => format!(
@@ -308,6 +327,61 @@ async fn trivial_with(
         ));
     }
     Ok(())
+}
+
+/// Where the machine's time per job went in the agent's turns beyond the
+/// direct loop's, against what 0.95× allows: core time per job is the
+/// cores × the wall / the jobs, so it counts idle cores too.
+struct Budget {
+    cores: f64,
+    /// Each side's wall, jobs done and machine CPU seconds.
+    direct: (Duration, usize, f64),
+    agent: (Duration, usize, f64),
+    /// The agent process's CPU seconds.
+    agent_cpu: f64,
+    /// One job's supervision, ms of CPU (measured alone).
+    supervision: Option<f64>,
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Milliseconds per job: of core time, and of the machine's CPU.
+        let per_job = |(wall, jobs, cpu): (Duration, usize, f64)| {
+            let jobs = jobs.max(1) as f64;
+            (
+                self.cores * wall.as_secs_f64() * 1e3 / jobs,
+                cpu * 1e3 / jobs,
+            )
+        };
+        let (direct, direct_cpu) = per_job(self.direct);
+        let (agent, agent_machine) = per_job(self.agent);
+        let own = self.agent_cpu * 1e3 / self.agent.1.max(1) as f64;
+        let cpu = agent_machine - direct_cpu;
+        let idle = (agent - agent_machine) - (direct - direct_cpu);
+        write!(
+            f,
+            "0.95× allows {:.2} ms of core time per job beyond the direct loop's {direct:.2} ms \
+             ({:.0} cores × wall / jobs); the agent's turns took {:.2} ms more: the agent's own CPU {own:.2}",
+            direct / 0.95 - direct,
+            self.cores,
+            agent - direct,
+        )?;
+        match self.supervision {
+            Some(s) => write!(
+                f,
+                ", the supervision {s:.2} (measured alone, above), the rest of the machine's CPU {:.2} \
+                 (interpreters, zygote, this harness, the kernel's threads), idle cores {idle:.2}; \
+                 the supervision alone caps the ratio at {:.3}× with this interpreter",
+                cpu - own - s,
+                direct / (direct + s),
+            ),
+            None => write!(
+                f,
+                ", the rest of the machine's CPU {:.2}, idle cores {idle:.2}",
+                cpu - own
+            ),
+        }
+    }
 }
 
 /// Where a job's time went, from the rows: medians of each step, and how
@@ -402,7 +476,8 @@ fn direct_spawns(
 /// directory, job line, pid report, `go`, `started`, `end`, the directory
 /// removed), against `n` direct spawns of `/bin/true`: the machine's CPU
 /// per job of each, and so what a job's supervisor process costs.
-fn supervisor_path(bin: &Path, runs: &Path, n: usize) -> Result<String> {
+/// Returns the note and the supervision's cost (ms of CPU per job).
+fn supervisor_path(bin: &Path, runs: &Path, n: usize) -> Result<(String, f64)> {
     use std::io::{BufRead, BufReader, Write};
     std::fs::create_dir_all(runs)?;
     let machine0 = agent::machine_cpu_seconds();
@@ -457,12 +532,13 @@ fn supervisor_path(bin: &Path, runs: &Path, n: usize) -> Result<String> {
     let per_job =
         |(cpu, wall): (f64, Duration)| (cpu * 1e3 / n as f64, wall.as_secs_f64() * 1e3 / n as f64);
     let ((s_cpu, s_wall), (d_cpu, d_wall)) = (per_job(supervised), per_job(direct));
-    Ok(format!(
+    let cost = s_cpu - d_cpu;
+    let note = format!(
         "the supervisor path alone ({n} × /bin/true through the agent's zygote, driven directly, one at a time): \
          machine CPU {s_cpu:.2} ms/job, wall {s_wall:.2} ms/job; /bin/true spawned directly: {d_cpu:.2} ms, {d_wall:.2} ms; \
-         so a job's supervision costs {:.2} ms of CPU",
-        s_cpu - d_cpu
-    ))
+         so a job's supervision costs {cost:.2} ms of CPU"
+    );
+    Ok((note, cost))
 }
 
 /// CPU seconds of this process's reaped children.
