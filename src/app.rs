@@ -151,6 +151,7 @@ pub async fn serve(
     );
 
     let sweeper = runner.clone();
+    let readers = db.readers.clone();
     let state = AppState::new(http::Inner {
         db,
         runner,
@@ -199,6 +200,10 @@ pub async fn serve(
     }
     let _ = delivery_task.await;
     let _ = retention_task.await;
+    // The readers close first, so that the writer's connection is the last:
+    // SQLite then folds the WAL into the database file and removes it, and
+    // the file alone (copied, or read by `sqlite3`) holds everything.
+    readers.close().await;
     stop_writer.cancel();
     let _ = writer_task.await;
     runs_dir.release();

@@ -564,3 +564,37 @@ async fn a_stop_removes_the_run_directory_of_a_job_never_started_and_then_the_ru
         "the runs link left"
     );
 }
+
+/// A clean stop folds the WAL into the database file: `execd.db` alone,
+/// copied once the agent has stopped, holds every execution.
+#[tokio::test]
+async fn a_clean_stop_leaves_the_database_whole_in_its_file_and_no_wal() {
+    let data = tempfile::tempdir().unwrap();
+    let agent = Agent::start(data.path(), free_port(), &[]).await;
+    let done = agent
+        .post(
+            "/execute",
+            json!({ "code": "echo kept", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(done["status"], "completed");
+    assert!(agent.terminate().success());
+    for left in ["execd.db-wal", "execd.db-shm"] {
+        assert!(
+            !data.path().join(left).exists(),
+            "{left} left after a clean stop"
+        );
+    }
+    // The file alone, as an operator copies it.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(data.path().join("execd.db"), copy.path().join("execd.db")).unwrap();
+    let out = std::process::Command::new("sqlite3")
+        .arg(copy.path().join("execd.db"))
+        .arg(format!(
+            "SELECT status FROM executions WHERE id = '{}'",
+            done["execution_id"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "completed");
+}
