@@ -2,9 +2,9 @@
 //! and the loop that claims due deliveries with a lease, signs and POSTs
 //! them, records every attempt, and reschedules failures.
 //!
-//! Outcomes: a 2xx is delivered; a 410 is dead at once; anything else — a
-//! 3xx (never followed), another status, a timeout, a refused connection, a
-//! DNS failure — is retried on the schedule (a 429 or 503 `Retry-After` is
+//! Outcomes, as the contract has them: a 2xx is delivered; anything else —
+//! a 3xx (never followed), another status (410 too), a timeout, a refused
+//! connection, a DNS failure — is retried on the schedule (a 429 or 503 `Retry-After` is
 //! honoured, clamped) until it runs out, and then the delivery is dead.
 
 pub mod payload;
@@ -350,7 +350,7 @@ impl Deliverer {
         };
         let duration_ms = started.elapsed().as_secs_f64() * 1e3;
         let next = match result.outcome {
-            "delivered" | "gone" => None,
+            "delivered" => None,
             _ => {
                 let attempt = u32::try_from(number).unwrap_or(u32::MAX);
                 self.config
@@ -452,11 +452,6 @@ impl Deliverer {
         let code = Some(i64::from(status.as_u16()));
         let (outcome, error) = if status.is_success() {
             ("delivered", None)
-        } else if status == reqwest::StatusCode::GONE {
-            (
-                "gone",
-                Some("410 Gone: the receiver asked for no more attempts".to_string()),
-            )
         } else if status.is_redirection() {
             let to = location.unwrap_or_else(|| "nowhere".into());
             (
@@ -536,7 +531,7 @@ async fn read_some(mut response: reqwest::Response) -> Option<String> {
 
 /// How one POST went.
 struct PostResult {
-    /// delivered | gone | redirect | http_status | timeout | connect | dns | request
+    /// delivered | redirect | http_status | timeout | connect | dns | request
     outcome: &'static str,
     http_status: Option<i64>,
     error: Option<String>,

@@ -292,21 +292,34 @@ async fn a_redirect_is_a_failure_and_is_not_followed() {
     app.stop().await;
 }
 
+/// The contract: a 2xx ends a delivery, anything else is retried. A 410
+/// too: the receiver is asked again, and a later 200 delivers.
 #[tokio::test]
-async fn a_410_stops_the_retries() {
+async fn a_410_is_retried_like_any_other_status() {
     let app = fast_retrying_app("50ms,50ms,50ms").await;
     let receiver = TestReceiver::start().await;
-    receiver.default_reply(Reply::Status(410));
+    receiver.script(vec![Reply::Status(410), Reply::Status(410)]);
     let id = submit_async(
         &app,
         json!({ "code": "echo g", "language": "bash", "callback_url": receiver.url("/") }),
     )
     .await;
-    let info = wait_callback_status(&app, &id, "dead", Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receiver.received().len(), 1);
-    assert_eq!(info["attempts"][0]["outcome"], "gone");
-    assert!(info["callback"]["next_attempt_at"].is_null());
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    assert_eq!(receiver.received().len(), 3);
+    let outcomes: Vec<_> = info["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["outcome"].as_str().unwrap(), a["http_status"].as_i64()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("http_status", Some(410)),
+            ("http_status", Some(410)),
+            ("delivered", Some(200))
+        ]
+    );
     app.stop().await;
 }
 
