@@ -73,6 +73,9 @@ pub(super) async fn command_background(
     let submitted = submit(&state, submission, idempotency(&headers, &body.hash)?).await?;
     let mut out = background_out(&submitted);
     out["command"] = json!(submitted.command);
+    // The contract's `pid`: none yet, as the answer comes once the row is
+    // stored; the process object shows it once the program runs.
+    out["pid"] = Value::Null;
     Ok(Json(out))
 }
 

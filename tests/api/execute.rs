@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::*;
 
@@ -203,10 +203,12 @@ async fn commands_run_directly_with_args_and_under_sh_without() {
         .await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["command"], "echo bg");
+    assert_eq!(out.get("pid"), Some(&Value::Null), "{out}");
     let p = app
         .wait_terminal(out["process_id"].as_str().unwrap(), Duration::from_secs(10))
         .await;
     assert_eq!(p["stdout"], "bg\n");
+    assert!(p["pid"].as_i64().is_some_and(|pid| pid > 0), "{p}");
     assert_eq!(p["name"], "cmd-bg");
     app.stop().await;
 }
