@@ -5,8 +5,9 @@
 //!   output written meanwhile is picked up from the stored offset, kills work,
 //!   and the status and callback follow as usual;
 //! - resolved as lost otherwise (the machine rebooted, the supervisor was
-//!   killed): whatever is left of the program is killed, and the execution is
-//!   queued again if it has attempts left, else failed with its callback.
+//!   killed): whatever is left of the program is killed, the output its
+//!   supervisor copied is stored, and the execution is queued again if it
+//!   has attempts left, else failed with its callback.
 //!
 //! Then the run directories no job will use are removed (`sweep`, also
 //! run at a stop).
@@ -59,16 +60,9 @@ impl Runner {
             let run = RunDir::new(self.config.runs_dir.join(&row.id));
             let started = run.read_started();
             let alive = started.as_ref().is_some_and(|s| s.supervisor_alive());
-            if !(alive || run.ended().exists()) {
-                kill_leftovers(&run);
-                let error = "the process was lost: its supervisor is gone (the machine restarted, or it was killed)";
-                // Its run directory goes with the sweep below.
-                self.lose(lane, &fence, error.to_string()).await?;
-                recovered.lost += 1;
-                continue;
-            }
+            // Output is picked up from the stored offset.
             let next = |stream| output::next_seq(&self.db.readers, &row.id, row.attempt, stream);
-            let tails = [
+            let mut tails = [
                 Tail::new(
                     &run,
                     Stream::Stdout,
@@ -82,6 +76,21 @@ impl Runner {
                     next(Stream::Stderr).await?,
                 ),
             ];
+            if !(alive || run.ended().exists()) {
+                kill_leftovers(&run);
+                // What the supervisor copied before it went (the agent was
+                // down meanwhile) is stored before the job is resolved.
+                let [out, err] = &mut tails;
+                tokio::join!(
+                    out.pump(&fence, &self.db.writer),
+                    err.pump(&fence, &self.db.writer)
+                );
+                let error = "the process was lost: its supervisor is gone (the machine restarted, or it was killed)";
+                // Its run directory goes with the sweep below.
+                self.lose(lane, &fence, error.to_string()).await?;
+                recovered.lost += 1;
+                continue;
+            }
             let handle = self.register(&row.id);
             // Counts against its lane's limit; a job over the limit (the limit
             // was lowered) still runs on.

@@ -213,6 +213,54 @@ async fn a_job_whose_supervisor_was_killed_is_failed_within_a_second_of_the_next
     assert_nothing_left(data.path()).await;
 }
 
+/// Output the supervisor wrote while the agent was down is stored even when
+/// the supervisor is gone by the restart: the job is lost, its output not.
+#[tokio::test]
+async fn output_written_while_the_agent_was_down_is_kept_when_the_job_is_lost() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = TestReceiver::start().await;
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let gate = data.path().join("go-on");
+    let code = format!(
+        "echo up; while [ ! -e {} ]; do sleep 0.05; done; echo while-down; echo err >&2; sleep 300",
+        gate.display()
+    );
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": code, "language": "bash", "callback_url": receiver.url("/") }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "up\n"
+    })
+    .await;
+    agent.kill9();
+    // The program prints on with no agent; its supervisor copies it.
+    std::fs::write(&gate, "").unwrap();
+    let run = data.path().join("runs").join(&id);
+    let printed = crate::helpers::eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(run.join("stderr")).is_ok_and(|e| e == "err\n")
+    })
+    .await;
+    assert!(printed, "the supervisor did not copy the output");
+    let (supervisor, _) = supervisor_of(data.path(), &id);
+    kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
+
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(2), terminal).await;
+    assert_eq!(p["status"], "failed");
+    assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
+    assert_eq!(p["stdout"], "up\nwhile-down\n", "{p}");
+    assert_eq!(p["stderr"], "err\n", "{p}");
+    let callback = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(callback[0].json()["stdout"], "up\nwhile-down\n");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
 #[tokio::test]
 async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recorded() {
     let data = tempfile::tempdir().unwrap();
