@@ -114,6 +114,7 @@ pub async fn serve(
             owner: owner.clone(),
             languages: languages.clone(),
             runs_dir: runs_dir.path.clone(),
+            runs_dir_private: config.runs_dir.is_none(),
             supervisor_bin,
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace(),

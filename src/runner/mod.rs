@@ -45,6 +45,10 @@ pub struct RunnerConfig {
     pub owner: String,
     pub languages: Languages,
     pub runs_dir: PathBuf,
+    /// Whether `runs_dir` is this agent's alone (not a `--runs-dir`, which
+    /// may be shared): its sweep then also removes the directories of
+    /// executions the database does not know.
+    pub runs_dir_private: bool,
     /// The `execd` binary that runs `execd supervise` for each job.
     pub supervisor_bin: PathBuf,
     pub max_output_bytes: u64,

@@ -131,10 +131,14 @@ impl Runner {
     /// Removes the run directories of this database's executions that are
     /// not running: a job prepared and never started (the agent stopped
     /// while the program waited at its gate), one lost at recovery, or one
-    /// whose end was written but not its directory's removal. Called where nothing is being
-    /// prepared: at start before the runner starts, at a stop after it has
-    /// stopped. A directory of an execution this database does not know is
-    /// left alone: a `--runs-dir` may be shared.
+    /// whose end was written but not its directory's removal. In a runs
+    /// directory of this agent's alone, also one of an execution the
+    /// database does not know, with no live supervisor: a submission
+    /// prepares its job before its insert commits, and an agent killed in
+    /// between leaves it. (A `--runs-dir` may be shared: there, such a
+    /// directory may be another agent's, and is left alone.) Called where
+    /// nothing is being prepared: at start before the runner starts, at a
+    /// stop after it has stopped.
     pub async fn sweep(&self) -> Result<usize, RunnerError> {
         let Ok(entries) = std::fs::read_dir(&self.config.runs_dir) else {
             return Ok(0);
@@ -145,9 +149,15 @@ impl Runner {
             let Some(id) = name.to_str().filter(|n| n.starts_with("exec_")) else {
                 continue;
             };
-            let unused = executions::get(&self.db.readers, id)
-                .await?
-                .is_some_and(|row| row.status != Status::Running.as_str());
+            let unused = match executions::get(&self.db.readers, id).await? {
+                Some(row) => row.status != Status::Running.as_str(),
+                None => {
+                    self.config.runs_dir_private
+                        && !RunDir::new(entry.path())
+                            .read_started()
+                            .is_some_and(|s| s.supervisor_alive())
+                }
+            };
             if unused && std::fs::remove_dir_all(entry.path()).is_ok() {
                 tracing::info!(execution_id = %id, "removed the run directory of a job not running");
                 swept += 1;

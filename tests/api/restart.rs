@@ -531,7 +531,7 @@ async fn an_idle_agent_writes_nothing_yet_picks_up_work_its_polls_find() {
 }
 
 #[tokio::test]
-async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_the_rest() {
+async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_a_running_ones() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     // The async lane paused: its submission stays queued.
@@ -554,17 +554,20 @@ async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_the_rest(
     .await;
     agent.kill9();
     // What an agent stopped at the wrong moment leaves: the directory of a
-    // job prepared and never started, and of one whose end was written
-    // first. And a directory of an execution this database does not know.
+    // job prepared and never started, of one whose end was written first,
+    // and of a submission prepared before its insert committed (an
+    // execution this database does not know).
     let runs = data.path().join("runs");
     let exec_id = |v: &Value| v["execution_id"].as_str().unwrap().to_string();
-    let stray = [exec_id(&done), exec_id(&queued)];
+    let stray = [
+        exec_id(&done),
+        exec_id(&queued),
+        "exec_01abcdefghjkmnpqrstvwxyz0".to_string(),
+    ];
     for id in &stray {
         std::fs::create_dir_all(runs.join(id)).unwrap();
         std::fs::write(runs.join(id).join("main.sh"), "true").unwrap();
     }
-    let unknown = runs.join("exec_01abcdefghjkmnpqrstvwxyz0");
-    std::fs::create_dir_all(&unknown).unwrap();
     let running_dir = runs.join(exec_id(&running));
     assert!(running_dir.is_dir());
 
@@ -572,10 +575,6 @@ async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_the_rest(
     for id in &stray {
         assert!(!runs.join(id).exists(), "{id}'s run directory is left");
     }
-    assert!(
-        unknown.is_dir(),
-        "a directory this database does not know was removed"
-    );
     // The running job is followed again: its directory stays while it runs.
     let id = running["process_id"].as_str().unwrap();
     let p = agent.get(&format!("/execute/processes/{id}")).await;
@@ -583,9 +582,29 @@ async fn a_start_removes_the_run_directories_no_job_will_use_and_keeps_the_rest(
     assert!(running_dir.is_dir());
     let killed = agent.post(&format!("/execute/kill/{id}"), json!({})).await;
     assert_eq!(killed["status"], "killed", "{killed}");
-    std::fs::remove_dir(&unknown).unwrap();
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
+}
+
+/// A `--runs-dir` may be shared with other agents: a directory of an
+/// execution this database does not know is left alone there, at start and
+/// at a stop.
+#[tokio::test]
+async fn a_shared_runs_dir_keeps_the_directories_of_executions_this_database_does_not_know() {
+    let data = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let other = shared.path().join("exec_01abcdefghjkmnpqrstvwxyz0");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("main.sh"), "true").unwrap();
+    let runs_dir = shared.path().to_str().unwrap();
+    let agent = Agent::start(data.path(), free_port(), &["--runs-dir", runs_dir]).await;
+    let done = agent
+        .post("/execute", json!({ "code": "true", "language": "bash" }))
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(other.is_dir(), "removed at start");
+    assert!(agent.terminate().success());
+    assert!(other.is_dir(), "removed at a stop");
 }
 
 #[tokio::test]
