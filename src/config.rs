@@ -219,6 +219,9 @@ pub struct ConfigError(String);
 impl Config {
     /// Checks every value once, so the rest of the agent can trust them.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // A year: no job or wait needs more, and a larger time overflows
+        // the clocks it is added to.
+        const MAX_SECONDS: f64 = 366.0 * 24.0 * 3600.0;
         let bad = |m: &str| Err(ConfigError(m.to_string()));
         if self.token.is_some() && self.jwt_secret.is_some() {
             return bad("give --token or --jwt-secret, not both");
@@ -245,38 +248,46 @@ impl Config {
         if self.max_code_bytes > self.max_body_bytes {
             return bad("--max-code-bytes must not exceed --max-body-bytes");
         }
-        for (name, value) in [
-            ("--max-timeout", self.max_timeout_secs),
-            ("--poll-interval", self.poll_interval_secs),
+        // In seconds: positive (or, for the last two, zero too), and at most
+        // MAX_SECONDS.
+        for (name, value, zero) in [
+            ("--max-timeout", self.max_timeout_secs, false),
+            ("--poll-interval", self.poll_interval_secs, false),
+            ("--callback-timeout", self.callback_timeout_secs, false),
+            (
+                "--callback-max-retry-after",
+                self.callback_max_retry_after_secs,
+                true,
+            ),
+            ("--kill-grace", self.kill_grace_secs, true),
         ] {
-            if !(value.is_finite() && value > 0.0) {
+            let low = if zero { value >= 0.0 } else { value > 0.0 };
+            if !(value.is_finite() && low && value <= MAX_SECONDS) {
+                let least = if zero {
+                    "zero or more"
+                } else {
+                    "a positive number of"
+                };
                 return Err(ConfigError(format!(
-                    "{name} must be a positive number of seconds"
+                    "{name} must be {least} seconds, at most {MAX_SECONDS} (a year)"
                 )));
             }
         }
         if self.callback_concurrency == 0 {
             return bad("--callback-concurrency must be greater than 0");
         }
-        if !(self.callback_timeout_secs.is_finite() && self.callback_timeout_secs > 0.0) {
-            return bad("--callback-timeout must be a positive number of seconds");
-        }
-        if !(self.callback_max_retry_after_secs.is_finite()
-            && self.callback_max_retry_after_secs >= 0.0)
-        {
-            return bad("--callback-max-retry-after must be zero or more seconds");
-        }
         if !(0.0..1.0).contains(&self.callback_jitter) {
             return bad("--callback-jitter must be at least 0 and below 1");
         }
-        if let Err(e) = crate::delivery::schedule::parse_delays(&self.callback_retry_schedule) {
-            return Err(ConfigError(format!("--callback-retry-schedule: {e}")));
+        match crate::delivery::schedule::parse_delays(&self.callback_retry_schedule) {
+            Err(e) => return Err(ConfigError(format!("--callback-retry-schedule: {e}"))),
+            Ok(delays) if delays.iter().any(|d| d.as_secs_f64() > MAX_SECONDS) => {
+                return bad("--callback-retry-schedule: each delay must be at most a year");
+            }
+            Ok(_) => {}
         }
         if self.retention_interval.is_zero() {
             return bad("--retention-interval must be more than 0");
-        }
-        if !(self.kill_grace_secs.is_finite() && self.kill_grace_secs >= 0.0) {
-            return bad("--kill-grace must be zero or more seconds");
         }
         Ok(())
     }
@@ -377,6 +388,23 @@ mod tests {
         let mut config = Config::for_data_dir("/tmp/x");
         config.token = Some("super-secret-token".into());
         assert!(!format!("{config:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn times_past_a_year_are_rejected_not_a_panic_later() {
+        let valid = |adjust: fn(&mut Config)| {
+            let mut config = Config::for_data_dir("/tmp/x");
+            adjust(&mut config);
+            config.validate().is_ok()
+        };
+        assert!(valid(|c| c.max_timeout_secs = 366.0 * 86400.0));
+        assert!(!valid(|c| c.max_timeout_secs = 1e19));
+        assert!(!valid(|c| c.kill_grace_secs = 1e20));
+        assert!(valid(|c| c.kill_grace_secs = 0.0));
+        assert!(!valid(|c| c.callback_timeout_secs = f64::INFINITY));
+        assert!(!valid(|c| c.callback_max_retry_after_secs = 1e30));
+        assert!(!valid(|c| c.poll_interval_secs = 0.0));
+        assert!(!valid(|c| c.callback_retry_schedule = "5s,2y".into()));
     }
 
     #[test]

@@ -22,8 +22,17 @@ pub fn hopx_signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(hmac(secret.as_bytes(), &[body])))
 }
 
+/// Whether `secret` is one the Standard Webhooks convention can key with:
+/// a `whsec_` secret must be base64 after the prefix.
+pub fn is_valid_secret(secret: &str) -> bool {
+    secret
+        .strip_prefix("whsec_")
+        .is_none_or(|b64| BASE64.decode(b64).is_ok())
+}
+
 /// The Standard Webhooks key: a `whsec_` secret is base64 after the prefix;
-/// any other secret (or a `whsec_` one that is not valid base64) is its UTF-8 bytes.
+/// any other secret (or a `whsec_` one that is not valid base64, stored
+/// before submissions were checked for it) is its UTF-8 bytes.
 fn standard_key(secret: &str) -> Vec<u8> {
     secret
         .strip_prefix("whsec_")

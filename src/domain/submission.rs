@@ -176,7 +176,9 @@ pub struct CommandIn {
 }
 
 /// Headers a caller may not set on its callback: they are ours to compute.
-const RESERVED_CALLBACK_HEADERS: [&str; 8] = [
+/// Callback headers a caller may not give: those execd sets, and those that
+/// govern how the request travels (hop-by-hop).
+const RESERVED_CALLBACK_HEADERS: [&str; 14] = [
     "content-type",
     "content-length",
     "host",
@@ -185,6 +187,12 @@ const RESERVED_CALLBACK_HEADERS: [&str; 8] = [
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
 ];
 
 const MAX_NAME_BYTES: usize = 256;
@@ -335,9 +343,14 @@ fn parse_working_dir(
         return Ok(limits.default_workdir.clone());
     }
     if !path.is_dir() {
+        let why = if path.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
         return Err(SubmissionError::new(
             "DIRECTORY_NOT_FOUND",
-            format!("working directory {dir:?} does not exist"),
+            format!("working directory {dir:?} {why}"),
         )
         .with_details(json!({ "working_dir": dir })));
     }
@@ -384,6 +397,11 @@ fn parse_name(name: Option<String>) -> Result<Option<String>, SubmissionError> {
             "`name` must be at most {MAX_NAME_BYTES} bytes"
         ))),
         Some(n) if n.is_empty() => Ok(None),
+        // SQLite's text functions (and `sqlite3`) stop at a NUL.
+        Some(n) if n.contains('\0') => Err(SubmissionError::invalid(
+            "`name` must not contain NUL bytes",
+        )
+        .with_details(json!({ "field": "name" }))),
         other => Ok(other),
     }
 }
@@ -408,7 +426,7 @@ fn parse_callback(
     for (name, value) in &headers {
         if RESERVED_CALLBACK_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(SubmissionError::invalid(format!(
-                "callback header {name:?} is set by execd and cannot be replaced"
+                "callback header {name:?} is set by execd (or governs the connection) and cannot be given"
             ))
             .with_details(json!({ "field": "callback_headers", "header": name })));
         }
@@ -425,6 +443,15 @@ fn parse_callback(
         return Err(SubmissionError::invalid(
             "`callback_signature_secret` must not be empty",
         ));
+    }
+    if secret
+        .as_deref()
+        .is_some_and(|s| !crate::delivery::sign::is_valid_secret(s))
+    {
+        return Err(SubmissionError::invalid(
+            "`callback_signature_secret` starts with `whsec_` but the rest is not base64",
+        )
+        .with_details(json!({ "field": "callback_signature_secret" })));
     }
     Ok(Callback {
         url,
@@ -515,6 +542,37 @@ mod tests {
             ..bash("x")
         };
         assert_eq!(code(reserved, Lane::Async), "INVALID_REQUEST");
+        for hop in ["Transfer-Encoding", "connection", "Upgrade"] {
+            let headers = ExecuteIn {
+                callback_url: Some("http://127.0.0.1:1/cb".into()),
+                callback_headers: Some([(hop.to_string(), "x".to_string())].into()),
+                ..bash("x")
+            };
+            assert_eq!(code(headers, Lane::Async), "INVALID_REQUEST", "{hop}");
+        }
+        let secret = |s: &str| ExecuteIn {
+            callback_url: Some("http://127.0.0.1:1/cb".into()),
+            callback_signature_secret: Some(s.into()),
+            ..bash("x")
+        };
+        assert_eq!(
+            code(secret("whsec_!!!notbase64"), Lane::Async),
+            "INVALID_REQUEST"
+        );
+        assert!(Submission::parse(secret("whsec_c2VjcmV0"), Lane::Async, &l).is_ok());
+        assert!(Submission::parse(secret("plain!!!"), Lane::Async, &l).is_ok());
+        let named = ExecuteIn {
+            name: Some("a\0b".into()),
+            ..bash("x")
+        };
+        assert_eq!(code(named, Lane::Sync), "INVALID_REQUEST");
+        let file = ExecuteIn {
+            workdir: Some("/etc/passwd".into()),
+            ..bash("x")
+        };
+        let e = Submission::parse(file, Lane::Sync, &l).unwrap_err();
+        assert_eq!(e.code, "DIRECTORY_NOT_FOUND");
+        assert!(e.message.contains("is not a directory"), "{}", e.message);
     }
 
     #[test]

@@ -228,7 +228,18 @@ struct StreamIn {
 /// `error {error, code}`.
 #[utoipa::path(get, path = "/execute/stream", tag = "execd", responses((status = 101, description = "WebSocket: send {type: execute, code, language, timeout, workdir, env}"), (status = 426, description = "Not a WebSocket upgrade", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| run_stream(state, socket))
+    // A frame is a request body: `--max-body-bytes` holds here too.
+    let limit = state.max_body_bytes;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| run_stream(state, socket))
+}
+
+/// Whether a WebSocket read failed on a frame over the size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
 }
 
 async fn run_stream(state: AppState, mut socket: WebSocket) {
@@ -254,6 +265,16 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
     let text = match first {
         Ok(Some(Ok(Message::Text(text)))) => text,
         Ok(Some(Ok(Message::Binary(bytes)))) => String::from_utf8_lossy(&bytes).into_owned().into(),
+        Ok(Some(Err(e))) if is_too_large(&e) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!(
+                    "the execute frame is larger than the limit of {} bytes",
+                    state.max_body_bytes
+                ),
+            ))
+        }
         Err(_) => {
             return Err(ApiError::bad_request(
                 "INVALID_REQUEST",

@@ -427,3 +427,62 @@ async fn the_openapi_document_covers_every_route_and_the_error_body() {
     }
     app.stop().await;
 }
+
+/// Sends one frame to `GET /execute/stream` and returns the text frames the
+/// agent answers with, until it closes (bounded).
+async fn stream_frames(app: &TestApp, frame: Value) -> Vec<Value> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = app.url.replace("http://", "ws://") + "/execute/stream";
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, socket.next()).await {
+        match message {
+            Message::Text(text) => frames.push(serde_json::from_str(&text).unwrap()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    frames
+}
+
+/// An execute frame is a request body: past `--max-body-bytes` it is
+/// refused, and nothing is stored; within it, it runs.
+#[tokio::test]
+async fn a_stream_frame_past_the_body_limit_is_refused_and_nothing_is_stored() {
+    let app = spawn_app_with(|c| {
+        c.max_body_bytes = 2_000;
+        c.max_code_bytes = 1_000;
+    })
+    .await;
+    let frame = |pad: usize| {
+        json!({ "type": "execute", "code": "echo ${#PAD}", "language": "bash",
+                "env": { "PAD": "x".repeat(pad) } })
+    };
+    let refused = stream_frames(&app, frame(50_000)).await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["type"], "error");
+    assert_eq!(refused[0]["code"], "PAYLOAD_TOO_LARGE", "{refused:?}");
+    let (_, list) = app.get_json("/execute/processes").await;
+    assert_eq!(list["count"], 0, "stored: {list}");
+
+    let ran = stream_frames(&app, frame(1_000)).await;
+    let stdout: String = ran
+        .iter()
+        .filter(|f| f["type"] == "stdout")
+        .map(|f| f["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(stdout, "1000\n", "{ran:?}");
+    app.stop().await;
+}
