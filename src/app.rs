@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use std::time::{Duration, Instant};
@@ -59,7 +59,18 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let started = Instant::now();
     config.validate()?;
-    create_dir(&config.data_dir)?;
+    // Private when the agent makes it: the database holds what programs
+    // and callbacks need (env values, signature secrets, header values).
+    if !config.data_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|source| StartError::Dir {
+                path: config.data_dir.display().to_string(),
+                source,
+            })?;
+    }
     // Absolute from here on: programs run in other working directories.
     config.data_dir =
         std::fs::canonicalize(&config.data_dir).map_err(|source| StartError::Dir {

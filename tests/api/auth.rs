@@ -84,6 +84,27 @@ async fn jwts_signed_with_the_secret_and_not_expired_are_accepted() {
     app.stop().await;
 }
 
+/// The database holds env values and signature secrets: a data dir the
+/// agent makes is its user's alone.
+#[tokio::test]
+async fn a_data_dir_the_agent_makes_is_private() {
+    let parent = tempfile::tempdir().unwrap();
+    let made = parent.path().join("new").join("data");
+    let app = spawn_app_with(|c| c.data_dir = made.clone()).await;
+    let (status, _) = app
+        .post_json(
+            "/execute",
+            serde_json::json!({"code": "true", "language": "bash"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        std::fs::metadata(&made).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn without_a_token_one_is_generated_kept_private_and_reused() {
     let app = spawn_app_with(|c| c.token = None).await;
