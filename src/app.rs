@@ -141,10 +141,11 @@ pub async fn serve(
         stop.clone(),
     );
     let recovered = runner.recover().await.map_err(StartError::Recover)?;
-    if recovered.reattached + recovered.lost + recovered.swept > 0 {
+    if recovered.reattached + recovered.lost + recovered.requeued + recovered.swept > 0 {
         tracing::info!(
             reattached = recovered.reattached,
             lost = recovered.lost,
+            requeued = recovered.requeued,
             swept = recovered.swept,
             "jobs of an earlier run recovered"
         );

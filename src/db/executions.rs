@@ -566,6 +566,24 @@ pub async fn adopt(
     Ok(done.rows_affected() == 1)
 }
 
+/// Gives back a claim whose program never started (the agent stopped while
+/// it waited at its gate): the row is queued again as it was before the
+/// claim, its attempt not counted. False when the fence does not hold.
+pub async fn unclaim(conn: &mut SqliteConnection, fence: &Fence) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"UPDATE executions
+              SET status = 'queued', owner = NULL, attempt = attempt - 1, pid = NULL,
+                  started_at = NULL, spawned_at = NULL
+            WHERE id = ? AND owner = ? AND attempt = ? AND status = 'running'"#,
+        fence.id,
+        fence.owner,
+        fence.attempt,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Resolves a running row whose process is gone: queued again when it has
 /// attempts left, else failed with `error`. Returns the new status, or
 /// `None` when the fence does not hold.

@@ -4,6 +4,9 @@
 //! - re-attached, when its supervisor still runs or has recorded the end:
 //!   output written meanwhile is picked up from the stored offset, kills work,
 //!   and the status and callback follow as usual;
+//! - queued again, its attempt not counted, when its program never started
+//!   (its run directory holds no `supervisor.json`: the agent stopped while
+//!   the program waited at its gate);
 //! - resolved as lost otherwise (the machine rebooted, the supervisor was
 //!   killed): whatever is left of the program is killed, the output its
 //!   supervisor copied is stored, and the execution is queued again if it
@@ -27,6 +30,8 @@ use crate::supervisor::files::RunDir;
 pub struct Recovered {
     pub reattached: usize,
     pub lost: usize,
+    /// Claimed, their programs never started: queued again.
+    pub requeued: usize,
     /// Run directories removed by `sweep`.
     pub swept: usize,
 }
@@ -76,6 +81,24 @@ impl Runner {
                     next(Stream::Stderr).await?,
                 ),
             ];
+            if started.is_none() && !run.ended().exists() && run.path().is_dir() {
+                // Claimed, and its program never passed its gate (the agent
+                // stopped before its go; an unopened gate ends the program
+                // unstarted): nothing of it ran, so it is queued again.
+                let fence = fence.clone();
+                let unclaimed = self
+                    .db
+                    .writer
+                    .write_one(move |c| {
+                        Box::pin(async move { executions::unclaim(c, &fence).await })
+                    })
+                    .await?;
+                if unclaimed {
+                    tracing::info!(execution_id = %row.id, "queued again: its program never started");
+                    recovered.requeued += 1;
+                }
+                continue;
+            }
             if !(alive || run.ended().exists()) {
                 kill_leftovers(&run);
                 // What the supervisor copied before it went (the agent was

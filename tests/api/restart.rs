@@ -261,6 +261,50 @@ async fn output_written_while_the_agent_was_down_is_kept_when_the_job_is_lost() 
     assert_nothing_left(data.path()).await;
 }
 
+/// A job whose claim committed but whose program never started (the agent
+/// was killed while it waited at its gate: its run directory holds its code
+/// and no `supervisor.json`) is not lost: it is queued again, without an
+/// attempt counted, and runs once.
+#[tokio::test]
+async fn a_job_claimed_but_never_started_runs_after_the_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = TestReceiver::start().await;
+    // The async lane paused, so the submission stays queued.
+    let agent = Agent::start(data.path(), port, &["--async-concurrency", "0"]).await;
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": "echo ran", "language": "bash", "callback_url": receiver.url("/") }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    agent.kill9();
+    // As a killed agent leaves a claim whose program never passed its gate.
+    let claimed = std::process::Command::new("sqlite3")
+        .arg(data.path().join("execd.db"))
+        .arg(format!(
+            "UPDATE executions SET status = 'running', owner = 'boot_gone', attempt = 1,
+                    started_at = strftime('%Y-%m-%dT%H:%M:%fZ') WHERE id = '{id}'"
+        ))
+        .status()
+        .unwrap();
+    assert!(claimed.success());
+    let run = data.path().join("runs").join(&id);
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("main.sh"), "echo ran").unwrap();
+
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["stdout"], "ran\n");
+    assert_eq!(attempts(data.path(), &id), "1:completed\n");
+    let callback = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(callback[0].json()["status"], "completed");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
 #[tokio::test]
 async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recorded() {
     let data = tempfile::tempdir().unwrap();
