@@ -25,6 +25,10 @@ use crate::db::output;
 use crate::domain::{Lane, Status, Stream};
 use crate::supervisor::files::RunDir;
 
+/// How old a claim must be before the absence of its `supervisor.json`
+/// means that its program never started.
+const UNSTARTED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What recovery found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
@@ -63,7 +67,22 @@ impl Runner {
                 attempt: row.attempt,
             };
             let run = RunDir::new(self.config.runs_dir.join(&row.id));
-            let started = run.read_started();
+            let mut started = run.read_started();
+            if started.is_none() && run.path().is_dir() {
+                // A supervisor writes `supervisor.json` right after its
+                // program's `exec`: one whose gate opened just before the
+                // agent stopped gets the time to, before "never started"
+                // is concluded from its absence.
+                let now = crate::db::now();
+                let age = crate::domain::seconds_between(row.started_at.as_deref(), Some(&now));
+                let wait = UNSTARTED_AFTER.saturating_sub(std::time::Duration::from_secs_f64(
+                    age.unwrap_or(0.0).max(0.0),
+                ));
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                    started = run.read_started();
+                }
+            }
             let alive = started.as_ref().is_some_and(|s| s.supervisor_alive());
             // Output is picked up from the stored offset.
             let next = |stream| output::next_seq(&self.db.readers, &row.id, row.attempt, stream);
