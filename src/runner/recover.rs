@@ -23,11 +23,30 @@ use super::{JobMeta, Runner, RunnerError};
 use crate::db::executions::{self, Fence};
 use crate::db::output;
 use crate::domain::{Lane, Status, Stream};
-use crate::supervisor::files::RunDir;
+use crate::supervisor::files::{RunDir, Started};
 
 /// How old a claim must be before the absence of its `supervisor.json`
 /// means that its program never started.
 const UNSTARTED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Who runs the job of `run` (its `supervisor.json`). If it is missing, it
+/// is read again once the claim (made at `claimed_at`) is `UNSTARTED_AFTER`
+/// old: a supervisor writes it just after its program's `exec`, so a gate
+/// opened just before the agent stopped is not taken for a program that
+/// never started.
+async fn settled_started(run: &RunDir, claimed_at: Option<&str>) -> Option<Started> {
+    let started = run.read_started();
+    if started.is_some() || !run.path().is_dir() {
+        return started;
+    }
+    let age = crate::domain::seconds_between(claimed_at, Some(&crate::db::now())).unwrap_or(0.0);
+    let wait = UNSTARTED_AFTER.saturating_sub(std::time::Duration::from_secs_f64(age.max(0.0)));
+    if wait.is_zero() {
+        return None;
+    }
+    tokio::time::sleep(wait).await;
+    run.read_started()
+}
 
 /// What recovery found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -67,21 +86,23 @@ impl Runner {
                 attempt: row.attempt,
             };
             let run = RunDir::new(self.config.runs_dir.join(&row.id));
-            let mut started = run.read_started();
-            if started.is_none() && run.path().is_dir() {
-                // A supervisor writes `supervisor.json` right after its
-                // program's `exec`: one whose gate opened just before the
-                // agent stopped gets the time to, before "never started"
-                // is concluded from its absence.
-                let now = crate::db::now();
-                let age = crate::domain::seconds_between(row.started_at.as_deref(), Some(&now));
-                let wait = UNSTARTED_AFTER.saturating_sub(std::time::Duration::from_secs_f64(
-                    age.unwrap_or(0.0).max(0.0),
-                ));
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                    started = run.read_started();
+            let started = settled_started(&run, row.started_at.as_deref()).await;
+            if started.is_none() && !run.ended().exists() && run.path().is_dir() {
+                // Claimed, and its program never passed its gate (the agent
+                // stopped before its go; an unopened gate ends the program
+                // unstarted): nothing of it ran, so it is queued again.
+                let unclaimed = self
+                    .db
+                    .writer
+                    .write_one(move |c| {
+                        Box::pin(async move { executions::unclaim(c, &fence).await })
+                    })
+                    .await?;
+                if unclaimed {
+                    tracing::info!(execution_id = %row.id, "queued again: its program never started");
+                    recovered.requeued += 1;
                 }
+                continue;
             }
             let alive = started.as_ref().is_some_and(|s| s.supervisor_alive());
             // Output is picked up from the stored offset.
@@ -100,24 +121,6 @@ impl Runner {
                     next(Stream::Stderr).await?,
                 ),
             ];
-            if started.is_none() && !run.ended().exists() && run.path().is_dir() {
-                // Claimed, and its program never passed its gate (the agent
-                // stopped before its go; an unopened gate ends the program
-                // unstarted): nothing of it ran, so it is queued again.
-                let fence = fence.clone();
-                let unclaimed = self
-                    .db
-                    .writer
-                    .write_one(move |c| {
-                        Box::pin(async move { executions::unclaim(c, &fence).await })
-                    })
-                    .await?;
-                if unclaimed {
-                    tracing::info!(execution_id = %row.id, "queued again: its program never started");
-                    recovered.requeued += 1;
-                }
-                continue;
-            }
             if !(alive || run.ended().exists()) {
                 kill_leftovers(&run);
                 // What the supervisor copied before it went (the agent was
