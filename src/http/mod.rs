@@ -115,10 +115,10 @@ pub struct JsonBody<T> {
     pub hash: String,
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         if !is_json(request.headers()) {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -130,11 +130,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = axum::body::Bytes::from_request(request, state)
             .await
             .map_err(|rejection| {
-                ApiError::new(
-                    rejection.status(),
-                    status_code_name(rejection.status()),
-                    rejection.body_text(),
-                )
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    let limit = state.max_body_bytes;
+                    return ApiError::new(
+                        rejection.status(),
+                        "PAYLOAD_TOO_LARGE",
+                        format!("the request body is larger than the limit of {limit} bytes"),
+                    )
+                    .with_details(serde_json::json!({ "limit": limit }));
+                }
+                ApiError::new(rejection.status(), "INVALID_REQUEST", rejection.body_text())
             })?;
         let value = parse_json(&bytes)?;
         let hash = hex::encode(
@@ -145,14 +150,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 .finalize(),
         );
         Ok(JsonBody { value, hash })
-    }
-}
-
-fn status_code_name(status: axum::http::StatusCode) -> &'static str {
-    if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        "PAYLOAD_TOO_LARGE"
-    } else {
-        "INVALID_REQUEST"
     }
 }
 

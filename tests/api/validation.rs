@@ -309,6 +309,16 @@ async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
         "body limit",
     )
     .await;
+    let big = raw(reqwest::Method::POST, "/execute").json(&json!({ "code": "x".repeat(10_000) }));
+    let body: Value = big.send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (body["message"].as_str(), &body["details"]["limit"]),
+        (
+            Some("the request body is larger than the limit of 4096 bytes"),
+            &json!(4096)
+        ),
+        "the limit is named: {body}"
+    );
     assert_error(
         raw(reqwest::Method::GET, "/nope").send().await.unwrap(),
         404,
