@@ -61,7 +61,7 @@ impl Tail {
 
     /// Moves everything new in the file into the database.
     pub async fn pump(&mut self, fence: &Fence, writer: &Writer) {
-        while let Some(batch) = self.read() {
+        while let Some(batch) = self.read(true) {
             let more = batch.more;
             if !self.store(fence, writer, batch).await || !more {
                 return;
@@ -74,7 +74,7 @@ impl Tail {
     /// offsets move on as if the write landed; after a failed one the
     /// restart's recovery resumes from what the database says.
     pub async fn rest(&mut self, fence: &Fence, writer: &Writer) -> Vec<Chunk> {
-        while let Some(batch) = self.read() {
+        while let Some(batch) = self.read(false) {
             if !batch.more {
                 self.advance(batch.progress);
                 return batch.chunks;
@@ -100,7 +100,12 @@ impl Tail {
 
     /// The next batch of new output (up to BATCH_BYTES, as chunks of at most
     /// CHUNK_BYTES), read but not stored; `None` when there is nothing new.
-    fn read(&mut self) -> Option<Batch> {
+    /// No chunk ends inside a UTF-8 character, so each one reads as text on
+    /// its own (the live logs send them one by one): a chunk boundary moves
+    /// back to the character's start, and while the program runs (`hold`)
+    /// the last bytes of a character not written whole yet wait for the
+    /// rest. At its end (`hold` false) everything is taken.
+    fn read(&mut self, hold: bool) -> Option<Batch> {
         if self.fenced_out {
             return None;
         }
@@ -111,6 +116,8 @@ impl Tail {
         if waiting == 0 && !truncated {
             return None;
         }
+        // Past the cap the file grows no more: nothing is held for later.
+        let hold = hold && !truncated;
         let mut chunks = Vec::new();
         let mut taken = 0u64;
         if waiting > 0 {
@@ -123,13 +130,28 @@ impl Tail {
                 if file.read_exact(&mut data).is_err() {
                     break;
                 }
-                taken += want as u64;
+                let last = taken + want as u64 == waiting;
+                let split = incomplete_tail(&data);
+                if split > 0 && (hold || !last) && split < data.len() {
+                    // The character's bytes begin the next chunk (or read).
+                    data.truncate(data.len() - split);
+                    if file.seek(SeekFrom::Current(-(split as i64))).is_err() {
+                        break;
+                    }
+                } else if split == data.len() && hold && last {
+                    // Only the start of one character is there: wait for it.
+                    break;
+                }
+                taken += data.len() as u64;
                 chunks.push(Chunk {
                     stream: self.stream,
                     seq: self.seq + chunks.len() as i64,
                     data,
                     truncated: false,
                 });
+                if split > 0 && hold && last {
+                    break;
+                }
             }
         }
         // The flag goes with the last of the output (or alone, once the rest is in).
@@ -201,6 +223,27 @@ impl Tail {
     }
 }
 
+/// How many bytes at the end of `data` begin a UTF-8 character that is not
+/// there whole (0 to 3). Anything else (ASCII, a whole character, bytes that
+/// are not UTF-8) is 0.
+fn incomplete_tail(data: &[u8]) -> usize {
+    // The last byte that is not a continuation byte (10xxxxxx), within the
+    // last four: the start of the last character.
+    for back in 1..=data.len().min(4) {
+        let byte = data[data.len() - back];
+        if byte & 0xC0 != 0x80 {
+            let needs = match byte {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF4 => 4,
+                _ => return 0,
+            };
+            return if back < needs { back } else { 0 };
+        }
+    }
+    0
+}
+
 /// Output read from a stream's file, not yet stored.
 struct Batch {
     chunks: Vec<Chunk>,
@@ -218,4 +261,24 @@ struct Progress {
     count: i64,
     /// It carried the truncation flag.
     flag_now: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::incomplete_tail;
+
+    #[test]
+    fn only_the_start_of_a_character_not_there_whole_is_held_back() {
+        assert_eq!(incomplete_tail(b""), 0);
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        assert_eq!(incomplete_tail("café".as_bytes()), 0);
+        assert_eq!(incomplete_tail(b"caf\xc3"), 1);
+        assert_eq!(incomplete_tail(b"x\xe2\x82"), 2);
+        assert_eq!(incomplete_tail("x€".as_bytes()), 0);
+        assert_eq!(incomplete_tail(b"\xf0\x9f\x98"), 3);
+        assert_eq!(incomplete_tail("😀".as_bytes()), 0);
+        // Not UTF-8: nothing to wait for.
+        assert_eq!(incomplete_tail(b"\x80\x80\x80\x80\x80"), 0);
+        assert_eq!(incomplete_tail(b"ab\xff"), 0);
+    }
 }

@@ -347,13 +347,15 @@ async fn a_queued_job_can_be_killed_before_it_starts() {
 
 /// Reads a server-sent event stream to its end: (event, id, data) triples.
 async fn read_events(mut response: reqwest::Response) -> Vec<(String, String, Value)> {
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline.into(), response.chunk()).await
     {
-        text.push_str(&String::from_utf8_lossy(&chunk));
+        bytes.extend_from_slice(&chunk);
     }
-    text.split("\n\n")
+    String::from_utf8(bytes)
+        .expect("the event stream is UTF-8")
+        .split("\n\n")
         .filter(|block| block.contains("data:"))
         .map(|block| {
             let field = |name: &str| {
@@ -371,6 +373,38 @@ async fn read_events(mut response: reqwest::Response) -> Vec<(String, String, Va
             )
         })
         .collect()
+}
+
+/// Each event's text is whole: a character the program writes in two parts,
+/// or one on the boundary of two stored chunks, is never split in two.
+#[tokio::test]
+async fn logs_never_split_a_character() {
+    let app = spawn_app().await;
+    let code = "import sys, time\n\
+                out = sys.stdout.buffer\n\
+                out.write(b'caf\\xc3'); out.flush(); time.sleep(0.3)\n\
+                out.write(b'\\xa9 ok\\n'); out.flush()\n\
+                out.write(('x' + '\u{20ac}' * 1000000 + '\\n').encode())";
+    let id = app
+        .background(json!({ "code": code, "language": "python" }))
+        .await;
+    let response = app
+        .get(&format!("/execute/processes/{id}/logs?follow=true"))
+        .await;
+    let events = read_events(response).await;
+    let pieces: Vec<&str> = events
+        .iter()
+        .filter(|e| e.0 == "stdout")
+        .map(|e| e.2["data"].as_str().unwrap())
+        .collect();
+    assert!(pieces.len() > 2, "{} events", pieces.len());
+    assert!(
+        pieces.iter().all(|p| !p.contains('\u{fffd}')),
+        "a character was split"
+    );
+    let expected = format!("caf\u{e9} ok\nx{}\n", "\u{20ac}".repeat(1_000_000));
+    assert!(pieces.concat() == expected, "the text differs");
+    app.stop().await;
 }
 
 #[tokio::test]
