@@ -150,10 +150,13 @@ pub fn get() -> &'static Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition of everything registered.
-    pub fn encode(&self) -> String {
+    /// The Prometheus text exposition of everything registered, once
+    /// `set_gauges` has set the gauges read from the database: both under
+    /// the registry's lock, so that two scrapes never mix their gauges.
+    pub fn encode_with(&self, set_gauges: impl FnOnce(&Metrics)) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap();
+        set_gauges(self);
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out

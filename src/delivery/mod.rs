@@ -492,10 +492,13 @@ fn build_headers(due: &Due, timestamp: i64) -> Result<HeaderMap, String> {
         );
     };
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(
-        USER_AGENT,
-        HeaderValue::from_static(concat!("execd/", env!("CARGO_PKG_VERSION"))),
-    );
+    // Ours unless the caller gave one: each `callback_headers` entry is sent.
+    headers
+        .entry(USER_AGENT)
+        .or_insert(HeaderValue::from_static(concat!(
+            "execd/",
+            env!("CARGO_PKG_VERSION")
+        )));
     set(&mut headers, "x-hopx-timestamp", timestamp.to_string());
     // The receiver's idempotency key, signed or not.
     set(&mut headers, "webhook-id", due.id.clone());

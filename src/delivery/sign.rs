@@ -23,11 +23,11 @@ pub fn hopx_signature(secret: &str, body: &[u8]) -> String {
 }
 
 /// Whether `secret` is one the Standard Webhooks convention can key with:
-/// a `whsec_` secret must be base64 after the prefix.
+/// a `whsec_` secret must be a non-empty key in base64 after the prefix.
 pub fn is_valid_secret(secret: &str) -> bool {
     secret
         .strip_prefix("whsec_")
-        .is_none_or(|b64| BASE64.decode(b64).is_ok())
+        .is_none_or(|b64| BASE64.decode(b64).is_ok_and(|key| !key.is_empty()))
 }
 
 /// The Standard Webhooks key: a `whsec_` secret is base64 after the prefix;

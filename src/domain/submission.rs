@@ -449,7 +449,7 @@ fn parse_callback(
         .is_some_and(|s| !crate::delivery::sign::is_valid_secret(s))
     {
         return Err(SubmissionError::invalid(
-            "`callback_signature_secret` starts with `whsec_` but the rest is not base64",
+            "`callback_signature_secret` starts with `whsec_` but the rest is not a key in base64",
         )
         .with_details(json!({ "field": "callback_signature_secret" })));
     }

@@ -62,39 +62,41 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
     let m = crate::metrics::get();
     let counts = executions::counts(&state.db.readers).await?;
     let deliveries = callbacks::counts(&state.db.readers).await?;
-    m.executions.clear();
-    m.queue_depth.clear();
-    m.running.clear();
-    m.callbacks.clear();
-    for lane in Lane::ALL {
-        let labels = LaneLabels {
-            lane: lane.as_str().into(),
-        };
-        m.queue_depth.get_or_create(&labels).set(0);
-        m.running.get_or_create(&labels).set(0);
-    }
-    for c in counts {
-        let labels = RunLabels {
-            language: c.language,
-            status: c.status.clone(),
-        };
-        m.executions.get_or_create(&labels).inc_by(c.n);
-        let lane = LaneLabels { lane: c.lane };
-        match c.status.as_str() {
-            "queued" => m.queue_depth.get_or_create(&lane).inc_by(c.n),
-            "running" => m.running.get_or_create(&lane).inc_by(c.n),
-            _ => 0,
-        };
-    }
-    for (status, n) in deliveries {
-        m.callbacks.get_or_create(&StatusLabels { status }).set(n);
-    }
+    let text = m.encode_with(|m| {
+        m.executions.clear();
+        m.queue_depth.clear();
+        m.running.clear();
+        m.callbacks.clear();
+        for lane in Lane::ALL {
+            let labels = LaneLabels {
+                lane: lane.as_str().into(),
+            };
+            m.queue_depth.get_or_create(&labels).set(0);
+            m.running.get_or_create(&labels).set(0);
+        }
+        for c in counts {
+            let labels = RunLabels {
+                language: c.language,
+                status: c.status.clone(),
+            };
+            m.executions.get_or_create(&labels).inc_by(c.n);
+            let lane = LaneLabels { lane: c.lane };
+            match c.status.as_str() {
+                "queued" => m.queue_depth.get_or_create(&lane).inc_by(c.n),
+                "running" => m.running.get_or_create(&lane).inc_by(c.n),
+                _ => 0,
+            };
+        }
+        for (status, n) in deliveries {
+            m.callbacks.get_or_create(&StatusLabels { status }).set(n);
+        }
+    });
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.encode(),
+        text,
     )
         .into_response())
 }

@@ -106,7 +106,8 @@ async fn a_callback_arrives_once_with_both_signatures_verifying_against_the_raw_
             json!({
                 "code": "import sys\nprint('hello from async')\nprint('and a warning', file=sys.stderr)",
                 "callback_url": receiver.url("/hooks/execd"),
-                "callback_headers": { "X-Tenant": "acme", "Authorization": "Bearer receiver-token" },
+                "callback_headers": { "X-Tenant": "acme", "Authorization": "Bearer receiver-token",
+                                      "User-Agent": "acme-hooks/2" },
                 "callback_signature_secret": secret,
             }),
         )
@@ -124,6 +125,11 @@ async fn a_callback_arrives_once_with_both_signatures_verifying_against_the_raw_
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!(r.header("x-tenant"), Some("acme"));
         assert_eq!(r.header("authorization"), Some("Bearer receiver-token"));
+        assert_eq!(
+            r.header("user-agent"),
+            Some("acme-hooks/2"),
+            "the caller's own"
+        );
         assert_eq!(
             r.header("webhook-id"),
             info["callback"]["webhook_id"].as_str()
@@ -306,6 +312,13 @@ async fn a_410_is_retried_like_any_other_status() {
     .await;
     let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
     assert_eq!(receiver.received().len(), 3);
+    let agent = receiver.received()[0]
+        .header("user-agent")
+        .map(str::to_string);
+    assert!(
+        agent.is_some_and(|a| a.starts_with("execd/")),
+        "ours by default"
+    );
     let outcomes: Vec<_> = info["attempts"]
         .as_array()
         .unwrap()

@@ -341,6 +341,37 @@ async fn output_that_is_not_utf8_is_stored_and_shown_with_replacement_characters
     app.stop().await;
 }
 
+/// Scrapes at the same time each show the database as it is: the gauges
+/// of one are not mixed with another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_scrapes_of_metrics_each_show_every_execution_once() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        let (status, _) = app
+            .post_json("/execute", json!({ "code": "true", "language": "bash" }))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let scrape = || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        let executions: i64 = text
+            .lines()
+            .filter(|l| l.starts_with("execd_executions{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+            .sum();
+        let lanes = text
+            .lines()
+            .filter(|l| l.starts_with("execd_queue_depth{"))
+            .count();
+        (executions, lanes)
+    };
+    for _ in 0..50 {
+        let seen = futures::future::join_all((0..16).map(|_| scrape())).await;
+        assert!(seen.iter().all(|s| *s == (3, 3)), "{seen:?}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_show_executions_queues_callbacks_and_database_writes() {
     let app = spawn_app().await;
