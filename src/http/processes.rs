@@ -171,7 +171,10 @@ fn parse_count(
     min: i64,
     max: i64,
 ) -> Result<Option<i64>, ApiError> {
-    let Some(value) = value else { return Ok(None) };
+    // Empty, as `?status=` and `?name=` are: not given.
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
     match value.parse::<i64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
         _ => Err(ApiError::bad_request(

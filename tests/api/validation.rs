@@ -357,6 +357,11 @@ async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
             .unwrap();
         assert_error(response, 400, "INVALID_REQUEST", query).await;
     }
+    // An empty value is not given, for every parameter alike.
+    let (status, list) = app
+        .get_json("/execute/processes?status=&name=&limit=&offset=&cursor=")
+        .await;
+    assert_eq!(status, 200, "{list}");
     let (status, _) = app
         .post_json("/execute", json!({ "code": "echo ok", "language": "bash" }))
         .await;
