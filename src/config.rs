@@ -132,9 +132,10 @@ pub struct Config {
     pub kill_grace_secs: f64,
 
     /// Where run directories are made. Default: `<data-dir>/runs`, a link to
-    /// a private directory on /dev/shm when that is a tmpfs (else a plain
-    /// directory). Name one on disk where memory is short: a running job's
-    /// output up to the cap is held there.
+    /// a private directory on /dev/shm when that is a tmpfs that allows exec
+    /// (else a plain directory). Name one on disk where memory is short: a
+    /// running job's output up to the cap is held there. Go programs run
+    /// from it, so it must not be mounted noexec.
     #[arg(long, env = "EXECD_RUNS_DIR")]
     pub runs_dir: Option<PathBuf>,
 

@@ -81,14 +81,30 @@ impl Language {
         }
     }
 
-    /// Arguments that run the code file with this interpreter.
-    pub fn run_args(self, file: &Path) -> Vec<std::ffi::OsString> {
-        let file = file.as_os_str().to_owned();
+    /// The program and arguments that run the code file `file` with
+    /// `interpreter`.
+    pub fn command(self, interpreter: &Path, file: &Path) -> (PathBuf, Vec<String>) {
+        let path = file.to_string_lossy().into_owned();
         match self {
             // Unbuffered, so output is visible while the program runs.
-            Language::Python => vec!["-u".into(), file],
-            Language::Go => vec!["run".into(), file],
-            Language::Javascript | Language::Bash => vec![file],
+            Language::Python => (interpreter.to_path_buf(), vec!["-u".into(), path]),
+            // Built beside the code, then run in the build's place: `go run`
+            // would end with its own code 1 and "exit status N" on stderr
+            // for a program that exits N. A build error ends it with go's
+            // code and message.
+            Language::Go => {
+                let binary = file.with_file_name("main").to_string_lossy().into_owned();
+                let script = r#""$0" build -o "$1" "$2" && exec "$1""#;
+                let args = vec![
+                    "-c".into(),
+                    script.into(),
+                    interpreter.to_string_lossy().into_owned(),
+                    binary,
+                    path,
+                ];
+                (PathBuf::from("/bin/sh"), args)
+            }
+            Language::Javascript | Language::Bash => (interpreter.to_path_buf(), vec![path]),
         }
     }
 }

@@ -287,13 +287,9 @@ impl Launcher {
                 std::io::Error::other(format!("{} is not installed", language.as_str()))
             })?;
             let file = run.path().join(language.file_name());
-            let args = language
-                .run_args(&file)
-                .into_iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
+            let command = language.command(&interpreter.path, &file);
             code = Some(file);
-            (interpreter.path.clone(), args)
+            command
         };
         let spec = Spec {
             program,

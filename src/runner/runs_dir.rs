@@ -6,7 +6,8 @@
 //! agent, not the machine: after a reboot its program is gone, and its row
 //! is settled from the database alone. So by default the directories live
 //! in memory: `<data-dir>/runs` is a link to a private directory (mode 0700)
-//! on `/dev/shm` when that is a tmpfs. On this machine's disk, making and
+//! on `/dev/shm` when that is a tmpfs that allows `exec` (a Go program runs
+//! from its run directory). On this machine's disk, making and
 //! removing a directory and its files costs about half a millisecond of
 //! CPU per job (ext4 allocating inodes), on tmpfs a tenth of that.
 //!
@@ -128,8 +129,7 @@ pub async fn remove_run(run: &RunDir) {
 /// A new private directory on the tmpfs, or `None` where there is none to use.
 fn make_in_memory() -> Option<PathBuf> {
     let memory = Path::new(MEMORY);
-    let fs = nix::sys::statfs::statfs(memory).ok()?;
-    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+    if !usable_memory(memory) {
         return None;
     }
     let name = format!(
@@ -147,6 +147,17 @@ fn make_in_memory() -> Option<PathBuf> {
     }
 }
 
+/// Whether `memory` is a tmpfs that allows `exec`: Go code is built into
+/// its run directory and run from there, and a container's /dev/shm is
+/// often mounted noexec.
+fn usable_memory(memory: &Path) -> bool {
+    let tmpfs = nix::sys::statfs::statfs(memory)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    tmpfs
+        && nix::sys::statvfs::statvfs(memory)
+            .is_ok_and(|fs| !fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+}
+
 /// A directory (not a link) of this user's that nobody else may enter.
 fn is_private_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|meta| {
@@ -161,8 +172,7 @@ mod tests {
     use super::*;
 
     fn memory_is_tmpfs() -> bool {
-        nix::sys::statfs::statfs(MEMORY)
-            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        usable_memory(Path::new(MEMORY))
     }
 
     #[test]

@@ -27,7 +27,19 @@ pub fn free_port() -> u16 {
 
 impl Agent {
     pub async fn start(data_dir: &Path, port: u16, extra: &[&str]) -> Agent {
-        let child = Command::new(env!("CARGO_BIN_EXE_execd"))
+        Agent::start_with(data_dir, port, extra, |_| {}).await
+    }
+
+    /// `start`, with the command adjusted first (its environment, say).
+    pub async fn start_with(
+        data_dir: &Path,
+        port: u16,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Agent {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_execd"));
+        adjust(&mut command);
+        let child = command
             .args([
                 "serve",
                 "--listen",

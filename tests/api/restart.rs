@@ -446,10 +446,13 @@ async fn jobs_outlive_the_supervisor_zygote_and_a_killed_zygote_is_replaced() {
     assert_nothing_left(data.path()).await;
 }
 
-/// Whether /dev/shm is a tmpfs, where run directories go by default.
+/// Whether /dev/shm is a tmpfs that allows `exec`, where run directories
+/// go by default.
 fn memory_is_tmpfs() -> bool {
     nix::sys::statfs::statfs("/dev/shm")
         .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        && nix::sys::statvfs::statvfs("/dev/shm")
+            .is_ok_and(|fs| !fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
 }
 
 #[tokio::test]

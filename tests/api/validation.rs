@@ -225,24 +225,48 @@ async fn each_submission_rule_has_its_status_and_code() {
 
 #[tokio::test]
 async fn a_language_that_is_not_installed_is_a_400() {
-    let app = spawn_app().await;
-    let (_, info) = app.get_json("/info").await;
+    // An agent whose PATH holds bash alone.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(which::which("bash").unwrap(), bin.join("bash")).unwrap();
+    let port = crate::crash::free_port();
+    let agent = crate::crash::Agent::start_with(&dir.path().join("data"), port, &[], |c| {
+        c.env("PATH", &bin);
+    })
+    .await;
+    let info = agent.get("/info").await;
     let installed: Vec<&str> = info["languages"]
         .as_array()
         .unwrap()
         .iter()
         .map(|l| l["name"].as_str().unwrap())
         .collect();
-    for language in ["python", "javascript", "bash", "go"] {
-        let response = app
-            .post("/execute", json!({ "code": "x", "language": language }))
-            .await;
-        if installed.contains(&language) {
+    assert_eq!(installed, ["bash"], "{info}");
+    let client = reqwest::Client::new();
+    for language in ["python", "node", "golang", "bash"] {
+        let response = client
+            .post(format!("{}/execute", agent.url))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "code": "echo hi", "language": language }))
+            .send()
+            .await
+            .unwrap();
+        if language == "bash" {
+            assert_eq!(response.status(), 200, "the installed one runs");
+            let out: Value = response.json().await.unwrap();
+            assert_eq!(out["stdout"], "hi\n", "{out}");
             continue;
         }
-        assert_error(response, 400, "INVALID_REQUEST", language).await;
+        assert_eq!(response.status(), 400, "{language}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "INVALID_REQUEST", "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("not installed"),
+            "{language}: {body}"
+        );
     }
-    app.stop().await;
+    agent.terminate();
 }
 
 #[tokio::test]
