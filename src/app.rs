@@ -79,6 +79,15 @@ pub async fn serve(
         })?;
     // Held until serve returns: one agent per data dir.
     let _lock = lock_data_dir(&config.data_dir)?;
+    let workdir = config.default_workdir();
+    create_dir(&workdir)?;
+    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    let auth = resolve_auth(&config, listener.local_addr().ok())?;
+    let languages = tokio::task::spawn_blocking(Languages::detect)
+        .await
+        .unwrap_or_default();
+    // Past this point a failed start releases the runs dir (a link and a
+    // directory in memory, if made now).
     let runs_dir =
         RunsDir::prepare(&config.data_dir, config.runs_dir.as_deref()).map_err(|source| {
             StartError::Dir {
@@ -89,16 +98,15 @@ pub async fn serve(
                 source,
             }
         })?;
-    let workdir = config.default_workdir();
-    create_dir(&workdir)?;
-    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
-    let auth = resolve_auth(&config, listener.local_addr().ok())?;
-    let languages = tokio::task::spawn_blocking(Languages::detect)
-        .await
-        .unwrap_or_default();
 
     let stop_writer = CancellationToken::new();
-    let (db, writer_task) = Db::open(&config.db_path(), stop_writer.clone()).await?;
+    let (db, writer_task) = match Db::open(&config.db_path(), stop_writer.clone()).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            runs_dir.release();
+            return Err(e.into());
+        }
+    };
     let owner = format!("boot_{}", ulid::Ulid::new().to_string().to_lowercase());
     let deliverer = Deliverer::new(
         db.clone(),
@@ -140,7 +148,13 @@ pub async fn serve(
         deliverer.clone(),
         stop.clone(),
     );
-    let recovered = runner.recover().await.map_err(StartError::Recover)?;
+    let recovered = match runner.recover().await {
+        Ok(recovered) => recovered,
+        Err(e) => {
+            runs_dir.release();
+            return Err(StartError::Recover(e));
+        }
+    };
     if recovered.reattached + recovered.lost + recovered.requeued + recovered.swept > 0 {
         tracing::info!(
             reattached = recovered.reattached,

@@ -57,7 +57,8 @@ pub enum ClientCommand {
         /// Run it as an async execution that POSTs its result here.
         #[arg(long)]
         callback_url: Option<String>,
-        #[arg(long)]
+        /// Signs the callback (`callback_signature_secret`).
+        #[arg(long, requires = "callback_url")]
         callback_secret: Option<String>,
     },
     /// List executions, newest first.
@@ -115,6 +116,8 @@ enum CliError {
 struct Client {
     base: String,
     token: Option<String>,
+    /// Where the token was looked for when none was given.
+    token_file: PathBuf,
     http: reqwest::Client,
 }
 
@@ -152,6 +155,7 @@ async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode, CliEr
     let client = Client {
         base: args.url.trim_end_matches('/').to_string(),
         token: args.token.clone().or_else(|| read_token(&args.data_dir)),
+        token_file: args.data_dir.join("token"),
         http: reqwest::Client::new(),
     };
     match command {
@@ -341,8 +345,20 @@ impl Client {
         }
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status().as_u16();
+        self.check_token(status)?;
         let body = response.json().await.unwrap_or(Value::Null);
         Ok((status, body))
+    }
+
+    /// A 401 to a request sent without a token says why there was none.
+    fn check_token(&self, status: u16) -> Result<(), CliError> {
+        if status == 401 && self.token.is_none() {
+            return Err(CliError::Usage(format!(
+                "the agent wants a token: give --token (or EXECD_TOKEN), or --data-dir of an agent with a token file (none at {})",
+                self.token_file.display()
+            )));
+        }
+        Ok(())
     }
 
     fn transport(&self, e: reqwest::Error) -> CliError {
@@ -368,6 +384,7 @@ impl Client {
             let mut response = request.send().await.map_err(|e| self.transport(e))?;
             if response.status() != 200 {
                 let status = response.status().as_u16();
+                self.check_token(status)?;
                 return Err(api_error(
                     status,
                     &response.json().await.unwrap_or(Value::Null),

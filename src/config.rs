@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "execd",
     version,
-    about = "A durable execution agent with a HopX-compatible REST API"
+    about = "A durable execution agent with a HopX-compatible REST API",
+    // `--kill-grace -1` is a bad value, not an unknown flag.
+    allow_negative_numbers = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -27,6 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent (the default).
+    #[command(allow_negative_numbers = true)]
     Serve(Box<Config>),
     /// The supervisor zygote (started by the agent, not by hand): run
     /// directories come on stdin, and a supervisor is forked for each.
@@ -91,7 +94,7 @@ pub struct Config {
     pub jwt_secret: Option<String>,
 
     /// Serve without authentication. Only for isolated test set-ups.
-    #[arg(long, env = "EXECD_NO_AUTH")]
+    #[arg(long, env = "EXECD_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_auth: bool,
 
     /// Concurrent runs of `POST /execute` and `POST /commands/run`.
@@ -289,6 +292,17 @@ impl Config {
         }
         if self.retention_interval.is_zero() {
             return bad("--retention-interval must be more than 0");
+        }
+        if let Some(bin) = &self.supervisor_bin {
+            use std::os::unix::fs::PermissionsExt;
+            let runnable = std::fs::metadata(bin)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+            if !runnable {
+                return Err(ConfigError(format!(
+                    "--supervisor-bin {} is not an executable file",
+                    bin.display()
+                )));
+            }
         }
         Ok(())
     }

@@ -37,6 +37,15 @@ fn bad_configuration_fails_at_start_with_one_clear_line() {
             vec!["--max-timeout=-1"],
             "--max-timeout must be a positive number",
         ),
+        // A negative number is a bad value, not an unknown flag.
+        (
+            vec!["--kill-grace", "-1"],
+            "--kill-grace must be zero or more",
+        ),
+        (
+            vec!["--supervisor-bin", "/nonexistent/execd"],
+            "--supervisor-bin /nonexistent/execd is not an executable file",
+        ),
     ] {
         let out = run_bounded(
             Command::new(env!("CARGO_BIN_EXE_execd"))
@@ -50,6 +59,84 @@ fn bad_configuration_fails_at_start_with_one_clear_line() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_start_that_fails_leaves_no_runs_link_or_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A working directory that cannot be made, then a database that is a
+    // directory: each fails after the data dir is taken.
+    for (args, says) in [
+        (vec!["--workdir", "/proc/nope/x"], "cannot prepare"),
+        (vec![], "execd.db"),
+    ] {
+        if args.is_empty() {
+            std::fs::create_dir_all(data.join("execd.db")).unwrap();
+        }
+        let out = run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_execd"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(&data)
+                .args(&args)
+                .env_remove("EXECD_TOKEN"),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            std::fs::symlink_metadata(data.join("runs")).is_err(),
+            "{args:?}: a runs link (and its directory in memory) was left"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_cli_says_why_it_had_no_token_and_refuses_an_unused_secret() {
+    let app = crate::helpers::spawn_app().await;
+    let empty = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, empty) = (app.url.clone(), empty.path().to_owned());
+        move || {
+            run_bounded(
+                Command::new(env!("CARGO_BIN_EXE_execd"))
+                    .args(["ps", "--url", &url, "--data-dir"])
+                    .arg(empty)
+                    .env_remove("EXECD_TOKEN"),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the agent wants a token"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("none at {}", empty.path().join("token").display())),
+        "{stderr}"
+    );
+
+    let script = empty.path().join("job.sh");
+    std::fs::write(&script, "echo hi\n").unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args([
+                "submit",
+                "--url",
+                &app.url,
+                "--token",
+                crate::helpers::TOKEN,
+                "--callback-secret",
+                "s",
+            ])
+            .arg(&script),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--callback-url"), "{stderr}");
+    let (_, list) = app.get_json("/execute/processes").await;
+    assert_eq!(list["count"], 0, "nothing was submitted: {list}");
+    app.stop().await;
 }
 
 #[test]
