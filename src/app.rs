@@ -233,6 +233,13 @@ pub async fn serve(
     readers.close().await;
     stop_writer.cancel();
     let _ = writer_task.await;
+    let wal = config.data_dir.join("execd.db-wal");
+    if let Ok(meta) = std::fs::metadata(&wal) {
+        tracing::warn!(
+            bytes = meta.len(),
+            "the WAL is left: a database connection was still open when the writer closed"
+        );
+    }
     runs_dir.release();
     tracing::info!("stopped");
     served.map_err(StartError::Serve)

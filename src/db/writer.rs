@@ -204,6 +204,15 @@ async fn run(
         }
         commit_batch(&mut conn, &mut batch, &hooks, &committed).await;
     }
+    // Everything into the database file and the WAL emptied, whatever else
+    // may still have the database open: closing the last connection removes
+    // the WAL too, but only if this one is the last.
+    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+    {
+        tracing::warn!(error = %e, "the final checkpoint failed");
+    }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the writer connection failed");
     }
