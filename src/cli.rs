@@ -89,8 +89,9 @@ pub enum ClientCommand {
     },
     /// Print the local agent's token, or mint a JWT when a secret is given.
     Token {
-        #[command(flatten)]
-        conn: ClientArgs,
+        /// The local agent's data dir, for its token file.
+        #[arg(long, env = "EXECD_DATA_DIR", default_value = "./execd-data")]
+        data_dir: PathBuf,
         /// Mint an HS256 JWT signed with this secret instead.
         #[arg(long, env = "EXECD_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
@@ -122,21 +123,29 @@ struct Client {
 }
 
 impl ClientCommand {
-    fn conn(&self) -> &ClientArgs {
+    /// Where the agent is, for the commands that talk to one.
+    fn conn(&self) -> Option<&ClientArgs> {
         match self {
             ClientCommand::Run { conn, .. }
             | ClientCommand::Submit { conn, .. }
             | ClientCommand::Ps { conn, .. }
             | ClientCommand::Logs { conn, .. }
-            | ClientCommand::Kill { conn, .. }
-            | ClientCommand::Token { conn, .. } => conn,
+            | ClientCommand::Kill { conn, .. } => Some(conn),
+            ClientCommand::Token { .. } => None,
         }
     }
 }
 
 pub async fn main(command: ClientCommand) -> ExitCode {
-    let args = command.conn().clone();
-    match run(args, command).await {
+    let result = match command {
+        ClientCommand::Token {
+            data_dir,
+            jwt_secret,
+            ttl,
+        } => token(&data_dir, jwt_secret.as_deref(), ttl),
+        command => run(command).await,
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("execd: {e}");
@@ -145,13 +154,10 @@ pub async fn main(command: ClientCommand) -> ExitCode {
     }
 }
 
-async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode, CliError> {
-    if let ClientCommand::Token {
-        jwt_secret, ttl, ..
-    } = &command
-    {
-        return token(&args, jwt_secret.as_deref(), *ttl);
-    }
+async fn run(command: ClientCommand) -> Result<ExitCode, CliError> {
+    let Some(args) = command.conn().cloned() else {
+        unreachable!("`token` is handled by `main`")
+    };
     let client = Client {
         base: args.url.trim_end_matches('/').to_string(),
         token: args.token.clone().or_else(|| read_token(&args.data_dir)),
@@ -247,7 +253,7 @@ async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode, CliEr
             );
             Ok(ExitCode::SUCCESS)
         }
-        ClientCommand::Token { .. } => unreachable!("handled above"),
+        ClientCommand::Token { .. } => unreachable!("`token` is handled by `main`"),
     }
 }
 
@@ -258,7 +264,7 @@ fn read_token(data_dir: &Path) -> Option<String> {
 }
 
 /// `execd token`: the token file's token, or a freshly minted JWT.
-fn token(args: &ClientArgs, jwt_secret: Option<&str>, ttl: Duration) -> Result<ExitCode, CliError> {
+fn token(data_dir: &Path, jwt_secret: Option<&str>, ttl: Duration) -> Result<ExitCode, CliError> {
     let token = match jwt_secret {
         Some(secret) => {
             let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
@@ -269,10 +275,10 @@ fn token(args: &ClientArgs, jwt_secret: Option<&str>, ttl: Duration) -> Result<E
             )
             .map_err(|e| CliError::Other(format!("cannot mint a JWT: {e}")))?
         }
-        None => read_token(&args.data_dir).ok_or_else(|| {
+        None => read_token(data_dir).ok_or_else(|| {
             CliError::Usage(format!(
                 "no token file at {} (start the agent once, or give --jwt-secret)",
-                args.data_dir.join("token").display()
+                data_dir.join("token").display()
             ))
         })?,
     };

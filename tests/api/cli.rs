@@ -301,6 +301,15 @@ fn execd_token_prints_the_local_token_or_mints_a_jwt() {
             .env_remove("EXECD_JWT_SECRET"),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "local-token-value\n");
+    // It talks to no agent: the client's --url and --token would do nothing.
+    for flag in ["--url", "--token"] {
+        let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_execd")).args(["token", flag, "x"]));
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(flag),
+            "{flag}"
+        );
+    }
     let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_execd")).args([
         "token",
         "--jwt-secret",
