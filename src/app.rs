@@ -234,11 +234,15 @@ pub async fn serve(
     stop_writer.cancel();
     let _ = writer_task.await;
     let wal = config.data_dir.join("execd.db-wal");
-    if let Ok(meta) = std::fs::metadata(&wal) {
-        tracing::warn!(
-            bytes = meta.len(),
-            "the WAL is left: a database connection was still open when the writer closed"
-        );
+    match std::fs::metadata(&wal).map(|m| m.len()) {
+        Ok(0) => tracing::warn!(
+            "an empty WAL is left: another connection had the database open at the stop; execd.db alone is whole"
+        ),
+        Ok(bytes) => tracing::warn!(
+            bytes,
+            "the WAL is left with commits a reader's open transaction held at the stop: copy execd.db with its -wal, or start the agent to fold them in"
+        ),
+        Err(_) => {}
     }
     runs_dir.release();
     tracing::info!("stopped");

@@ -204,13 +204,7 @@ async fn run(
         }
         commit_batch(&mut conn, &mut batch, &hooks, &committed).await;
     }
-    // Everything into the database file and the WAL emptied, whatever else
-    // may still have the database open: closing the last connection removes
-    // the WAL too, but only if this one is the last.
-    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await
-    {
+    if let Err(e) = final_checkpoint(&mut conn).await {
         tracing::warn!(error = %e, "the final checkpoint failed");
     }
     if let Err(e) = conn.close().await {
@@ -305,6 +299,20 @@ async fn commit_batch(
     for reply in replies {
         reply(outcome.clone());
     }
+}
+
+/// Everything into the database file and the WAL emptied, whatever else
+/// may still have the database open: closing the last connection removes
+/// the WAL too, but only if it is the last. Without waiting: a reader's
+/// open transaction keeps the frames it reads, and the stop goes on.
+async fn final_checkpoint(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("PRAGMA busy_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Makes the WAL's committed frames durable: the fsync `synchronous=FULL`

@@ -720,29 +720,20 @@ fn status_in_the_file_alone(data: &Path, execution: &Value) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// An operator's read-only connection, open across the stop: the agent's
-/// writer is then not the last to close, so SQLite does not fold the WAL in
-/// on its own; the final checkpoint does, and the WAL is left empty.
-#[tokio::test]
-async fn a_stop_while_an_operator_has_the_database_open_still_leaves_it_whole_in_its_file() {
-    let data = tempfile::tempdir().unwrap();
-    let agent = Agent::start(data.path(), free_port(), &[]).await;
-    let done = agent
-        .post(
-            "/execute",
-            json!({ "code": "echo kept", "language": "bash" }),
-        )
-        .await;
-    assert_eq!(done["status"], "completed");
-    let uri = format!("file:{}?mode=ro", data.path().join("execd.db").display());
+/// An operator's read-only connection (Python's sqlite3), open on the
+/// database: its process, and its first line (the executions it counts).
+fn operator_connection(db: &Path, in_a_transaction: bool) -> (std::process::Child, String) {
+    let uri = format!("file:{}?mode=ro", db.display());
     let mut reader = std::process::Command::new("python3")
         .args([
             "-c",
             "import sqlite3, sys\n\
-             c = sqlite3.connect(sys.argv[1], uri=True)\n\
+             c = sqlite3.connect(sys.argv[1], uri=True, isolation_level=None)\n\
+             if sys.argv[2] == 'txn': c.execute('BEGIN')\n\
              print(c.execute('SELECT count(*) FROM executions').fetchone()[0], flush=True)\n\
              sys.stdin.read()",
             &uri,
+            if in_a_transaction { "txn" } else { "idle" },
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -754,11 +745,39 @@ async fn a_stop_while_an_operator_has_the_database_open_still_leaves_it_whole_in
         &mut line,
     )
     .unwrap();
-    assert_eq!(line.trim(), "1", "the operator's connection reads");
-    assert!(agent.terminate().success());
-    let wal = std::fs::metadata(data.path().join("execd.db-wal")).map(|m| m.len());
-    assert!(matches!(wal, Ok(0) | Err(_)), "WAL {wal:?} bytes");
-    assert_eq!(status_in_the_file_alone(data.path(), &done), "completed");
-    drop(reader.stdin.take());
-    reader.wait().unwrap();
+    (reader, line.trim().to_string())
+}
+
+/// An operator's connection open across the stop: the agent's writer is
+/// then not the last to close, so SQLite does not fold the WAL in on its
+/// own; the final checkpoint does, and the WAL is left empty. A read
+/// transaction left open does not hold the stop up (a checkpoint that
+/// waited for it would take the busy timeout, 5 s).
+#[tokio::test]
+async fn a_stop_while_an_operator_has_the_database_open_still_leaves_it_whole_in_its_file() {
+    for in_a_transaction in [false, true] {
+        let data = tempfile::tempdir().unwrap();
+        let agent = Agent::start(data.path(), free_port(), &[]).await;
+        let done = agent
+            .post(
+                "/execute",
+                json!({ "code": "echo kept", "language": "bash" }),
+            )
+            .await;
+        assert_eq!(done["status"], "completed");
+        let db = data.path().join("execd.db");
+        let (mut reader, counted) = operator_connection(&db, in_a_transaction);
+        assert_eq!(counted, "1", "the operator's connection reads");
+        let stopping = Instant::now();
+        assert!(agent.terminate().success());
+        let took = stopping.elapsed();
+        assert!(took < Duration::from_secs(3), "the stop took {took:?}");
+        if !in_a_transaction {
+            let wal = std::fs::metadata(data.path().join("execd.db-wal")).map(|m| m.len());
+            assert!(matches!(wal, Ok(0) | Err(_)), "WAL {wal:?} bytes");
+            assert_eq!(status_in_the_file_alone(data.path(), &done), "completed");
+        }
+        drop(reader.stdin.take());
+        reader.wait().unwrap();
+    }
 }
