@@ -233,17 +233,6 @@ pub async fn serve(
     readers.close().await;
     stop_writer.cancel();
     let _ = writer_task.await;
-    let wal = config.data_dir.join("execd.db-wal");
-    match std::fs::metadata(&wal).map(|m| m.len()) {
-        Ok(0) => tracing::warn!(
-            "an empty WAL is left: another connection had the database open at the stop; execd.db alone is whole"
-        ),
-        Ok(bytes) => tracing::warn!(
-            bytes,
-            "the WAL is left with commits a reader's open transaction held at the stop: copy execd.db with its -wal, or start the agent to fold them in"
-        ),
-        Err(_) => {}
-    }
     runs_dir.release();
     tracing::info!("stopped");
     served.map_err(StartError::Serve)

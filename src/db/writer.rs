@@ -182,7 +182,7 @@ async fn run(
     wal: PathBuf,
     shutdown: CancellationToken,
 ) {
-    let (committed, syncer) = WalSync::start(wal);
+    let (committed, syncer) = WalSync::start(wal.clone());
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -209,6 +209,17 @@ async fn run(
     }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the writer connection failed");
+    }
+    // Closed last, the connection removed the WAL.
+    match std::fs::metadata(&wal).map(|m| m.len()) {
+        Ok(0) => tracing::warn!(
+            "an empty WAL is left: another connection had the database open at the stop; execd.db alone is whole"
+        ),
+        Ok(bytes) => tracing::warn!(
+            bytes,
+            "the WAL is left with commits a reader's open transaction held at the stop: copy execd.db with its -wal, or start the agent to fold them in"
+        ),
+        Err(_) => {}
     }
     // The last commits' callers are answered once their sync is done.
     drop(committed);

@@ -91,6 +91,18 @@ impl RunsDir {
         }
     }
 
+    /// Whether the default place would be in memory: `/dev/shm` is a tmpfs
+    /// that allows `exec` (Go code is built into its run directory and run
+    /// from there, and a container's /dev/shm is often mounted noexec).
+    pub fn memory_usable() -> bool {
+        let memory = Path::new(MEMORY);
+        let tmpfs = nix::sys::statfs::statfs(memory)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        tmpfs
+            && nix::sys::statvfs::statvfs(memory)
+                .is_ok_and(|fs| !fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+    }
+
     /// Whether the run directories are in memory.
     pub fn in_memory(&self) -> bool {
         self.link.is_some()
@@ -128,10 +140,10 @@ pub async fn remove_run(run: &RunDir) {
 
 /// A new private directory on the tmpfs, or `None` where there is none to use.
 fn make_in_memory() -> Option<PathBuf> {
-    let memory = Path::new(MEMORY);
-    if !usable_memory(memory) {
+    if !RunsDir::memory_usable() {
         return None;
     }
+    let memory = Path::new(MEMORY);
     let name = format!(
         "execd-runs-{}",
         ulid::Ulid::new().to_string().to_lowercase()
@@ -147,17 +159,6 @@ fn make_in_memory() -> Option<PathBuf> {
     }
 }
 
-/// Whether `memory` is a tmpfs that allows `exec`: Go code is built into
-/// its run directory and run from there, and a container's /dev/shm is
-/// often mounted noexec.
-fn usable_memory(memory: &Path) -> bool {
-    let tmpfs = nix::sys::statfs::statfs(memory)
-        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-    tmpfs
-        && nix::sys::statvfs::statvfs(memory)
-            .is_ok_and(|fs| !fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
-}
-
 /// A directory (not a link) of this user's that nobody else may enter.
 fn is_private_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|meta| {
@@ -171,13 +172,9 @@ fn is_private_dir(path: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn memory_is_tmpfs() -> bool {
-        usable_memory(Path::new(MEMORY))
-    }
-
     #[test]
     fn a_fresh_data_dir_links_its_runs_into_memory_and_a_stop_without_runs_removes_both() {
-        if !memory_is_tmpfs() {
+        if !RunsDir::memory_usable() {
             return;
         }
         let data = tempfile::tempdir().unwrap();
@@ -196,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_restart_keeps_the_runs_of_the_last_start_and_a_reboot_gets_new_ones() {
-        if !memory_is_tmpfs() {
+        if !RunsDir::memory_usable() {
             return;
         }
         let data = tempfile::tempdir().unwrap();
@@ -217,7 +214,7 @@ mod tests {
 
     #[test]
     fn a_linked_directory_others_may_enter_is_not_used() {
-        if !memory_is_tmpfs() {
+        if !RunsDir::memory_usable() {
             return;
         }
         let data = tempfile::tempdir().unwrap();
@@ -242,7 +239,7 @@ mod tests {
         assert!(on_disk.join("job").is_dir());
         std::fs::remove_dir(on_disk.join("job")).unwrap();
         let next = RunsDir::prepare(data.path(), None).unwrap();
-        assert_eq!(next.in_memory(), memory_is_tmpfs());
+        assert_eq!(next.in_memory(), RunsDir::memory_usable());
         next.release();
     }
 

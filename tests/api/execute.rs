@@ -335,14 +335,10 @@ async fn an_async_submission_is_stored_with_its_callback_and_the_secret_never_sh
     }
     // Stored for delivery, though.
     let db = app.db_path();
-    let stored = std::process::Command::new("sqlite3")
-        .arg(&db)
-        .arg(format!(
-            "SELECT callback_secret, callback_headers FROM executions WHERE id = '{id}'"
-        ))
-        .output()
-        .unwrap();
-    let stored = String::from_utf8_lossy(&stored.stdout);
+    let stored = sqlite3(
+        &db,
+        &format!("SELECT callback_secret, callback_headers FROM executions WHERE id = '{id}'"),
+    );
     assert!(
         stored.contains("very-secret-value") && stored.contains("X-Trace"),
         "{stored}"

@@ -263,6 +263,22 @@ pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
         .collect()
 }
 
+/// Runs `sql` on the database file `db` with the `sqlite3` command, as an
+/// operator would, and gives what it prints.
+pub fn sqlite3(db: &std::path::Path, sql: &str) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("run sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A background `echo hi` submission, parsed as the API parses one, for
 /// tests of the database layer; it runs in `workdir`.
 pub fn background_submission(workdir: &std::path::Path) -> execd::domain::Submission {

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
-use crate::helpers::{alive, poll_until, processes_under};
+use crate::helpers::{alive, poll_until, processes_under, sqlite3};
 use crate::receiver::{Reply, TestReceiver};
 
 /// Polls the agent until the execution satisfies `done` (bounded).
@@ -37,14 +37,12 @@ async fn running_and_printed(agent: &Agent, body: Value, printed: &str) -> (Valu
 
 /// An execution's recorded attempts, `attempt:outcome` a line, read with `sqlite3`.
 fn attempts(data: &Path, exec_id: &str) -> String {
-    let out = std::process::Command::new("sqlite3")
-        .arg(data.join("execd.db"))
-        .arg(format!(
+    sqlite3(
+        &data.join("execd.db"),
+        &format!(
             "SELECT attempt || ':' || outcome FROM execution_attempts WHERE execution_id = '{exec_id}' ORDER BY attempt"
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        ),
+    )
 }
 
 fn terminal(p: &Value) -> bool {
@@ -281,15 +279,13 @@ async fn a_job_claimed_but_never_started_runs_after_the_restart() {
     let id = out["execution_id"].as_str().unwrap().to_string();
     agent.kill9();
     // As a killed agent leaves a claim whose program never passed its gate.
-    let claimed = std::process::Command::new("sqlite3")
-        .arg(data.path().join("execd.db"))
-        .arg(format!(
+    sqlite3(
+        &data.path().join("execd.db"),
+        &format!(
             "UPDATE executions SET status = 'running', owner = 'boot_gone', attempt = 1,
                     started_at = strftime('%Y-%m-%dT%H:%M:%fZ') WHERE id = '{id}'"
-        ))
-        .status()
-        .unwrap();
-    assert!(claimed.success());
+        ),
+    );
     let run = data.path().join("runs").join(&id);
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(run.join("main.sh"), "echo ran").unwrap();
@@ -446,18 +442,9 @@ async fn jobs_outlive_the_supervisor_zygote_and_a_killed_zygote_is_replaced() {
     assert_nothing_left(data.path()).await;
 }
 
-/// Whether /dev/shm is a tmpfs that allows `exec`, where run directories
-/// go by default.
-fn memory_is_tmpfs() -> bool {
-    nix::sys::statfs::statfs("/dev/shm")
-        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-        && nix::sys::statvfs::statvfs("/dev/shm")
-            .is_ok_and(|fs| !fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
-}
-
 #[tokio::test]
 async fn run_directories_live_in_memory_outlive_a_restart_and_go_with_the_last_job() {
-    if !memory_is_tmpfs() {
+    if !execd::runner::RunsDir::memory_usable() {
         return;
     }
     let data = tempfile::tempdir().unwrap();
@@ -656,7 +643,7 @@ async fn a_shared_runs_dir_keeps_the_directories_of_executions_this_database_doe
 
 #[tokio::test]
 async fn a_stop_removes_the_run_directory_of_a_job_never_started_and_then_the_runs_link() {
-    if !memory_is_tmpfs() {
+    if !execd::runner::RunsDir::memory_usable() {
         return;
     }
     let data = tempfile::tempdir().unwrap();
@@ -709,15 +696,15 @@ async fn a_clean_stop_leaves_the_database_whole_in_its_file_and_no_wal() {
 fn status_in_the_file_alone(data: &Path, execution: &Value) -> String {
     let copy = tempfile::tempdir().unwrap();
     std::fs::copy(data.join("execd.db"), copy.path().join("execd.db")).unwrap();
-    let out = std::process::Command::new("sqlite3")
-        .arg(copy.path().join("execd.db"))
-        .arg(format!(
+    sqlite3(
+        &copy.path().join("execd.db"),
+        &format!(
             "SELECT status FROM executions WHERE id = '{}'",
             execution["execution_id"].as_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        ),
+    )
+    .trim()
+    .to_string()
 }
 
 /// An operator's read-only connection (Python's sqlite3), open on the

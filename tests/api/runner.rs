@@ -176,14 +176,12 @@ async fn rows_left_running_by_a_crashed_agent_are_failed_at_start() {
     let data_dir = app.stop().await;
     // Pretend a crashed agent of another boot left it running.
     let db = data_dir.path().join("execd.db");
-    let done = std::process::Command::new("sqlite3")
-        .arg(&db)
-        .arg(format!(
+    sqlite3(
+        &db,
+        &format!(
             "UPDATE executions SET status = 'running', owner = 'boot_gone', completed_at = NULL WHERE process_id = '{id}'"
-        ))
-        .status()
-        .unwrap();
-    assert!(done.success());
+        ),
+    );
     let app = start(restart_config(data_dir.path()), data_dir).await;
     let p = app.process(&id).await;
     assert_eq!(p["status"], "failed");

@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-/// Checks the error body of API.md on a response.
-async fn assert_error(response: reqwest::Response, status: u16, code: &str, what: &str) {
+/// Checks the error body of API.md on a response, and gives it.
+async fn assert_error(response: reqwest::Response, status: u16, code: &str, what: &str) -> Value {
     assert_eq!(response.status().as_u16(), status, "{what}");
     assert!(response.headers().contains_key("x-request-id"), "{what}");
     assert_eq!(
@@ -25,6 +25,7 @@ async fn assert_error(response: reqwest::Response, status: u16, code: &str, what
         "{what}"
     );
     assert!(body["details"].is_object(), "{what}");
+    body
 }
 
 #[tokio::test]
@@ -258,9 +259,7 @@ async fn a_language_that_is_not_installed_is_a_400() {
             assert_eq!(out["stdout"], "hi\n", "{out}");
             continue;
         }
-        assert_eq!(response.status(), 400, "{language}");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["code"], "INVALID_REQUEST", "{body}");
+        let body = assert_error(response, 400, "INVALID_REQUEST", language).await;
         assert!(
             body["error"].as_str().unwrap().contains("not installed"),
             "{language}: {body}"
