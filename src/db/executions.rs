@@ -366,8 +366,9 @@ pub async fn finish(
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    // The attempt's record is the `execution_attempt_ended` trigger's.
-    output::insert(conn, fence, output, &finish.completed_at).await?;
+    // The attempt's record is the `execution_attempt_ended` trigger's. The
+    // output is stamped when it is stored, as the rest of it was.
+    output::insert(conn, fence, output, &crate::db::now()).await?;
     Ok(true)
 }
 

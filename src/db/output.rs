@@ -202,6 +202,10 @@ pub struct Piece {
 
 /// Chunks of one attempt from the given next-sequence numbers on, both
 /// streams interleaved in the order they were stored (at most `limit`).
+/// That order is the rowid's, never the chunks' times: a job's last chunk,
+/// stored with its end, carries the program's end time, which can come
+/// before the time of output the agent stored after the program ended, and
+/// a reader's cursor moves on by each stream's `seq`.
 pub async fn since(
     pool: &SqlitePool,
     execution_id: &str,
@@ -215,7 +219,7 @@ pub async fn since(
         r#"SELECT stream, seq, data AS "data!: Vec<u8>", created_at FROM output_chunks
             WHERE execution_id = ?1 AND attempt = ?2
               AND ((stream = 'stdout' AND seq >= ?3) OR (stream = 'stderr' AND seq >= ?4))
-            ORDER BY created_at, stream DESC, seq LIMIT ?5"#,
+            ORDER BY id LIMIT ?5"#,
         execution_id,
         attempt,
         stdout_from,

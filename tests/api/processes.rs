@@ -407,6 +407,54 @@ async fn logs_never_split_a_character() {
     app.stop().await;
 }
 
+/// The logs give each stream in the order it was written even when the
+/// chunks' times do not follow it. A job's last chunk is stored with its
+/// end; when the agent stored output after the program had ended (a busy
+/// machine), that last chunk's time was the earlier one, and a follower
+/// read it first and then the chunks before it again (CI saw the text
+/// differ). Here the times are set out of order as that race left them.
+#[tokio::test]
+async fn logs_keep_each_streams_order_when_chunk_times_do_not() {
+    let app = spawn_app().await;
+    let code = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; sleep 0.2; done";
+    let id = app
+        .background(json!({ "code": code, "language": "bash" }))
+        .await;
+    let done = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    let exec = done["execution_id"].as_str().unwrap();
+    let stored = sqlite3(
+        &app.db_path(),
+        &format!("SELECT count(*) FROM output_chunks WHERE execution_id = '{exec}'"),
+    );
+    assert_eq!(stored.trim(), "6", "one chunk per line");
+    // The last chunks stamped before the first, as the race left them.
+    sqlite3(
+        &app.db_path(),
+        &format!(
+            "UPDATE output_chunks SET created_at = '2000-01-01T00:00:00.000000Z'
+              WHERE execution_id = '{exec}' AND seq = 2"
+        ),
+    );
+    for query in ["", "?follow=true"] {
+        let events = read_events(
+            app.get(&format!("/execute/processes/{id}/logs{query}"))
+                .await,
+        )
+        .await;
+        let text = |stream: &str| {
+            events
+                .iter()
+                .filter(|e| e.0 == stream)
+                .map(|e| e.2["data"].as_str().unwrap())
+                .collect::<String>()
+        };
+        assert_eq!(text("stdout"), "out-1\nout-2\nout-3\n", "logs{query}");
+        assert_eq!(text("stderr"), "err-1\nerr-2\nerr-3\n", "logs{query}");
+        assert_eq!(events.last().unwrap().0, "end");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn logs_follow_a_running_job_as_server_sent_events_and_resume_from_an_event_id() {
     let app = spawn_app().await;
