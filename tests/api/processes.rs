@@ -416,23 +416,32 @@ async fn logs_never_split_a_character() {
 #[tokio::test]
 async fn logs_keep_each_streams_order_when_chunk_times_do_not() {
     let app = spawn_app().await;
-    let code = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; sleep 0.2; done";
+    let code = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; sleep 0.3; done";
     let id = app
         .background(json!({ "code": code, "language": "bash" }))
         .await;
     let done = app.wait_terminal(&id, Duration::from_secs(10)).await;
     let exec = done["execution_id"].as_str().unwrap();
-    let stored = sqlite3(
-        &app.db_path(),
-        &format!("SELECT count(*) FROM output_chunks WHERE execution_id = '{exec}'"),
-    );
-    assert_eq!(stored.trim(), "6", "one chunk per line");
-    // The last chunks stamped before the first, as the race left them.
+    let chunks = |stream: &str| {
+        sqlite3(
+            &app.db_path(),
+            &format!(
+                "SELECT count(*) FROM output_chunks WHERE execution_id = '{exec}' AND stream = '{stream}'"
+            ),
+        )
+        .trim()
+        .parse::<u32>()
+        .unwrap()
+    };
+    // A line a chunk, unless the machine held the agent for 0.3 s.
+    assert!(chunks("stdout") >= 2 && chunks("stderr") >= 2);
+    // Each stream's last chunk stamped before its first, as the race left it.
     sqlite3(
         &app.db_path(),
         &format!(
             "UPDATE output_chunks SET created_at = '2000-01-01T00:00:00.000000Z'
-              WHERE execution_id = '{exec}' AND seq = 2"
+              WHERE execution_id = '{exec}' AND seq = (SELECT max(seq) FROM output_chunks o
+                    WHERE o.execution_id = output_chunks.execution_id AND o.stream = output_chunks.stream)"
         ),
     );
     for query in ["", "?follow=true"] {
