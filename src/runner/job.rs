@@ -176,7 +176,7 @@ impl Runner {
                     match reason {
                         StopReason::Shutdown => {
                             // The pid with the last output, or alone.
-                            self.pump(fence, &mut job).await;
+                            self.pump(fence, &mut job, false).await;
                             self.store_pid(fence, &mut job).await;
                             return Followed::Detached;
                         }
@@ -192,9 +192,9 @@ impl Runner {
                     }
                 }
                 () = supervisor_end => break,
-                () = output_waiting => self.pump(fence, &mut job).await,
+                () = output_waiting => self.pump(fence, &mut job, false).await,
                 _ = tick.tick() => {
-                    self.pump(fence, &mut job).await;
+                    self.pump(fence, &mut job, false).await;
                     // Without a report (adopted; or the supervisor was
                     // killed before it could say so), the run directory tells.
                     if job.run.ended().exists() || !job.started().is_some_and(Started::supervisor_alive) {
@@ -215,7 +215,9 @@ impl Runner {
                 Followed::Ended(finish_of(&ended), rest, job.unstored.take())
             }
             None => {
-                self.pump(fence, &mut job).await;
+                // The program is gone: all it wrote is stored, the start
+                // of a character it never finished too.
+                self.pump(fence, &mut job, true).await;
                 self.store_pid(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
@@ -225,8 +227,8 @@ impl Runner {
 
     /// Stores the new output, and with its first write the program's pid
     /// if that is not stored yet (the API shows it before the output); with
-    /// no new output, the pid alone once it is due.
-    async fn pump(&self, fence: &Fence, job: &mut Attached) {
+    /// no new output, the pid alone once it is due. `gone`: as `Tail::pump`.
+    async fn pump(&self, fence: &Fence, job: &mut Attached, gone: bool) {
         // Both streams get it: whichever stores output first writes it (both
         // do, once, when both have output in the same pump). Deciding here
         // which has output would race with the program printing.
@@ -237,7 +239,7 @@ impl Runner {
         }
         let writer = &self.db.writer;
         let [out, err] = &mut job.tails;
-        tokio::join!(out.pump(fence, writer), err.pump(fence, writer));
+        tokio::join!(out.pump(fence, writer, gone), err.pump(fence, writer, gone));
         // Neither stored output: kept for the next write or the end, or
         // stored alone once due.
         if let (Some(spawned), Some(_)) = (out.along.take(), err.along.take()) {

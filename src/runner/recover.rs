@@ -127,8 +127,8 @@ impl Runner {
                 // down meanwhile) is stored before the job is resolved.
                 let [out, err] = &mut tails;
                 tokio::join!(
-                    out.pump(&fence, &self.db.writer),
-                    err.pump(&fence, &self.db.writer)
+                    out.pump(&fence, &self.db.writer, true),
+                    err.pump(&fence, &self.db.writer, true)
                 );
                 let error = "the process was lost: its supervisor is gone (the machine restarted, or it was killed)";
                 // Its run directory goes with the sweep below.

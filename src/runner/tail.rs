@@ -59,9 +59,12 @@ impl Tail {
         }
     }
 
-    /// Moves everything new in the file into the database.
-    pub async fn pump(&mut self, fence: &Fence, writer: &Writer) {
-        while let Some(batch) = self.read(true) {
+    /// Moves everything new in the file into the database. With `gone`
+    /// (the program will write no more: it was lost) the start of a
+    /// character not written whole is stored too, as at a job's end;
+    /// otherwise it waits for the rest.
+    pub async fn pump(&mut self, fence: &Fence, writer: &Writer, gone: bool) {
+        while let Some(batch) = self.read(!gone) {
             let more = batch.more;
             if !self.store(fence, writer, batch).await || !more {
                 return;

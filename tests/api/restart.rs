@@ -768,3 +768,56 @@ async fn a_stop_while_an_operator_has_the_database_open_still_leaves_it_whole_in
         reader.wait().unwrap();
     }
 }
+
+/// A lost job keeps every byte it wrote, the start of a character it never
+/// finished too: while a program runs, such bytes wait for the rest of
+/// their character, but a lost program writes no more (they were dropped,
+/// both when the agent saw the loss and when its restart found it).
+#[tokio::test]
+async fn a_lost_job_keeps_the_start_of_a_character_it_never_finished() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let code = "import sys, time\n\
+                sys.stdout.buffer.write(b'ab\\xe2\\x82'); sys.stdout.flush()\n\
+                time.sleep(300)";
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let out = agent
+            .post(
+                "/execute/background",
+                json!({ "code": code, "language": "python" }),
+            )
+            .await;
+        let id = out["execution_id"].as_str().unwrap().to_string();
+        wait_until(&agent, &id, Duration::from_secs(10), |p| {
+            p["stdout"] == "ab"
+        })
+        .await;
+        ids.push(id);
+    }
+    // Lost while the agent runs.
+    let (supervisor, _) = supervisor_of(data.path(), &ids[0]);
+    kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
+    assert_lost_with_all_it_wrote(&agent, &ids[0]).await;
+    // Lost while the agent is down: its restart finds it.
+    agent.kill9();
+    let (supervisor, _) = supervisor_of(data.path(), &ids[1]);
+    kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    assert_lost_with_all_it_wrote(&agent, &ids[1]).await;
+    let db = data.path().join("execd.db");
+    assert_eq!(
+        sqlite3(&db, "SELECT stdout_bytes FROM executions ORDER BY seq"),
+        "4\n4\n"
+    );
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+async fn assert_lost_with_all_it_wrote(agent: &Agent, id: &str) {
+    let p = wait_until(agent, id, Duration::from_secs(5), terminal).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
+    assert_eq!(p["stdout"], "ab\u{fffd}", "{p}");
+}
