@@ -94,6 +94,14 @@ pub struct Due {
 }
 
 /// Leases up to `limit` due deliveries to `owner` until `lease_until`.
+///
+/// Only rows no one holds: a lease is this boot's (those of earlier boots
+/// are freed at start, `release_foreign_leases`), and the row it holds is
+/// in this agent's hands, waiting for a permit or in flight, until its
+/// attempt is recorded. `lease_until` is when that attempt should be over,
+/// for an operator to read; it does not free the row, for a row still
+/// waiting its turn behind a backlog would then be claimed a second time
+/// and POSTed twice at once.
 pub async fn claim_due(
     conn: &mut SqliteConnection,
     owner: &str,
@@ -105,7 +113,7 @@ pub async fn claim_due(
         r#"UPDATE callbacks SET lease_owner = ?1, lease_until = ?2
             WHERE id IN (SELECT id FROM callbacks
                           WHERE status IN ('pending', 'failed') AND next_attempt_at <= ?3
-                            AND (lease_until IS NULL OR lease_until < ?3)
+                            AND lease_owner IS NULL
                           ORDER BY next_attempt_at LIMIT ?4)
         RETURNING id AS "id!""#,
         owner,
@@ -149,20 +157,35 @@ pub struct Attempt {
     pub now: String,
 }
 
+/// What recording an attempt did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// `owner` no longer held the lease: nothing changed.
+    NotHeld,
+    /// Recorded; the next attempt is due at this time, if there is one (a
+    /// redelivery asked for while the attempt was in flight makes it now).
+    Next(Option<String>),
+}
+
 /// Records an attempt and moves the delivery on, if `owner` still holds its lease.
 pub async fn record_attempt(
     conn: &mut SqliteConnection,
     owner: &str,
     a: &Attempt,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Recorded, sqlx::Error> {
     let delivered_at = (a.new_status == "delivered").then_some(a.now.as_str());
     let last_error = a.error.as_deref();
-    let updated = sqlx::query!(
+    // A `next_attempt_at` after this attempt's start was set by a
+    // redelivery while it was in flight: a retry is due at once.
+    let updated = sqlx::query_scalar!(
         r#"UPDATE callbacks
-              SET status = ?1, attempts = ?2, next_attempt_at = ?3, last_status = ?4, last_error = ?5,
+              SET status = ?1, attempts = ?2,
+                  next_attempt_at = CASE WHEN ?1 = 'failed' AND next_attempt_at > ?10 THEN ?7 ELSE ?3 END,
+                  last_status = ?4, last_error = ?5,
                   delivered_at = COALESCE(?6, delivered_at), updated_at = ?7,
                   lease_owner = NULL, lease_until = NULL
-            WHERE id = ?8 AND lease_owner = ?9"#,
+            WHERE id = ?8 AND lease_owner = ?9
+        RETURNING next_attempt_at"#,
         a.new_status,
         a.attempt,
         a.next_attempt_at,
@@ -172,12 +195,13 @@ pub async fn record_attempt(
         a.now,
         a.callback_id,
         owner,
+        a.started_at,
     )
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    if updated.rows_affected() == 0 {
-        return Ok(false);
-    }
+    let Some(next) = updated else {
+        return Ok(Recorded::NotHeld);
+    };
     sqlx::query!(
         r#"INSERT INTO callback_attempts
              (callback_id, attempt, started_at, duration_ms, http_status, outcome, error, response_body)
@@ -193,7 +217,7 @@ pub async fn record_attempt(
     )
     .execute(&mut *conn)
     .await?;
-    Ok(true)
+    Ok(Recorded::Next(next))
 }
 
 /// Frees leases held by other boots of the agent: their POSTs died with them.
@@ -211,12 +235,13 @@ pub async fn release_foreign_leases(
     Ok(done.rows_affected())
 }
 
-/// When the next delivery can be claimed, if any is waiting: its due time,
-/// or for one leased now, the end of the lease.
+/// When the next delivery can be claimed, if any is waiting: the earliest
+/// due time of those no one holds (a held one's attempt, when recorded,
+/// says when its next is due).
 pub async fn next_due(pool: &SqlitePool) -> Result<Option<String>, sqlx::Error> {
     let row = sqlx::query_scalar!(
-        r#"SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, ''))) AS "at?: String"
-             FROM callbacks WHERE status IN ('pending', 'failed')"#
+        r#"SELECT MIN(next_attempt_at) AS "at?: String"
+             FROM callbacks WHERE status IN ('pending', 'failed') AND lease_owner IS NULL"#
     )
     .fetch_one(pool)
     .await?;
@@ -283,21 +308,38 @@ pub async fn attempts(
     .await
 }
 
-/// Makes an execution's waiting delivery due now. False when none is waiting.
+/// What a redelivery found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hurried {
+    /// No delivery of the execution is waiting.
+    Nothing,
+    /// A waiting delivery is due now.
+    DueNow,
+    /// Its attempt is under way (or about to be): should it fail, the next
+    /// is due at once (`record_attempt`).
+    InFlight,
+}
+
+/// Makes an execution's waiting delivery due now.
 pub async fn hurry(
     conn: &mut SqliteConnection,
     execution_id: &str,
     now: &str,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query!(
+) -> Result<Hurried, sqlx::Error> {
+    let held = sqlx::query_scalar!(
         r#"UPDATE callbacks SET next_attempt_at = ?1, updated_at = ?1
-            WHERE execution_id = ?2 AND status IN ('pending', 'failed')"#,
+            WHERE execution_id = ?2 AND status IN ('pending', 'failed')
+        RETURNING lease_owner IS NOT NULL AS "held!: bool""#,
         now,
         execution_id
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(done.rows_affected() > 0)
+    Ok(match held.as_slice() {
+        [] => Hurried::Nothing,
+        rows if rows.iter().all(|&held| held) => Hurried::InFlight,
+        _ => Hurried::DueNow,
+    })
 }
 
 /// How many deliveries there are per status.

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::db::callbacks::{self, Attempt, Due, NewCallback};
+use crate::db::callbacks::{self, Attempt, Due, NewCallback, Recorded};
 use crate::db::{self, output, Db};
 use crate::domain::Stream;
 use payload::StreamTail;
@@ -181,8 +181,9 @@ impl Deliverer {
         true
     }
 
-    /// A lease for deliveries inserted now: long enough for an attempt and
-    /// its record; a crash frees it at the next start.
+    /// A lease for deliveries inserted now. It holds the row until its
+    /// attempt is recorded, or the next start frees it (`claim_due`); its
+    /// end is when the attempt should be over, for an operator to read.
     pub fn lease(&self) -> Lease {
         let until = chrono::Utc::now() + self.config.timeout + Duration::from_secs(30);
         (self.config.owner.clone(), db::timestamp(until))
@@ -291,7 +292,7 @@ impl Deliverer {
     /// How long the loop waits before its next look.
     fn wait_for(&self, next: NextDue) -> Duration {
         match next {
-            // Never spin: a row due now but leased elsewhere is re-checked shortly.
+            // Never spin: a row due now that a claim missed is re-checked shortly.
             NextDue::Now => Duration::from_millis(5),
             NextDue::In(wait) => wait.max(Duration::from_millis(5)),
             NextDue::Nothing | NextDue::Unknown => self.config.poll_interval,
@@ -397,25 +398,53 @@ impl Deliverer {
             next_attempt_at,
             now: db::now(),
         };
-        let owner = self.config.owner.clone();
-        let written = self
-            .db
-            .writer
-            .write(move |c| {
-                Box::pin(async move { callbacks::record_attempt(c, &owner, &record).await })
-            })
-            .await;
-        match written {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!("attempt not recorded: the lease was lost"),
-            Err(e) => tracing::error!(error = %e, "attempt not recorded"),
-        }
         // Its retry is claimed when due (recorded first: its lease is free).
-        if let Some(delay) = next {
-            self.claim_by(Instant::now() + delay);
+        if let Some(Some(next)) = self.record(record, &shutdown).await {
+            let wait = chrono::DateTime::parse_from_rfc3339(&next)
+                .ok()
+                .and_then(|at| (at.to_utc() - chrono::Utc::now()).to_std().ok())
+                .unwrap_or_default();
+            self.claim_by(Instant::now() + wait);
         }
         drop(permit);
         self.wake.notify_one();
+    }
+
+    /// Records an attempt, trying again while the write fails: the row stays
+    /// held until then (a lease frees nothing by itself), so a failed write
+    /// given up on would leave it undelivered until the next start. Gives the
+    /// next attempt's due time (`None` when the attempt was not recorded).
+    async fn record(
+        &self,
+        record: Attempt,
+        shutdown: &CancellationToken,
+    ) -> Option<Option<String>> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let owner = self.config.owner.clone();
+            let record = record.clone();
+            let written = self
+                .db
+                .writer
+                .write(move |c| {
+                    Box::pin(async move { callbacks::record_attempt(c, &owner, &record).await })
+                })
+                .await;
+            match written {
+                Ok(Recorded::Next(next)) => return Some(next),
+                Ok(Recorded::NotHeld) => {
+                    tracing::warn!("attempt not recorded: the lease was lost");
+                    return None;
+                }
+                Err(e) => tracing::error!(error = %e, "attempt not recorded; trying again"),
+            }
+            // Stopping: the next start frees the lease, and the delivery is retried.
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// One signed POST, classified.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sqlx::SqliteConnection;
 
 use super::{timestamp_now, ApiError, AppState};
-use crate::db::callbacks::{self, Summary};
+use crate::db::callbacks::{self, Hurried, Summary};
 use crate::db::executions::{self, ExecutionRow};
 use crate::delivery;
 use crate::domain::Status;
@@ -143,19 +143,21 @@ pub(super) async fn redeliver(
         .write(move |c| {
             Box::pin(async move {
                 let now = crate::db::now();
-                if callbacks::hurry(c, &execution_id, &now).await? {
-                    return Ok(true);
+                let hurried = callbacks::hurry(c, &execution_id, &now).await?;
+                if hurried == Hurried::Nothing {
+                    delivery::enqueue(c, &execution_id, cap, None).await?;
                 }
-                delivery::enqueue(c, &execution_id, cap, None).await?;
-                Ok(false)
+                Ok(hurried)
             })
         })
         .await?;
     state.deliverer.wake();
-    let message = if hurried {
-        "a delivery was already waiting; it is due now"
-    } else {
-        "a new delivery is queued"
+    let message = match hurried {
+        Hurried::DueNow => "a delivery was already waiting; it is due now",
+        Hurried::InFlight => {
+            "an attempt of the waiting delivery is under way; should it fail, the next is due at once"
+        }
+        Hurried::Nothing => "a new delivery is queued",
     };
     Ok(Json(json!({
         "execution_id": row.id,

@@ -567,3 +567,89 @@ async fn in_the_happy_path_each_execution_is_delivered_exactly_once() {
     }
     app.stop().await;
 }
+
+/// A delivery waiting its turn, or in flight, is POSTed once however long it
+/// waits. Its lease's end (the callback timeout and 30 s after its insert)
+/// used to free it: a backlog behind a slow receiver outlived it, and the
+/// next claim took the rows still waiting or in flight and POSTed them a
+/// second time at once. Here the leases' ends are moved into the past
+/// while the receiver holds the first two, rather than waited for.
+#[tokio::test]
+async fn a_delivery_held_past_its_leases_end_is_posted_once() {
+    let app = spawn_app_with(|c| {
+        c.callback_concurrency = 2;
+        c.callback_retry_schedule = "1h".into();
+        c.poll_interval_secs = 0.1;
+    })
+    .await;
+    let receiver = TestReceiver::start().await;
+    receiver.default_reply(Reply::Hang(Duration::from_millis(800)));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            submit_async(
+                &app,
+                json!({ "code": format!("echo {i}"), "language": "bash", "callback_url": receiver.url("/") }),
+            )
+            .await,
+        );
+    }
+    receiver.wait_for(2, Duration::from_secs(10)).await;
+    sqlite3(
+        &app.db_path(),
+        "UPDATE callbacks SET lease_until = '2000-01-01T00:00:00.000000Z' WHERE lease_owner IS NOT NULL",
+    );
+    for id in &ids {
+        wait_callback_status(&app, id, "delivered", Duration::from_secs(10)).await;
+    }
+    // Time for a second POST of the last, were one coming.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut hooks: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap().to_string())
+        .collect();
+    hooks.sort();
+    hooks.dedup();
+    assert_eq!(receiver.received().len(), 3, "each POSTed once");
+    assert_eq!(hooks.len(), 3);
+    app.stop().await;
+}
+
+/// A redelivery asked for while an attempt is in flight is not lost: should
+/// that attempt fail, the next is due at once, not at the schedule's next
+/// step (an hour here). It used to answer "due now", and the failed
+/// attempt's record then put the retry an hour away.
+#[tokio::test]
+async fn a_redelivery_during_an_attempt_makes_its_retry_due_at_once() {
+    let app = spawn_app_with(|c| {
+        c.callback_retry_schedule = "1h".into();
+        c.callback_jitter = 0.0;
+        c.callback_timeout_secs = 0.5;
+    })
+    .await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![
+        Reply::Hang(Duration::from_secs(3)),
+        Reply::Status(200),
+    ]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo x", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    receiver.wait_for(1, Duration::from_secs(10)).await;
+    let (status, out) = redeliver(&app, &id).await;
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        out["message"].as_str().unwrap().contains("under way"),
+        "{out}"
+    );
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(5)).await;
+    assert_eq!(info["attempts"][0]["outcome"], "timeout", "{info}");
+    assert_eq!(info["deliveries"].as_array().unwrap().len(), 1, "{info}");
+    let got = receiver.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    app.stop().await;
+}
