@@ -134,6 +134,17 @@ pub struct Config {
     #[arg(long = "kill-grace", env = "EXECD_KILL_GRACE", default_value_t = 2.0)]
     pub kill_grace_secs: f64,
 
+    /// Longest a sync run (`POST /execute`, `/commands/run`) waits for a
+    /// slot, in seconds. One not started by then is killed unrun and its
+    /// request answered 503 `EXECUTION_NOT_STARTED`, so a retry never runs
+    /// the code twice.
+    #[arg(
+        long = "sync-start-within",
+        env = "EXECD_SYNC_START_WITHIN",
+        default_value_t = 20.0
+    )]
+    pub sync_start_within_secs: f64,
+
     /// Where run directories are made. Default: `<data-dir>/runs`, a link to
     /// a private directory on /dev/shm when that is a tmpfs that allows exec
     /// (else a plain directory). Name one on disk where memory is short: a
@@ -264,6 +275,7 @@ impl Config {
                 true,
             ),
             ("--kill-grace", self.kill_grace_secs, true),
+            ("--sync-start-within", self.sync_start_within_secs, false),
         ] {
             let low = if zero { value >= 0.0 } else { value > 0.0 };
             if !(value.is_finite() && low && value <= MAX_SECONDS) {
@@ -364,6 +376,7 @@ impl fmt::Debug for Config {
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_timeout_secs", &self.max_timeout_secs)
             .field("kill_grace_secs", &self.kill_grace_secs)
+            .field("sync_start_within_secs", &self.sync_start_within_secs)
             .field("runs_dir", &self.runs_dir)
             .field("workdir", &self.workdir)
             .field("list_output_bytes", &self.list_output_bytes)

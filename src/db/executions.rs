@@ -390,17 +390,19 @@ async fn record_lost(conn: &mut SqliteConnection, id: &str) -> Result<(), sqlx::
     Ok(())
 }
 
-/// Kills a row that has not started. False when it is not queued.
+/// Kills a row that has not started, saying why. False when it is not queued.
 pub async fn kill_queued(
     conn: &mut SqliteConnection,
     id: &str,
+    error: &str,
     now: &str,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query!(
         r#"UPDATE executions
-              SET status = 'killed', completed_at = ?, error = 'killed before it started'
+              SET status = 'killed', completed_at = ?, error = ?
             WHERE id = ? AND status = 'queued'"#,
         now,
+        error,
         id,
     )
     .execute(&mut *conn)

@@ -29,7 +29,8 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Extra time a sync request waits past the run's timeout and kill grace
-/// (for a queued start and the final writes). The SDK gives up at timeout + 30 s.
+/// (for a queued start and the final writes), or past its wait for a slot
+/// if that is longer. The SDK gives up at timeout + 30 s.
 const SYNC_SLACK: Duration = Duration::from_secs(20);
 
 #[utoipa::path(post, path = "/execute", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "The run ended; `success` says how", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT, partial output in details", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
@@ -275,15 +276,40 @@ async fn run_to_end(
     submission: Submission,
     idempotency: Option<Idempotency>,
 ) -> Result<Json<Value>, ApiError> {
-    let wait = submission.timeout + state.kill_grace + SYNC_SLACK;
+    let wait = submission.timeout + state.kill_grace + SYNC_SLACK.max(state.sync_start_within);
+    let deadline = tokio::time::Instant::now() + wait;
     let submitted = submit(state, submission, idempotency).await?;
-    let row = state
-        .runner
-        .wait_terminal(&submitted.execution_id, wait)
+    let id = &submitted.execution_id;
+    let vanished = || ApiError::internal(format!("execution {id} vanished"));
+    let runner = &state.runner;
+    let mut row = runner
+        .wait_terminal(id, state.sync_start_within)
         .await?
-        .ok_or_else(|| {
-            ApiError::internal(format!("execution {} vanished", submitted.execution_id))
-        })?;
+        .ok_or_else(vanished)?;
+    if row.status == "queued" && !runner.is_stopping() {
+        // Every slot busy all along: killed unrun, so the caller may retry
+        // (a 5xx) without the code running twice.
+        let why = format!(
+            "not started within {} s (--sync-start-within): every slot of the sync lane was busy",
+            state.sync_start_within.as_secs_f64()
+        );
+        if runner.kill_queued(&row, why.clone()).await? {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "EXECUTION_NOT_STARTED",
+                format!("{why}; it will not run: retry later"),
+            )
+            .with_details(json!({
+                "status": "killed",
+                "execution_id": row.id,
+                "process_id": row.process_id,
+            })));
+        }
+    }
+    if !row.status.parse::<Status>().is_ok_and(Status::is_terminal) && !runner.is_stopping() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        row = runner.wait_terminal(id, left).await?.ok_or_else(vanished)?;
+    }
     let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = read_output(
         &mut *state.db.readers.acquire().await?,
         &row,

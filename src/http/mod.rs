@@ -42,6 +42,8 @@ pub struct Inner {
     pub list_output_bytes: usize,
     /// Added to a sync run's timeout while its request waits for it.
     pub kill_grace: std::time::Duration,
+    /// Longest a sync run waits for a slot before it is killed unrun.
+    pub sync_start_within: std::time::Duration,
     pub max_body_bytes: usize,
     pub max_output_bytes: u64,
     pub started: Instant,

@@ -510,19 +510,10 @@ impl Runner {
             return Ok(KillOutcome::AlreadyFinished(row));
         }
         let exec_id = row.id.clone();
-        let killed_queued = {
-            let exec_id = exec_id.clone();
-            let callbacks = row.callback_url.is_some();
-            self.end(callbacks, move |c| {
-                Box::pin(async move {
-                    let killed = executions::kill_queued(c, &exec_id, &db::now()).await?;
-                    Ok((if killed { vec![exec_id] } else { vec![] }, ()))
-                })
-            })
-            .await?
-            .0
-        };
-        if killed_queued.is_empty() {
+        let killed_queued = self
+            .kill_queued(&row, "killed before it started".into())
+            .await?;
+        if !killed_queued {
             if let Some(running) = self.running.get(&exec_id) {
                 *running.reason.lock().unwrap() = StopReason::Killed;
                 running.stop.cancel();
@@ -533,6 +524,25 @@ impl Runner {
             Some(row) => Ok(KillOutcome::Done(row)),
             None => Ok(KillOutcome::NotFound),
         }
+    }
+
+    /// Kills `row` if it is still queued, with `error` as the reason (and
+    /// its callback, in the same transaction). False when it is not queued.
+    pub async fn kill_queued(
+        &self,
+        row: &ExecutionRow,
+        error: String,
+    ) -> Result<bool, db::WriteError> {
+        let exec_id = row.id.clone();
+        let (killed, ()) = self
+            .end(row.callback_url.is_some(), move |c| {
+                Box::pin(async move {
+                    let killed = executions::kill_queued(c, &exec_id, &error, &db::now()).await?;
+                    Ok((if killed { vec![exec_id] } else { vec![] }, ()))
+                })
+            })
+            .await?;
+        Ok(!killed.is_empty())
     }
 
     /// Lets go of every followed job (output flushed), leaving it to its

@@ -248,3 +248,51 @@ async fn a_graceful_restart_in_the_middle_of_a_queue_loses_and_kills_no_job() {
     }
     app.stop().await;
 }
+
+/// A sync run that finds every slot of its lane busy for longer than
+/// `--sync-start-within` is killed unrun and answered 503, so a client that
+/// retries (as clients do on a 5xx) never runs the code twice. It used to be
+/// answered 408 while it stayed queued, and then ran with no one waiting.
+#[tokio::test]
+async fn a_sync_run_that_cannot_start_in_time_is_answered_503_and_never_runs() {
+    let app = spawn_app_with(|c| {
+        c.sync_concurrency = 1;
+        c.sync_start_within_secs = 1.0;
+    })
+    .await;
+    let busy = {
+        let (client, url) = (app.client.clone(), app.path("/execute"));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&json!({ "code": "sleep 3", "language": "bash" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let marker = app.data_dir.path().join("ran");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": format!("touch {}", marker.display()), "language": "bash", "timeout": 1 }),
+        )
+        .await;
+    let waited = asked.elapsed();
+    assert_eq!(status, 503, "{out}");
+    assert_eq!(out["code"], "EXECUTION_NOT_STARTED", "{out}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    let id = out["details"]["execution_id"].as_str().unwrap().to_string();
+    assert_eq!(busy.await.unwrap(), 200);
+    let p = app.process(&id).await;
+    assert_eq!(p["status"], "killed", "{p}");
+    assert!(p["error"].as_str().unwrap().contains("not started"), "{p}");
+    assert!(p["pid"].is_null(), "{p}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!marker.exists(), "the code ran after its caller heard");
+    app.stop().await;
+}
