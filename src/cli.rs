@@ -376,10 +376,15 @@ impl Client {
     }
 
     /// Prints stored output, or follows the SSE stream until the `end` event,
-    /// reconnecting from the last event id if the connection drops.
+    /// reconnecting from the last event id when the stream breaks or the
+    /// agent restarts (it closes the stream without `end` when it stops, and
+    /// is unreachable or answers 503 for a moment): up to `RECONNECTS` tries
+    /// in a row that bring nothing new, half a second apart.
     async fn logs(&self, id: &str, follow: bool) -> Result<ExitCode, CliError> {
+        const RECONNECTS: u32 = 60;
         let mut last_id: Option<String> = None;
-        for _attempt in 0..10 {
+        let mut fruitless = 0;
+        loop {
             let mut request = self.request(
                 reqwest::Method::GET,
                 &format!("/execute/processes/{id}/logs?follow={follow}"),
@@ -387,31 +392,55 @@ impl Client {
             if let Some(last) = &last_id {
                 request = request.header("Last-Event-ID", last);
             }
-            let mut response = request.send().await.map_err(|e| self.transport(e))?;
-            if response.status() != 200 {
-                let status = response.status().as_u16();
+            let retry = |fruitless: u32| follow && fruitless < RECONNECTS;
+            let mut response = match request.send().await {
+                Ok(response) => response,
+                Err(e) if e.is_connect() && retry(fruitless) => {
+                    fruitless += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.transport(e)),
+            };
+            let status = response.status().as_u16();
+            if status == 503 && retry(fruitless) {
+                fruitless += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            if status != 200 {
                 self.check_token(status)?;
                 return Err(api_error(
                     status,
                     &response.json().await.unwrap_or(Value::Null),
                 ));
             }
-            let mut pending = String::new();
+            // Bytes until a whole event is in: a chunk may end inside a character.
+            let mut pending = Vec::new();
+            // Where to look for the next blank line (before that, none).
+            let mut searched = 0;
+            let seen = last_id.clone();
             while let Ok(Some(chunk)) = response.chunk().await {
-                pending.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = pending.find("\n\n") {
-                    let block: String = pending.drain(..end + 2).collect();
-                    if let Some(code) = print_event(&block, &mut last_id) {
+                pending.extend_from_slice(&chunk);
+                while let Some(at) = pending[searched..].windows(2).position(|w| w == b"\n\n") {
+                    let block: Vec<u8> = pending.drain(..searched + at + 2).collect();
+                    searched = 0;
+                    if let Some(code) = print_event(&String::from_utf8_lossy(&block), &mut last_id)
+                    {
                         return Ok(code);
                     }
                 }
+                searched = pending.len().saturating_sub(1);
             }
             if !follow {
                 return Ok(ExitCode::SUCCESS);
             }
+            fruitless = if last_id == seen { fruitless + 1 } else { 0 };
+            if fruitless >= RECONNECTS {
+                return Err(CliError::Other("the log stream kept breaking".into()));
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Err(CliError::Other("the log stream kept breaking".into()))
     }
 }
 

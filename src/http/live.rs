@@ -73,6 +73,9 @@ impl FromStr for Cursor {
 enum Step {
     Pieces(Vec<(Piece, Cursor)>),
     End(Box<ExecutionRow>),
+    /// The agent is stopping before the execution ended: the run goes on,
+    /// to be followed again (from the last cursor) once the agent is back.
+    Stopping,
 }
 
 /// Follows the output of one execution from a cursor until it ends.
@@ -87,6 +90,14 @@ struct Follower {
 
 impl Follower {
     async fn next(&mut self) -> Result<Step, ApiError> {
+        match self.look().await {
+            // The stop closes the database under a reader.
+            Err(_) if self.state.runner.is_stopping() => Ok(Step::Stopping),
+            step => step,
+        }
+    }
+
+    async fn look(&mut self) -> Result<Step, ApiError> {
         loop {
             // The status first: output stored before a terminal status is
             // all the output there is.
@@ -120,8 +131,11 @@ impl Follower {
                 return Ok(Step::Pieces(out));
             }
             let terminal = row.status.parse::<Status>().is_ok_and(Status::is_terminal);
-            if terminal || !self.follow || self.state.runner.is_stopping() {
+            if terminal || !self.follow {
                 return Ok(Step::End(Box::new(row)));
+            }
+            if self.state.runner.is_stopping() {
+                return Ok(Step::Stopping);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -173,6 +187,9 @@ pub(super) async fn logs(
                 Some(follower),
             ),
             Ok(Step::End(row)) => (vec![end_event(&row)], None),
+            // No `end`: the stream closes, and a client resumes from its
+            // last event id once the agent is back (as EventSource does).
+            Ok(Step::Stopping) => (Vec::new(), None),
             Err(e) => (
                 vec![Event::default().event("error").data(e.to_string())],
                 None,
@@ -260,8 +277,18 @@ async fn run_stream(state: AppState, mut socket: WebSocket) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
+/// The first frame that is not a ping or a pong (those the socket answers itself).
+async fn first_frame(socket: &mut WebSocket) -> Option<Result<Message, axum::Error>> {
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => return other,
+        }
+    }
+}
+
 async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiError> {
-    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let first = tokio::time::timeout(Duration::from_secs(30), first_frame(socket)).await;
     let text = match first {
         Ok(Some(Ok(Message::Text(text)))) => text,
         Ok(Some(Ok(Message::Binary(bytes)))) => String::from_utf8_lossy(&bytes).into_owned().into(),
@@ -294,7 +321,7 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
     let submitted = submit(state, submission, None).await?;
     let mut follower = Follower {
         state: state.clone(),
-        id: submitted.execution_id,
+        id: submitted.execution_id.clone(),
         attempt: 1,
         cursor: Cursor::default(),
         follow: true,
@@ -324,6 +351,21 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
                         return Ok(());
                     }
                 }
+            }
+            Step::Stopping => {
+                // As a sync request waiting then is answered: the run goes on.
+                let frame = json!({
+                    "type": "error",
+                    "code": "SHUTTING_DOWN",
+                    "error": format!(
+                        "the agent is shutting down; the run goes on: follow it with GET /execute/processes/{}",
+                        submitted.execution_id
+                    ),
+                    "execution_id": submitted.execution_id,
+                    "process_id": submitted.process_id,
+                });
+                let _ = socket.send(Message::Text(frame.to_string().into())).await;
+                return Ok(());
             }
             Step::End(row) => {
                 let execution_time =

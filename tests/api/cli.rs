@@ -319,3 +319,68 @@ fn execd_token_prints_the_local_token_or_mints_a_jwt() {
     let auth = execd::http::Auth::jwt("0123456789abcdef-secret");
     assert!(auth.accepts(&jwt), "{jwt}");
 }
+
+/// `execd logs --follow` follows a run across a restart of the agent, and
+/// prints text that came in pieces whole. At a stop the agent used to send
+/// an `end` with the status `running`, and the CLI exited 1 with the run
+/// going on; and each network chunk was decoded on its own, so a character
+/// split between two came out as U+FFFD.
+#[tokio::test]
+async fn execd_logs_follow_goes_on_across_a_restart_and_prints_every_character() {
+    use crate::crash::{free_port, Agent};
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let code = "import time\n\
+                print('x' + '\u{20ac}' * 400000)\n\
+                for i in range(30):\n    print('line', i, flush=True); time.sleep(0.1)";
+    let out = agent
+        .post(
+            "/execute/background",
+            serde_json::json!({ "code": code, "language": "python" }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    // Read as it comes (a pipe left unread would hold the CLI up), and
+    // killed if it has not ended within 30 s.
+    let follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["logs", &id, "--follow"])
+        .env("EXECD_URL", &agent.url)
+        .env("EXECD_TOKEN", crate::helpers::TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let follow = tokio::spawn(tokio::time::timeout(
+        Duration::from_secs(30),
+        follow.wait_with_output(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(agent.terminate().success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let followed = follow
+        .await
+        .unwrap()
+        .expect("execd logs --follow ended within 30 s")
+        .unwrap();
+    let mut expected = format!("x{}\n", "\u{20ac}".repeat(400_000));
+    for i in 0..30 {
+        expected.push_str(&format!("line {i}\n"));
+    }
+    let printed = String::from_utf8_lossy(&followed.stdout);
+    assert!(!printed.contains('\u{fffd}'), "a character was split");
+    assert!(
+        printed == expected,
+        "the text differs: {} bytes",
+        printed.len()
+    );
+    assert_eq!(
+        followed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    assert!(agent.terminate().success());
+}

@@ -821,3 +821,67 @@ async fn assert_lost_with_all_it_wrote(agent: &Agent, id: &str) {
     assert!(p["error"].as_str().unwrap().contains("lost"), "{p}");
     assert_eq!(p["stdout"], "ab\u{fffd}", "{p}");
 }
+
+/// A WebSocket run (`/execute/stream`) cut off by a stop of the agent ends
+/// with a `SHUTTING_DOWN` error frame that names the execution, as a sync
+/// request waiting then is answered; the run goes on and is found after the
+/// restart. The client used to get a bare close, or `INTERNAL_ERROR` from a
+/// read on the closing database, and no id. A ping before the execute frame
+/// is answered, not taken for the end (it closed the socket).
+#[tokio::test]
+async fn a_stream_cut_off_by_a_stop_names_its_run_which_goes_on() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let url = agent.url.replace("http://", "ws://") + "/execute/stream";
+    let mut request = url.into_client_request().unwrap();
+    let bearer = format!("Bearer {}", crate::helpers::TOKEN);
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket
+        .send(Message::Ping(b"hi".to_vec().into()))
+        .await
+        .unwrap();
+    let code = "for i in $(seq 1 20); do echo line-$i; sleep 0.1; done";
+    let frame = json!({ "type": "execute", "code": code, "language": "bash" });
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut frames: Vec<Value> = Vec::new();
+    let mut stopped = None;
+    let mut running = Some(agent);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, socket.next()).await {
+        match message {
+            Message::Text(text) => frames.push(serde_json::from_str(&text).unwrap()),
+            Message::Close(_) => break,
+            _ => continue,
+        }
+        if frames.last().unwrap()["type"] == "stdout" {
+            if let Some(agent) = running.take() {
+                stopped = Some(agent.terminate());
+            }
+        }
+    }
+    assert!(stopped.expect("a stdout frame before the stop").success());
+    let last = frames.last().unwrap();
+    assert_eq!(last["type"], "error", "{frames:?}");
+    assert_eq!(last["code"], "SHUTTING_DOWN", "{last}");
+    let id = last["execution_id"].as_str().unwrap().to_string();
+    assert!(last["process_id"].as_str().unwrap().starts_with("proc_"));
+
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    let lines: Vec<String> = (1..=20).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(p["stdout"], lines.concat());
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
