@@ -465,6 +465,10 @@ fn print_event(block: &str, last_id: &mut Option<String>) -> Option<ExitCode> {
             let _ = std::io::stdout().flush();
         }
         "stderr" => eprint!("{}", data["data"].as_str().unwrap_or("")),
+        "attempt" => eprintln!(
+            "execd: the last attempt was lost; attempt {} follows",
+            data["attempt"]
+        ),
         "end" => {
             let code = data["exit_code"].as_i64().unwrap_or(1);
             return Some(ExitCode::from(u8::try_from(code).unwrap_or(1)));

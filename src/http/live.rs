@@ -37,41 +37,90 @@ const POLL: Duration = Duration::from_millis(50);
 /// Chunks read per look.
 const PAGE: i64 = 256;
 
-/// A reading position: the next chunk of each stream. Shown as `<stdout>.<stderr>`
-/// (the SSE event id).
+/// A reading position: an attempt, and the next chunk of each of its
+/// streams. Shown as `<attempt>.<stdout>.<stderr>` (the SSE event id).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
+    attempt: i64,
     stdout: i64,
     stderr: i64,
 }
 
-impl fmt::Display for Cursor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.stdout, self.stderr)
+impl Cursor {
+    /// The start of `attempt`.
+    fn start(attempt: i64) -> Cursor {
+        Cursor {
+            attempt,
+            ..Cursor::default()
+        }
     }
 }
 
-impl FromStr for Cursor {
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.attempt, self.stdout, self.stderr)
+    }
+}
+
+/// A cursor as a client gives it: `<attempt>.<stdout>.<stderr>`, or
+/// `<stdout>.<stderr>` (the ids before attempts were in them: the current
+/// attempt's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Given {
+    attempt: Option<i64>,
+    stdout: i64,
+    stderr: i64,
+}
+
+impl Given {
+    /// Where to go on from, the execution being at attempt `current`. (A
+    /// cursor of an earlier attempt goes on with the `attempt` event and
+    /// the current one from its start: the follower moves on to it.)
+    fn resolve(self, current: i64) -> Cursor {
+        Cursor {
+            attempt: self.attempt.unwrap_or(current),
+            stdout: self.stdout,
+            stderr: self.stderr,
+        }
+    }
+}
+
+impl FromStr for Given {
     type Err = ApiError;
 
     fn from_str(s: &str) -> Result<Self, ApiError> {
         let bad = || {
             ApiError::bad_request(
                 "INVALID_REQUEST",
-                format!("cursor {s:?} is not <stdout seq>.<stderr seq>"),
+                format!("cursor {s:?} is not <attempt>.<stdout seq>.<stderr seq>"),
             )
         };
-        let (out, err) = s.split_once('.').ok_or_else(bad)?;
-        Ok(Cursor {
-            stdout: out.parse().map_err(|_| bad())?,
-            stderr: err.parse().map_err(|_| bad())?,
-        })
+        let numbers = s
+            .split('.')
+            .map(|n| n.parse::<i64>().ok().filter(|n| *n >= 0))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+        match numbers[..] {
+            [attempt, stdout, stderr] => Ok(Given {
+                attempt: Some(attempt),
+                stdout,
+                stderr,
+            }),
+            [stdout, stderr] => Ok(Given {
+                attempt: None,
+                stdout,
+                stderr,
+            }),
+            _ => Err(bad()),
+        }
     }
 }
 
 /// One step of following an execution.
 enum Step {
     Pieces(Vec<(Piece, Cursor)>),
+    /// A new attempt began (the last was lost): its output follows.
+    Attempt(Cursor),
     End(Box<ExecutionRow>),
     /// The agent is stopping before the execution ended: the run goes on,
     /// to be followed again (from the last cursor) once the agent is back.
@@ -82,7 +131,6 @@ enum Step {
 struct Follower {
     state: AppState,
     id: String,
-    attempt: i64,
     cursor: Cursor,
     /// Wait for more while it runs; otherwise end at what is stored now.
     follow: bool,
@@ -104,16 +152,21 @@ impl Follower {
             let row = executions::get(&self.state.db.readers, &self.id)
                 .await?
                 .ok_or_else(|| ApiError::process_not_found(&self.id))?;
-            if row.attempt != self.attempt {
-                // Queued again after a lost attempt: follow the new one from its start.
-                self.attempt = row.attempt;
-                self.cursor = Cursor::default();
+            // Queued again after a lost attempt: the new one from its start.
+            // (Never back: a claim given back lowers `attempt` while the
+            // attempt it took never ran.)
+            if row.attempt > self.cursor.attempt {
+                let first = self.cursor.attempt == 0;
+                self.cursor = Cursor::start(row.attempt);
+                if !first {
+                    return Ok(Step::Attempt(self.cursor));
+                }
             }
             let c = self.cursor;
             let pieces = output::since(
                 &self.state.db.readers,
                 &self.id,
-                self.attempt,
+                c.attempt,
                 c.stdout,
                 c.stderr,
                 PAGE,
@@ -151,7 +204,7 @@ pub(super) struct LogsQuery {
 /// `GET /execute/processes/{id}/logs?follow=true`: `stdout` and `stderr`
 /// events (`{stream, data, seq, timestamp}`, id = the cursor after it), then
 /// one `end` event with the status, exit code and error.
-#[utoipa::path(get, path = "/execute/processes/{id}/logs", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id"), ("follow" = Option<bool>, Query), ("cursor" = Option<String>, Query, description = "<stdout seq>.<stderr seq>, as Last-Event-ID")), responses((status = 200, description = "Server-sent events: stdout, stderr, end", content_type = "text/event-stream", body = String), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(get, path = "/execute/processes/{id}/logs", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id"), ("follow" = Option<bool>, Query), ("cursor" = Option<String>, Query, description = "<attempt>.<stdout seq>.<stderr seq>, as Last-Event-ID")), responses((status = 200, description = "Server-sent events: stdout, stderr, end", content_type = "text/event-stream", body = String), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -166,13 +219,12 @@ pub(super) async fn logs(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let cursor = match resume.or(query.cursor) {
-        Some(text) => text.parse()?,
-        None => Cursor::default(),
+        Some(text) => text.parse::<Given>()?.resolve(row.attempt),
+        None => Cursor::start(row.attempt),
     };
     let follower = Follower {
         state,
         id: row.id,
-        attempt: row.attempt,
         cursor,
         follow: query.follow.unwrap_or(false),
     };
@@ -184,6 +236,13 @@ pub(super) async fn logs(
                     .into_iter()
                     .map(|(p, c)| piece_event(&p, c))
                     .collect(),
+                Some(follower),
+            ),
+            Ok(Step::Attempt(at)) => (
+                vec![Event::default()
+                    .event("attempt")
+                    .id(at.to_string())
+                    .data(json!({ "attempt": at.attempt }).to_string())],
                 Some(follower),
             ),
             Ok(Step::End(row)) => (vec![end_event(&row)], None),
@@ -322,8 +381,7 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
     let mut follower = Follower {
         state: state.clone(),
         id: submitted.execution_id.clone(),
-        attempt: 1,
-        cursor: Cursor::default(),
+        cursor: Cursor::start(1),
         follow: true,
     };
     loop {
@@ -352,6 +410,7 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
                     }
                 }
             }
+            Step::Attempt(_) => {}
             Step::Stopping => {
                 // As a sync request waiting then is answered: the run goes on.
                 let frame = json!({

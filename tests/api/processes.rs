@@ -516,3 +516,89 @@ async fn logs_follow_a_running_job_as_server_sent_events_and_resume_from_an_even
     assert_eq!(rest.last().unwrap().0, "end");
     app.stop().await;
 }
+
+/// The logs of a run retried after a lost attempt: a follower sees the
+/// first attempt's output, an `attempt` event, then the second's; a client
+/// resuming with an event id of the first attempt gets the same `attempt`
+/// event and the second from its start. The id used to carry no attempt: a
+/// first attempt's position was applied to the second, whose first lines
+/// were skipped.
+#[tokio::test]
+async fn logs_of_a_retried_run_mark_the_new_attempt_and_resume_into_it() {
+    let app = spawn_app().await;
+    let marker = app.data_dir.path().join("attempts");
+    let code = format!(
+        "echo x >> {m}; n=$(wc -l < {m}); for i in 1 2 3; do echo a$n-$i; sleep 0.1; done; \
+         if [ $n -lt 2 ]; then sleep 300; fi",
+        m = marker.display()
+    );
+    let id = app
+        .background(json!({ "code": code, "language": "bash", "max_attempts": 2 }))
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| {
+            p["stdout"] == "a1-1\na1-2\na1-3\n"
+        })
+        .await;
+    let exec = p["execution_id"].as_str().unwrap().to_string();
+    let first = read_events(app.get(&format!("/execute/processes/{id}/logs")).await).await;
+    let last_of_first = first
+        .iter()
+        .rev()
+        .find(|e| e.0 == "stdout")
+        .unwrap()
+        .1
+        .clone();
+    assert!(last_of_first.starts_with("1."), "{last_of_first}");
+    let follower = app
+        .get(&format!("/execute/processes/{id}/logs?follow=true"))
+        .await;
+    let started: Value = serde_json::from_slice(
+        &std::fs::read(
+            app.data_dir
+                .path()
+                .join("runs")
+                .join(&exec)
+                .join("supervisor.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let supervisor = started["supervisor_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let followed = read_events(follower).await;
+    let kinds: Vec<&str> = followed.iter().map(|e| e.0.as_str()).collect();
+    let turn = kinds
+        .iter()
+        .position(|k| *k == "attempt")
+        .expect("an attempt event");
+    assert_eq!(followed[turn].2["attempt"], 2);
+    assert!(followed[turn].1.starts_with("2."), "{:?}", followed[turn]);
+    let text = |events: &[(String, String, Value)]| -> String {
+        events
+            .iter()
+            .filter(|e| e.0 == "stdout")
+            .map(|e| e.2["data"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(text(&followed[..turn]), "a1-1\na1-2\na1-3\n");
+    assert_eq!(text(&followed[turn..]), "a2-1\na2-2\na2-3\n");
+    assert_eq!(kinds.last(), Some(&"end"));
+
+    let resumed = app
+        .client
+        .get(app.path(&format!("/execute/processes/{id}/logs?follow=true")))
+        .bearer_auth(TOKEN)
+        .header("Last-Event-ID", &last_of_first)
+        .send()
+        .await
+        .unwrap();
+    let resumed = read_events(resumed).await;
+    assert_eq!(resumed[0].0, "attempt", "{resumed:?}");
+    assert_eq!(text(&resumed), "a2-1\na2-2\na2-3\n");
+    app.stop().await;
+}

@@ -385,10 +385,27 @@ async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
         .get_json("/execute/processes?status=&name=&limit=&offset=&cursor=")
         .await;
     assert_eq!(status, 200, "{list}");
-    let (status, _) = app
+    let (status, ran) = app
         .post_json("/execute", json!({ "code": "echo ok", "language": "bash" }))
         .await;
     assert_eq!(status, 200, "still serving");
+    // A logs cursor is <attempt>.<stdout seq>.<stderr seq>, or the older
+    // <stdout seq>.<stderr seq>; none of its numbers is negative.
+    let logs = format!(
+        "/execute/processes/{}/logs",
+        ran["process_id"].as_str().unwrap()
+    );
+    for cursor in ["-5.-5", "1.-1.0", "1.2.3.4", "x.0"] {
+        let response = raw(reqwest::Method::GET, &format!("{logs}?cursor={cursor}"))
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, 400, "INVALID_REQUEST", cursor).await;
+    }
+    for cursor in ["0.0", "1.0.0"] {
+        let response = app.get(&format!("{logs}?cursor={cursor}")).await;
+        assert_eq!(response.status(), 200, "{cursor}");
+    }
     app.stop().await;
 }
 
