@@ -28,6 +28,8 @@ use schedule::Schedule;
 
 /// Response bytes kept per attempt.
 const RESPONSE_KEEP: usize = 4 << 10;
+/// How long an attempt in flight when the agent stops may go on.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// What the delivery loop needs, fixed at start.
 #[derive(Clone, Debug)]
@@ -343,11 +345,15 @@ impl Deliverer {
         let number = due.attempts + 1;
         let started_at = db::now();
         let started = Instant::now();
+        // Stopping: an attempt in flight has a little while to end and be
+        // recorded (a receiver that answered would otherwise get the same
+        // delivery again after the restart); past that it is dropped
+        // unrecorded, its lease freed at the next start and the delivery
+        // retried then.
+        let grace = self.config.timeout.min(STOP_GRACE);
         let result = tokio::select! {
             result = self.post(&due) => result,
-            // Stopping: drop the attempt unrecorded. Its lease is freed at the
-            // next start, and the delivery is retried then.
-            () = shutdown.cancelled() => return,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return,
         };
         let duration_ms = started.elapsed().as_secs_f64() * 1e3;
         let next = match result.outcome {

@@ -885,3 +885,46 @@ async fn a_stream_cut_off_by_a_stop_names_its_run_which_goes_on() {
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+/// A callback POST in flight when the agent is stopped may end and is
+/// recorded: a receiver that answers within the stop's grace gets it once.
+/// The stop used to drop it unrecorded, and the restart POSTed it again.
+#[tokio::test]
+async fn a_callback_in_flight_at_a_stop_is_finished_and_not_sent_again() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = TestReceiver::start().await;
+    receiver.default_reply(Reply::Hang(Duration::from_millis(800)));
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": "echo done", "language": "bash", "callback_url": receiver.url("/") }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    receiver.wait_for(1, Duration::from_secs(10)).await;
+    let stopping = Instant::now();
+    // Waited for off the runtime, which serves the receiver meanwhile.
+    let stopped = tokio::task::spawn_blocking(move || agent.terminate());
+    assert!(stopped.await.unwrap().success());
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let path = format!("/execute/processes/{id}/callback");
+    let info = poll_until(
+        Duration::from_secs(5),
+        || agent.get(&path),
+        |info| info["callback"]["status"] == "delivered",
+    )
+    .await;
+    assert_eq!(info["attempts"].as_array().unwrap().len(), 1, "{info}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "POSTed again after the restart"
+    );
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
