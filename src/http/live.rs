@@ -301,8 +301,8 @@ struct StreamIn {
 /// `{"type":"execute", code, language, timeout, workdir, env}`; the agent runs
 /// it in the sync lane and sends `stdout`/`stderr` frames `{data, timestamp}`,
 /// then `result {exit_code, execution_time}` and `complete {success}`, or
-/// `error {error, code}`.
-#[utoipa::path(get, path = "/execute/stream", tag = "execd", responses((status = 101, description = "WebSocket: send {type: execute, code, language, timeout, workdir, env}"), (status = 426, description = "Not a WebSocket upgrade", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+/// `error {error, code}`. A GET that is no upgrade is 400 `INVALID_REQUEST`.
+#[utoipa::path(get, path = "/execute/stream", tag = "execd", responses((status = 101, description = "WebSocket: send {type: execute, code, language, timeout, workdir, env}"), crate::http::openapi::Errors))]
 pub(super) async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
     // A frame is a request body: `--max-body-bytes` holds here too.
     let limit = state.max_body_bytes;

@@ -402,6 +402,11 @@ async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
             .unwrap();
         assert_error(response, 400, "INVALID_REQUEST", cursor).await;
     }
+    let response = raw(reqwest::Method::GET, "/execute/stream")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "INVALID_REQUEST", "stream without upgrade").await;
     for cursor in ["0.0", "1.0.0"] {
         let response = app.get(&format!("{logs}?cursor={cursor}")).await;
         assert_eq!(response.status(), 200, "{cursor}");
