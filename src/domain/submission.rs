@@ -423,7 +423,15 @@ fn parse_callback(
         .with_details(json!({ "field": "callback_url" })));
     }
     let headers = headers.unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
     for (name, value) in &headers {
+        // Names ignore case: two that differ only in it would be sent as one.
+        if !seen.insert(name.to_ascii_lowercase()) {
+            return Err(SubmissionError::invalid(format!(
+                "callback header {name:?} is given twice (header names ignore case)"
+            ))
+            .with_details(json!({ "field": "callback_headers", "header": name })));
+        }
         if RESERVED_CALLBACK_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(SubmissionError::invalid(format!(
                 "callback header {name:?} is set by execd (or governs the connection) and cannot be given"
@@ -542,6 +550,16 @@ mod tests {
             ..bash("x")
         };
         assert_eq!(code(reserved, Lane::Async), "INVALID_REQUEST");
+        let twice = ExecuteIn {
+            callback_url: Some("http://127.0.0.1:1/cb".into()),
+            callback_headers: Some(
+                [("X-Dup", "a"), ("x-dup", "b")]
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .into(),
+            ),
+            ..bash("x")
+        };
+        assert_eq!(code(twice, Lane::Async), "INVALID_REQUEST");
         for hop in ["Transfer-Encoding", "connection", "Upgrade"] {
             let headers = ExecuteIn {
                 callback_url: Some("http://127.0.0.1:1/cb".into()),
