@@ -264,9 +264,12 @@ pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
 }
 
 /// Runs `sql` on the database file `db` with the `sqlite3` command, as an
-/// operator would, and gives what it prints.
+/// operator would, and gives what it prints. It waits up to 5 s for the
+/// agent's writer (without it, a write that meets a commit fails at once:
+/// "database is locked").
 pub fn sqlite3(db: &std::path::Path, sql: &str) -> String {
     let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
         .arg(db)
         .arg(sql)
         .output()
