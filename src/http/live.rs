@@ -66,7 +66,7 @@ impl fmt::Display for Cursor {
 /// `<stdout>.<stderr>` (the ids before attempts were in them: the current
 /// attempt's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Given {
+struct Given {
     attempt: Option<i64>,
     stdout: i64,
     stderr: i64,
