@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::processes::{read_output, OutputView};
 use super::{timestamp_now, ApiError, AppState, JsonBody};
-use crate::db::executions::{self, Idempotency, Inserted, Run};
+use crate::db::executions::{self, ExecutionRow, Idempotency, Inserted, Run};
 use crate::db::{self};
 use crate::domain::{
     new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Program, Status, Submission,
@@ -33,7 +33,7 @@ pub fn router() -> Router<AppState> {
 /// if that is longer. The SDK gives up at timeout + 30 s.
 const SYNC_SLACK: Duration = Duration::from_secs(20);
 
-#[utoipa::path(post, path = "/execute", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "The run ended; `success` says how", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT, partial output in details", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/execute", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "The run ended; `success` says how", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT, partial output in details", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED; or SHUTTING_DOWN: the agent stopped while the run went on (it goes on)", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn execute_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -43,7 +43,7 @@ pub(super) async fn execute_sync(
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
 
-#[utoipa::path(post, path = "/commands/run", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "The command ended", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/commands/run", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "The command ended", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED; or SHUTTING_DOWN: the agent stopped while the run went on (it goes on)", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn command_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -269,6 +269,15 @@ pub(super) async fn submit(
     })
 }
 
+/// The 503 of a sync run killed before it started: safe to retry.
+fn killed_unrun(code: &'static str, message: String, row: &ExecutionRow) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_details(json!({
+        "status": "killed",
+        "execution_id": row.id,
+        "process_id": row.process_id,
+    }))
+}
+
 /// Submits, waits for the run to end, and answers with its result: 200 for
 /// any ending of the program (`success` says how), 408 for a timeout.
 async fn run_to_end(
@@ -294,21 +303,32 @@ async fn run_to_end(
             state.sync_start_within.as_secs_f64()
         );
         if runner.kill_queued(&row, why.clone()).await? {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            return Err(killed_unrun(
                 "EXECUTION_NOT_STARTED",
                 format!("{why}; it will not run: retry later"),
-            )
-            .with_details(json!({
-                "status": "killed",
-                "execution_id": row.id,
-                "process_id": row.process_id,
-            })));
+                &row,
+            ));
         }
     }
     if !row.status.parse::<Status>().is_ok_and(Status::is_terminal) && !runner.is_stopping() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         row = runner.wait_terminal(id, left).await?.ok_or_else(vanished)?;
+    }
+    // The agent stops with the run not started: killed unrun, so that the
+    // 503 is safe to retry (clients do retry a 5xx).
+    if row.status == "queued" && runner.is_stopping() {
+        let why = "not started: the agent stopped first".to_string();
+        if runner.kill_queued(&row, why).await? {
+            return Err(killed_unrun(
+                "SHUTTING_DOWN",
+                "the agent is shutting down; the run had not started and will not run: retry later"
+                    .into(),
+                &row,
+            ));
+        }
+        row = executions::get(&state.db.readers, id)
+            .await?
+            .ok_or_else(vanished)?;
     }
     let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = read_output(
         &mut *state.db.readers.acquire().await?,
@@ -338,11 +358,12 @@ async fn run_to_end(
         out["pid"] = json!(row.pid);
     }
     match row.status.as_str() {
+        // Not a 5xx: a client would retry it and run the code a second time.
         "queued" | "running" if state.runner.is_stopping() => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
             "SHUTTING_DOWN",
             format!(
-                "the agent is shutting down; the run goes on: follow it with GET /execute/processes/{}",
+                "the agent is shutting down; the run goes on (do not send it again): follow it with GET /execute/processes/{}",
                 row.id
             ),
         )

@@ -189,19 +189,27 @@ async fn rows_left_running_by_a_crashed_agent_are_failed_at_start() {
     app.stop().await;
 }
 
+/// A sync request whose run is going when the agent stops is answered 409,
+/// not a 5xx: clients retry a 5xx (the hopx-ai SDK does, on 503), and the
+/// retry ran the code a second time. The run goes on. One still queued then
+/// is killed unrun and answered 503, which is safe to retry.
 #[tokio::test]
-async fn a_sync_request_in_flight_when_the_agent_stops_gets_503_and_its_job_runs_on() {
-    let app = spawn_app().await;
-    let (client, url) = (app.client.clone(), app.path("/execute"));
-    let request = tokio::spawn(async move {
-        client
-            .post(url)
-            .bearer_auth(TOKEN)
-            .json(&json!({ "code": "echo begun; sleep 2; echo done", "language": "bash" }))
-            .send()
-            .await
-            .unwrap()
-    });
+async fn a_sync_request_in_flight_when_the_agent_stops_gets_409_and_its_job_runs_on() {
+    let app = spawn_app_with(|c| c.sync_concurrency = 1).await;
+    let marker = app.data_dir.path().join("queued-ran");
+    let sync = |code: String| {
+        let (client, url) = (app.client.clone(), app.path("/execute"));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&json!({ "code": code, "language": "bash" }))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let request = sync("echo begun; sleep 2; echo done".into());
     let deadline = Instant::now() + Duration::from_secs(10);
     let id = loop {
         let (_, list) = app.get_json("/execute/processes?status=running").await;
@@ -213,17 +221,39 @@ async fn a_sync_request_in_flight_when_the_agent_stops_gets_503_and_its_job_runs
         assert!(Instant::now() < deadline, "the sync job did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let queued = sync(format!("touch {}", marker.display()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let data_dir = app.shutdown().await;
+    let unrun = queued.await.unwrap();
+    assert_eq!(unrun.status(), 503);
+    let unrun: serde_json::Value = unrun.json().await.unwrap();
+    assert_eq!(unrun["code"], "SHUTTING_DOWN");
+    assert_eq!(unrun["details"]["status"], "killed", "{unrun}");
     let response = request.await.unwrap();
-    assert_eq!(response.status(), 503);
+    assert_eq!(response.status(), 409);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["code"], "SHUTTING_DOWN");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("do not send it again"),
+        "{body}"
+    );
     assert_eq!(body["details"]["process_id"], id.as_str());
 
     let app = start(restart_config(data_dir.path()), data_dir).await;
     let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
     assert_eq!(p["status"], "completed");
     assert_eq!(p["stdout"], "begun\ndone\n");
+    let unrun = app
+        .process(unrun["details"]["process_id"].as_str().unwrap())
+        .await;
+    assert_eq!(unrun["status"], "killed", "{unrun}");
+    assert!(
+        !marker.exists(),
+        "the queued run ran after its caller heard"
+    );
     app.stop().await;
 }
 
