@@ -68,6 +68,15 @@ async fn jwts_signed_with_the_secret_and_not_expired_are_accepted() {
     };
     let (ok, _) = status_with(&app, "GET", "/info", Some(&token(secret, now + 300))).await;
     assert_eq!(ok, 200);
+    // An issuer's `aud` is no reason to refuse (it was: 401).
+    let with_audience = encode(
+        &Header::default(),
+        &json!({ "sub": "client", "exp": now + 300, "aud": "sandbox" }),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let (ok, _) = status_with(&app, "GET", "/info", Some(&with_audience)).await;
+    assert_eq!(ok, 200, "a token with aud");
     let (expired, body) = status_with(&app, "GET", "/info", Some(&token(secret, now - 300))).await;
     assert_eq!(
         (expired, body["code"].as_str()),
