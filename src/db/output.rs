@@ -130,6 +130,21 @@ where
     Ok(out)
 }
 
+/// A tail (`read_tail`) as text. Where the cut (`cut`) split a character,
+/// the rest of it at the start is skipped rather than shown as U+FFFD.
+pub fn tail_text(bytes: &[u8], cut: bool) -> String {
+    let skip = if cut {
+        bytes
+            .iter()
+            .take(3)
+            .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
+            .count()
+    } else {
+        0
+    };
+    String::from_utf8_lossy(&bytes[skip..]).into_owned()
+}
+
 /// The last `max` bytes of one stream, and whether earlier output was left
 /// out. On the read pool, or on the writer connection inside a transaction.
 pub async fn read_tail<'c, E>(

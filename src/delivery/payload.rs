@@ -15,17 +15,7 @@ pub struct StreamTail {
 
 /// Text from a byte tail, skipping a UTF-8 sequence the cut split in two.
 fn tail_text(tail: &StreamTail) -> String {
-    let bytes = &tail.bytes;
-    let skip = if tail.cut {
-        bytes
-            .iter()
-            .take(3)
-            .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
-            .count()
-    } else {
-        0
-    };
-    String::from_utf8_lossy(&bytes[skip..]).into_owned()
+    crate::db::output::tail_text(&tail.bytes, tail.cut)
 }
 
 /// The JSON body of API.md's callback, frozen at `timestamp`.

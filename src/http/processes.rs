@@ -93,20 +93,22 @@ async fn read_stream(
     stream: Stream,
     view: OutputView,
 ) -> Result<(String, bool), ApiError> {
-    let (bytes, cut) = match view {
-        OutputView::Full => (
-            output::read(&mut *conn, &row.id, row.attempt, stream).await?,
-            false,
-        ),
+    let (text, cut) = match view {
+        OutputView::Full => {
+            let bytes = output::read(&mut *conn, &row.id, row.attempt, stream).await?;
+            (String::from_utf8_lossy(&bytes).into_owned(), false)
+        }
         OutputView::Tail(max) => {
-            output::read_tail(&mut *conn, &row.id, row.attempt, stream, max).await?
+            let (bytes, cut) =
+                output::read_tail(&mut *conn, &row.id, row.attempt, stream, max).await?;
+            (output::tail_text(&bytes, cut), cut)
         }
     };
     let flagged = match stream {
         Stream::Stdout => row.stdout_truncated,
         Stream::Stderr => row.stderr_truncated,
     };
-    Ok((String::from_utf8_lossy(&bytes).into_owned(), flagged || cut))
+    Ok((text, flagged || cut))
 }
 
 impl ProcessOut {

@@ -602,3 +602,29 @@ async fn logs_of_a_retried_run_mark_the_new_attempt_and_resume_into_it() {
     assert_eq!(text(&resumed), "a2-1\na2-2\na2-3\n");
     app.stop().await;
 }
+
+/// The list shows the last 64 KiB of each stream; where that cut splits a
+/// character, the list starts after it, as a callback's tail does, instead
+/// of with U+FFFD.
+#[tokio::test]
+async fn the_lists_output_tail_never_starts_with_half_a_character() {
+    let app = spawn_app().await;
+    // 90,000 bytes of a 3-byte character: 65,536 is no multiple of 3.
+    let code = "import sys; sys.stdout.write('\u{65e5}' * 30000)";
+    let id = app
+        .background(json!({ "code": code, "language": "python" }))
+        .await;
+    app.wait_terminal(&id, Duration::from_secs(10)).await;
+    let (_, list) = app.get_json("/execute/processes").await;
+    let p = list["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["process_id"] == id.as_str())
+        .unwrap();
+    let tail = p["stdout"].as_str().unwrap();
+    assert!(!tail.contains('\u{fffd}'), "a split character shown");
+    assert_eq!(tail.chars().count(), 65_536 / 3);
+    assert_eq!(p["stdout_truncated"], true);
+    app.stop().await;
+}
