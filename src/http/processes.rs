@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -315,6 +316,22 @@ async fn kill(state: &AppState, id: &str) -> Result<Json<Value>, ApiError> {
             (row, message)
         }
         KillOutcome::Done(row) if row.status == "killed" => (row, "process killed".to_string()),
+        // The stop came first, or meanwhile: the kill may not be carried out.
+        KillOutcome::Done(row)
+            if matches!(row.status.as_str(), "queued" | "running")
+                && state.runner.is_stopping() =>
+        {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SHUTTING_DOWN",
+                "the agent is shutting down and the process has not ended: send the kill again once the agent is back",
+            )
+            .with_details(json!({
+                "process_id": row.process_id,
+                "execution_id": row.id,
+                "status": row.status,
+            })));
+        }
         KillOutcome::Done(row) if matches!(row.status.as_str(), "queued" | "running") => (
             row,
             "kill requested; the process has not ended yet".to_string(),

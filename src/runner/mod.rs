@@ -550,7 +550,13 @@ impl Runner {
     async fn let_go(&self) {
         let running = self.running.all();
         for job in running {
-            *job.reason.lock().unwrap() = StopReason::Shutdown;
+            // A kill asked for before the stop is carried out (the stop
+            // waits for it); any other job is let go.
+            let mut reason = job.reason.lock().unwrap();
+            if *reason != StopReason::Killed {
+                *reason = StopReason::Shutdown;
+            }
+            drop(reason);
             job.stop.cancel();
         }
         self.tasks.close();

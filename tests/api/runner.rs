@@ -326,3 +326,43 @@ async fn a_sync_run_that_cannot_start_in_time_is_answered_503_and_never_runs() {
     assert!(!marker.exists(), "the code ran after its caller heard");
     app.stop().await;
 }
+
+/// A kill that meets the agent's stop is carried out, or refused with a 503
+/// that says to send it again; never answered 200 while the job runs on. The
+/// stop used to overwrite the kill with its own let-go, and the kill was
+/// answered 200 ("kill requested") with the job still running after the
+/// restart. The kill is sent a few milliseconds either side of the stop.
+#[tokio::test]
+async fn a_kill_that_meets_a_stop_is_carried_out_or_refused() {
+    for delay_ms in 0..6u64 {
+        let app = spawn_app().await;
+        let id = app
+            .background(json!({ "code": "sleep 120", "language": "bash" }))
+            .await;
+        app.wait_for(&id, Duration::from_secs(10), |p| p["status"] == "running")
+            .await;
+        let kill = {
+            let (client, url) = (app.client.clone(), app.path(&format!("/execute/kill/{id}")));
+            tokio::spawn(async move {
+                let response = client.post(url).bearer_auth(TOKEN).send().await.ok()?;
+                let status = response.status().as_u16();
+                Some((status, response.json::<serde_json::Value>().await.ok()?))
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let data_dir = app.shutdown().await;
+        let answer = kill.await.unwrap();
+        let app = start(restart_config(data_dir.path()), data_dir).await;
+        if let Some((200, body)) = &answer {
+            let p = app.wait_terminal(&id, Duration::from_secs(5)).await;
+            assert_eq!(p["status"], "killed", "answered {body}, then {p}");
+        } else if let Some((status, body)) = &answer {
+            assert_eq!(
+                (*status, body["code"].as_str()),
+                (503, Some("SHUTTING_DOWN")),
+                "{body}"
+            );
+        }
+        app.stop().await;
+    }
+}
