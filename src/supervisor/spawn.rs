@@ -122,7 +122,13 @@ pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
     if errno != 0 {
         // It never exec'd: reap it, and say why.
         let _ = nix::sys::wait::waitpid(pid, None);
-        return Err(std::io::Error::from_raw_os_error(errno));
+        let e = std::io::Error::from_raw_os_error(errno.abs());
+        if errno < 0 {
+            let dir = spec.working_dir.display();
+            let why = format!("cannot enter its working directory {dir}: {e}");
+            return Err(std::io::Error::new(e.kind(), why));
+        }
+        return Err(e);
     }
     Ok(Program {
         pid: pid.as_raw() as u32,
@@ -131,7 +137,8 @@ pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
     })
 }
 
-/// The child's steps before its `exec`; the errno that stopped them.
+/// The child's steps before its `exec`; the errno that stopped them (negated
+/// when it was entering the working directory).
 ///
 /// # Safety
 /// Only in the child of `spawn`'s `clone`.
@@ -152,7 +159,8 @@ unsafe fn before_exec(
     check(libc::dup2(stdin, 0))?;
     check(libc::dup2(stdout, 1))?;
     check(libc::dup2(stderr, 2))?;
-    check(libc::chdir(cwd.as_ptr()))?;
+    // Negative: the working directory, not the program, is what failed.
+    check(libc::chdir(cwd.as_ptr())).map_err(|errno| -errno)?;
     check(libc::setpgid(0, 0))?;
     // The supervisor's blocked signals (its signalfd's) and ignored ones
     // are the program's own business again: an ignored disposition would

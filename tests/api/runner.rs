@@ -366,3 +366,30 @@ async fn a_kill_that_meets_a_stop_is_carried_out_or_refused() {
         app.stop().await;
     }
 }
+
+/// A working directory that is gone by the time a queued job starts is named
+/// as what failed. It was reported as "could not start /usr/bin/bash: No
+/// such file or directory", which sends a user looking for bash.
+#[tokio::test]
+async fn a_workdir_gone_before_the_start_is_named_in_the_error() {
+    let app = spawn_app_with(|c| c.background_concurrency = 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = app
+        .background(json!({ "code": "sleep 1", "language": "bash" }))
+        .await;
+    let workdir = dir.path().to_str().unwrap().to_string();
+    let id = app
+        .background(json!({ "code": "pwd", "language": "bash", "workdir": workdir }))
+        .await;
+    assert_eq!(app.process(&id).await["status"], "queued");
+    drop(dir);
+    app.wait_terminal(&blocker, Duration::from_secs(10)).await;
+    let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    let error = p["error"].as_str().unwrap();
+    assert!(
+        error.contains("working directory") && error.contains(&workdir),
+        "{error}"
+    );
+    app.stop().await;
+}
