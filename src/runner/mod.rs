@@ -550,10 +550,11 @@ impl Runner {
     async fn let_go(&self) {
         let running = self.running.all();
         for job in running {
-            // A kill asked for before the stop is carried out (the stop
-            // waits for it); any other job is let go.
+            // A kill asked for before the stop (its switch is thrown
+            // already) is carried out, and the stop waits for it; any other
+            // job is let go.
             let mut reason = job.reason.lock().unwrap();
-            if *reason != StopReason::Killed {
+            if !job.stop.is_cancelled() {
                 *reason = StopReason::Shutdown;
             }
             drop(reason);
