@@ -187,7 +187,7 @@ fn supervise(
             if let Some(exited) = spawn::try_wait(pid) {
                 status = Some(exited);
                 // Whatever the program left behind in its group goes with it.
-                let _ = killpg(group, Signal::SIGKILL);
+                signal_job(group, Signal::SIGKILL);
                 drain_until = Some(Instant::now() + Duration::from_secs(2));
             }
         }
@@ -198,11 +198,11 @@ fn supervise(
         if status.is_none() {
             if stopping.is_none() && now >= deadline {
                 stopping = Some(Outcome::Timeout);
-                let _ = killpg(group, Signal::SIGTERM);
+                signal_job(group, Signal::SIGTERM);
                 kill_at = Some(now + grace);
             }
             if kill_at.is_some_and(|t| now >= t) {
-                let _ = killpg(group, Signal::SIGKILL);
+                signal_job(group, Signal::SIGKILL);
                 kill_at = None;
             }
         }
@@ -252,7 +252,7 @@ fn supervise(
                 };
                 if stopping.is_none() && status.is_none() {
                     stopping = Some(outcome);
-                    let _ = killpg(group, Signal::SIGTERM);
+                    signal_job(group, Signal::SIGTERM);
                     kill_at = Some(Instant::now() + grace);
                 }
             }
@@ -282,8 +282,56 @@ fn supervise(
         _ => None,
     };
     let go_on = outcome != Outcome::Terminated;
+    reap_orphans();
     finish(dir, outcome, status, error)?;
     Ok(go_on)
+}
+
+/// Sends `signal` to the program's group and to every process below this
+/// supervisor, so that a descendant that left the group (`setsid`, `set
+/// -m`, a detached child) goes with its job too: orphans come to the
+/// supervisor, a child subreaper, so the tree below it holds them all.
+fn signal_job(group: Pid, signal: Signal) {
+    let _ = killpg(group, signal);
+    for pid in descendants(std::process::id()) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+/// Every process below `root`, by the kernel's lists of children (one
+/// small read where there are none, as after most programs).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![root];
+    while let Some(pid) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(list) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in list.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if !found.contains(&child) {
+                    found.push(child);
+                    next.push(child);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Reaps the orphans of the job that came to this supervisor and have
+/// ended; one killed just now is reaped after a later job, or by init
+/// once the supervisor exits.
+fn reap_orphans() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
 }
 
 /// Sends the supervisor's complaints (its stderr) to the run directory's

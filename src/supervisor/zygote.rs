@@ -286,6 +286,9 @@ fn work(zygote: UnixStream) -> u8 {
     let Ok(signals) = super::listen() else {
         return 2;
     };
+    // A job's orphans come here, not to init: its end takes them too
+    // (`signal_job`).
+    let _ = nix::sys::prctl::set_child_subreaper(true);
     for done in 1..=JOBS_PER_SUPERVISOR {
         let Some((job, gate)) = next_job(&zygote, &signals) else {
             return 0;

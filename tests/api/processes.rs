@@ -323,6 +323,78 @@ async fn a_grandchild_left_behind_by_a_finished_job_is_cleaned_up() {
     app.stop().await;
 }
 
+/// A descendant that left the job's process group goes with the job too,
+/// whether the job ends by itself, times out or is killed: `setsid`, a shell
+/// with job control (`set -m`), a detached child. They outlived it (only the
+/// group was signalled), and one holding the job's stdout held its end for
+/// the two-second drain.
+#[tokio::test]
+async fn a_descendant_that_left_the_jobs_group_goes_with_the_job() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_of = |name: &str| dir.path().join(name);
+    let cases = [
+        (
+            format!(
+                "setsid sleep 301 & echo $! > {}; sleep 0.5; echo bye",
+                pid_of("setsid").display()
+            ),
+            json!(null),
+            "completed",
+            "setsid",
+        ),
+        (
+            format!(
+                "set -m; sleep 302 & echo $! > {}; sleep 100",
+                pid_of("jobs").display()
+            ),
+            json!(1),
+            "timeout",
+            "jobs",
+        ),
+        (
+            format!(
+                "import subprocess, time\n\
+                 p = subprocess.Popen(['sleep', '303'], start_new_session=True)\n\
+                 open('{}', 'w').write(str(p.pid))\n\
+                 time.sleep(100)",
+                pid_of("killed").display()
+            ),
+            json!(null),
+            "killed",
+            "killed",
+        ),
+    ];
+    for (code, timeout, ends, name) in cases {
+        let language = if name == "killed" { "python" } else { "bash" };
+        let id = app
+            .background(json!({ "code": code, "language": language, "timeout": timeout }))
+            .await;
+        let pidfile = pid_of(name);
+        assert!(
+            eventually(Duration::from_secs(10), || pidfile.exists()).await,
+            "{name}: no pid"
+        );
+        if ends == "killed" {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            app.post_json(&format!("/execute/kill/{id}"), json!({}))
+                .await;
+        }
+        let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+        assert_eq!(p["status"], ends, "{name}: {p}");
+        let left: i64 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(3), || !alive(left)).await,
+            "{name}: {left} outlived its job"
+        );
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_queued_job_can_be_killed_before_it_starts() {
     let app = spawn_app_with(|c| c.async_concurrency = 1).await;
