@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::processes::{read_output, OutputView};
 use super::{timestamp_now, ApiError, AppState, JsonBody};
-use crate::db::executions::{self, ExecutionRow, Idempotency, Inserted, Run};
+use crate::db::executions::{self, Idempotency, Inserted, Run};
 use crate::db::{self};
 use crate::domain::{
     new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Program, Status, Submission,
@@ -269,13 +269,11 @@ pub(super) async fn submit(
     })
 }
 
-/// The 503 of a sync run killed before it started: safe to retry.
-fn killed_unrun(code: &'static str, message: String, row: &ExecutionRow) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_details(json!({
-        "status": "killed",
-        "execution_id": row.id,
-        "process_id": row.process_id,
-    }))
+/// What a caller whose run outlives the agent's stop is told.
+pub(super) fn run_goes_on(execution_id: &str) -> String {
+    format!(
+        "the agent is shutting down; the run goes on (do not send it again): follow it with GET /execute/processes/{execution_id}"
+    )
 }
 
 /// Submits, waits for the run to end, and answers with its result: 200 for
@@ -295,40 +293,38 @@ async fn run_to_end(
         .wait_terminal(id, state.sync_start_within)
         .await?
         .ok_or_else(vanished)?;
-    if row.status == "queued" && !runner.is_stopping() {
-        // Every slot busy all along: killed unrun, so the caller may retry
-        // (a 5xx) without the code running twice.
-        let why = format!(
-            "not started within {} s (--sync-start-within): every slot of the sync lane was busy",
-            state.sync_start_within.as_secs_f64()
-        );
+    if row.status == "queued" {
+        // Not started: every slot was busy all along, or the agent stops
+        // first. Killed unrun, so that the 503 is safe to retry (clients
+        // retry a 5xx) without the code running twice.
+        let (code, why) = if runner.is_stopping() {
+            (
+                "SHUTTING_DOWN",
+                "not started: the agent stopped first".to_string(),
+            )
+        } else {
+            let within = state.sync_start_within.as_secs_f64();
+            let why = format!(
+                "not started within {within} s (--sync-start-within): every slot of the sync lane was busy"
+            );
+            ("EXECUTION_NOT_STARTED", why)
+        };
         if runner.kill_queued(&row, why.clone()).await? {
-            return Err(killed_unrun(
-                "EXECUTION_NOT_STARTED",
-                format!("{why}; it will not run: retry later"),
-                &row,
-            ));
+            let message = format!("{why}; it will not run: retry later");
+            return Err(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_details(json!({
+                    "status": "killed",
+                    "execution_id": row.id,
+                    "process_id": row.process_id,
+                })),
+            );
         }
     }
-    if !row.status.parse::<Status>().is_ok_and(Status::is_terminal) && !runner.is_stopping() {
+    // Started (or claimed just now): its end, or at a stop the row as it
+    // is then.
+    if !row.status.parse::<Status>().is_ok_and(Status::is_terminal) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         row = runner.wait_terminal(id, left).await?.ok_or_else(vanished)?;
-    }
-    // The agent stops with the run not started: killed unrun, so that the
-    // 503 is safe to retry (clients do retry a 5xx).
-    if row.status == "queued" && runner.is_stopping() {
-        let why = "not started: the agent stopped first".to_string();
-        if runner.kill_queued(&row, why).await? {
-            return Err(killed_unrun(
-                "SHUTTING_DOWN",
-                "the agent is shutting down; the run had not started and will not run: retry later"
-                    .into(),
-                &row,
-            ));
-        }
-        row = executions::get(&state.db.readers, id)
-            .await?
-            .ok_or_else(vanished)?;
     }
     let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = read_output(
         &mut *state.db.readers.acquire().await?,
@@ -362,10 +358,7 @@ async fn run_to_end(
         "queued" | "running" if state.runner.is_stopping() => Err(ApiError::new(
             StatusCode::CONFLICT,
             "SHUTTING_DOWN",
-            format!(
-                "the agent is shutting down; the run goes on (do not send it again): follow it with GET /execute/processes/{}",
-                row.id
-            ),
+            run_goes_on(&row.id),
         )
         .with_details(out)),
         "timeout" => Err(ApiError::new(

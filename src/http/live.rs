@@ -20,7 +20,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::execute::submit;
+use super::execute::{run_goes_on, submit};
 use super::{parse_json, ApiError, AppState};
 use crate::db::executions::{self, ExecutionRow};
 use crate::db::output::{self, Piece};
@@ -202,8 +202,10 @@ pub(super) struct LogsQuery {
 }
 
 /// `GET /execute/processes/{id}/logs?follow=true`: `stdout` and `stderr`
-/// events (`{stream, data, seq, timestamp}`, id = the cursor after it), then
-/// one `end` event with the status, exit code and error.
+/// events (`{stream, data, seq, timestamp}`, id = the cursor after it), an
+/// `attempt` event where a retried run's next attempt begins, then one `end`
+/// event with the status, exit code and error. A stop of the agent closes
+/// the stream without `end`: the run goes on.
 #[utoipa::path(get, path = "/execute/processes/{id}/logs", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id"), ("follow" = Option<bool>, Query), ("cursor" = Option<String>, Query, description = "<attempt>.<stdout seq>.<stderr seq>, as Last-Event-ID")), responses((status = 200, description = "Server-sent events: stdout, stderr, end", content_type = "text/event-stream", body = String), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn logs(
     State(state): State<AppState>,
@@ -416,10 +418,7 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
                 let frame = json!({
                     "type": "error",
                     "code": "SHUTTING_DOWN",
-                    "error": format!(
-                        "the agent is shutting down; the run goes on: follow it with GET /execute/processes/{}",
-                        submitted.execution_id
-                    ),
+                    "error": run_goes_on(&submitted.execution_id),
                     "execution_id": submitted.execution_id,
                     "process_id": submitted.process_id,
                 });

@@ -186,7 +186,8 @@ fn supervise(
         if status.is_none() {
             if let Some(exited) = spawn::try_wait(pid) {
                 status = Some(exited);
-                // Whatever the program left behind in its group goes with it.
+                // Whatever the program left behind, in its group or below
+                // this supervisor, goes with it.
                 signal_job(group, Signal::SIGKILL);
                 drain_until = Some(Instant::now() + Duration::from_secs(2));
             }
