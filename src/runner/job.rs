@@ -252,13 +252,20 @@ impl Runner {
 }
 
 /// Kills whatever is left of a job whose supervisor is gone: nothing of a
-/// job may run on unsupervised.
+/// job may run on unsupervised. Only what is found to be the job's own: the program's pid, and so its
+/// group id, may have been reused by now.
 pub fn kill_leftovers(run: &RunDir) {
-    if let Some(started) = run.read_started() {
-        let _ = killpg(Pid::from_raw(started.program_pid as i32), Signal::SIGKILL);
-        for pid in started.leftovers() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
+    let Some(started) = run.read_started() else {
+        return;
+    };
+    let leftovers = started.leftovers();
+    if leftovers.is_empty() {
+        return;
+    }
+    // The group is the job's: one signal takes a member forked since too.
+    let _ = killpg(Pid::from_raw(started.program_pid as i32), Signal::SIGKILL);
+    for pid in leftovers {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
 

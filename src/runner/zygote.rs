@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nix::libc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, Notify};
@@ -31,16 +32,48 @@ fn supervisor_command(bin: &Path, runs_dir: &Path) -> Command {
             command.env_remove(name);
         }
     }
-    // SAFETY: setsid is async-signal-safe. Its own session: the supervisor
-    // does not share the agent's fate (terminal hang-up, group signals).
+    // SAFETY: setsid and fcntl are async-signal-safe, and `close_range`
+    // is one system call. Its own session: the supervisor does not share
+    // the agent's fate (terminal hang-up, group signals). Only its stdin
+    // and stdout: a descriptor the agent inherited open (a pipe of the
+    // process that started it, say) reaches no supervisor and no job, which
+    // would hold it open after the agent is gone.
     unsafe {
         command.pre_exec(|| {
             nix::unistd::setsid()
                 .map(drop)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            close_inherited_at_exec();
+            Ok(())
         });
     }
     command
+}
+
+/// Marks every descriptor above stderr close-on-exec, in the zygote's child
+/// before its `exec`. Without `close_range` (Linux before 5.11), one by one
+/// up to the open-files limit.
+///
+/// # Safety
+/// Only between `fork` and `exec`: it makes only async-signal-safe calls.
+unsafe fn close_inherited_at_exec() {
+    // SAFETY: plain system calls on descriptor numbers.
+    unsafe {
+        let (first, last) = (3 as libc::c_uint, libc::c_uint::MAX);
+        if libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+        let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 1 << 16) as libc::c_int;
+        for fd in 3..max {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
 }
 
 /// The agent's end of the zygote (`execd supervise RUNS_DIR`, see

@@ -208,9 +208,14 @@ impl Started {
 
     /// Pids of processes still in the program's group that started no
     /// earlier than the program. While any member lives, the group id cannot
-    /// be reused, so these are the job's own leftovers.
+    /// be reused, so these are the job's own leftovers. None when the
+    /// program's pid now names another process: every member is gone, the
+    /// id was freed and reused, and a group of that id is someone else's.
     pub fn leftovers(&self) -> Vec<u32> {
         if self.boot_id != boot_id() {
+            return Vec::new();
+        }
+        if process_start(self.program_pid).is_some_and(|start| start != self.program_start) {
             return Vec::new();
         }
         let Ok(entries) = std::fs::read_dir("/proc") else {

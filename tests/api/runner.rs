@@ -393,3 +393,102 @@ async fn a_workdir_gone_before_the_start_is_named_in_the_error() {
     );
     app.stop().await;
 }
+
+/// A descriptor the agent inherited open (here a pipe of this test process,
+/// as a shell's `$(…)` or a supervising daemon leaves one) reaches neither
+/// a job nor its supervisor. They outlive the agent, and held the pipe open
+/// after it was gone: its reader never saw the end.
+#[tokio::test]
+async fn a_descriptor_the_agent_inherited_reaches_no_job() {
+    use std::os::fd::AsRawFd;
+    // Not close-on-exec: every process this test process starts inherits it.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let pipe = std::fs::read_link(format!("/proc/self/fd/{}", write.as_raw_fd())).unwrap();
+    let app = spawn_app().await;
+    let id = app
+        .background(json!({ "code": "echo up; sleep 30", "language": "bash" }))
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .await;
+    let pid = p["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let supervisor = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    for holder in [pid.to_string(), supervisor] {
+        let fds = std::fs::read_dir(format!("/proc/{holder}/fd")).unwrap();
+        let held: Vec<_> = fds
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .collect();
+        assert!(
+            !held.contains(&pipe),
+            "process {holder} holds {pipe:?}: {held:?}"
+        );
+    }
+    drop((read, write));
+    app.stop().await;
+}
+
+/// A job whose supervisor died while the agent was down is resolved at the
+/// start, and what is left of it killed: but only what is its own. Here the
+/// program's pid has since been taken by an unrelated process leading a
+/// group of its own, which the recovery used to kill with that group.
+#[tokio::test]
+async fn the_recovery_kills_no_process_that_took_a_lost_jobs_pid() {
+    use std::os::unix::process::CommandExt;
+    let app = spawn_app().await;
+    let id = app
+        .background(json!({ "code": "echo up; sleep 30", "language": "bash" }))
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .await;
+    let (pid, execution_id) = (p["pid"].as_i64().unwrap(), p["execution_id"].clone());
+    let data_dir = app.shutdown().await;
+    // The supervisor dies with its job while no agent runs.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let supervisor: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::SIGKILL,
+    );
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::SIGKILL,
+    );
+    assert!(eventually(Duration::from_secs(5), || !alive(pid)).await);
+    // Its pid is another process's now.
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("30")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let started = data_dir
+        .path()
+        .join("runs")
+        .join(execution_id.as_str().unwrap())
+        .join("supervisor.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&started).unwrap()).unwrap();
+    record["program_pid"] = json!(stranger.id());
+    std::fs::write(&started, record.to_string()).unwrap();
+
+    let app = start(restart_config(data_dir.path()), data_dir).await;
+    let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    let survived = stranger.try_wait().unwrap().is_none();
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(survived, "the unrelated process was killed");
+    app.stop().await;
+}
