@@ -245,7 +245,7 @@ pub async fn claim(
     let lane = lane.as_str();
     let rows = sqlx::query!(
         r#"UPDATE executions
-              SET status = 'running', owner = ?1, attempt = attempt + 1, started_at = ?2
+              SET status = 'running', owner = ?1, attempt = attempt + 1, started_at = ?2, error = NULL
             WHERE seq IN (SELECT seq FROM executions INDEXED BY executions_queue
                            WHERE status = 'queued' AND lane = ?3
                            ORDER BY seq LIMIT ?4)

@@ -157,6 +157,8 @@ pub struct ExecuteIn {
     pub callback_url: Option<String>,
     pub callback_headers: Option<BTreeMap<String, String>>,
     pub callback_signature_secret: Option<String>,
+    /// Runs in all: one lost with its supervisor is re-queued until this many (default 1).
+    #[schema(minimum = 1, maximum = 10)]
     pub max_attempts: Option<u32>,
 }
 
@@ -172,6 +174,8 @@ pub struct CommandIn {
     pub workdir: Option<String>,
     pub env: Option<BTreeMap<String, String>>,
     pub name: Option<String>,
+    /// Runs in all: one lost with its supervisor is re-queued until this many (default 1).
+    #[schema(minimum = 1, maximum = 10)]
     pub max_attempts: Option<u32>,
 }
 

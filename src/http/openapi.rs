@@ -71,6 +71,25 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The JSON body of `DELETE /execute/kill` is optional (the id may come in
+/// the query instead), which `request_body` has no way to say for a body
+/// that is not `null` when given.
+struct OptionalKillBody;
+
+impl Modify for OptionalKillBody {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let body = openapi
+            .paths
+            .paths
+            .get_mut("/execute/kill")
+            .and_then(|item| item.delete.as_mut())
+            .and_then(|op| op.request_body.as_mut());
+        if let Some(body) = body {
+            body.required = Some(utoipa::openapi::Required::False);
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -98,7 +117,7 @@ impl Modify for BearerAuth {
         super::system::metrics,
     ),
     components(schemas(ErrorOut, super::processes::ProcessOut, super::callbacks::CallbackOut)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &OptionalKillBody),
     security(("bearer" = []))
 )]
 pub struct ApiDoc;

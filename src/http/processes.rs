@@ -267,13 +267,16 @@ pub(super) async fn kill_processes_path(
     kill_path(state, id).await
 }
 
-#[derive(Debug, Deserialize)]
-struct KillIn {
+/// The body `DELETE /execute/kill` may carry instead of the query.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(super) struct KillIn {
+    /// The process_id or the execution_id.
     process_id: Option<String>,
+    /// The same, spelled as the other id.
     execution_id: Option<String>,
 }
 
-#[utoipa::path(delete, path = "/execute/kill", tag = "execd", params(("process_id" = Option<String>, Query, description = "or a JSON body {process_id}")), responses((status = 200, description = "Killed, or already finished", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(delete, path = "/execute/kill", tag = "execd", request_body(content = KillIn, description = "optional: the id in a JSON body, when the query has none"), params(("process_id" = Option<String>, Query, description = "or a JSON body {process_id}")), responses((status = 200, description = "Killed, or already finished", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn kill_query_or_body(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,

@@ -308,7 +308,7 @@ async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recor
     let agent = Agent::start(data.path(), port, &[]).await;
     let marker = data.path().join("attempts");
     let code = format!(
-        "echo x >> {m}; if [ $(wc -l < {m}) -lt 2 ]; then echo first; sleep 300; fi; echo second",
+        "echo x >> {m}; if [ $(wc -l < {m}) -lt 2 ]; then echo first; sleep 300; fi; echo second; sleep 0.5",
         m = marker.display()
     );
     let (out, _) = running_and_printed(
@@ -324,6 +324,16 @@ async fn a_lost_job_with_attempts_left_is_queued_again_and_each_attempt_is_recor
     kill(Pid::from_raw(supervisor as i32), Signal::SIGKILL).unwrap();
 
     let agent = Agent::start(data.path(), port, &[]).await;
+    let p = wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "second\n" || terminal(p)
+    })
+    .await;
+    // While the second attempt runs, the first's loss is not its error.
+    assert_eq!(
+        (&p["status"], &p["error"]),
+        (&json!("running"), &Value::Null),
+        "{p}"
+    );
     let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
     assert_eq!(p["status"], "completed", "{p}");
     assert_eq!(p["attempt"], 2);

@@ -485,6 +485,28 @@ async fn the_openapi_document_covers_every_route_and_the_error_body() {
     ] {
         assert!(error[field].is_object(), "ErrorOut.{field}");
     }
+    // The kill's JSON body is documented, and optional (the query may hold the id).
+    let kill_body = &doc["paths"]["/execute/kill"]["delete"]["requestBody"];
+    assert_eq!(kill_body["required"], false, "{kill_body}");
+    assert!(doc["components"]["schemas"]["KillIn"]["properties"]["process_id"].is_object());
+    // The documented bounds of `max_attempts` are the ones the agent enforces.
+    for schema in ["ExecuteIn", "CommandIn"] {
+        let field = &doc["components"]["schemas"][schema]["properties"]["max_attempts"];
+        assert_eq!(
+            (field["minimum"].as_i64(), field["maximum"].as_i64()),
+            (Some(1), Some(10)),
+            "{schema}"
+        );
+    }
+    for (attempts, accepted) in [(0, false), (1, true), (10, true), (11, false)] {
+        let body = json!({ "code": "true", "language": "bash", "max_attempts": attempts });
+        let (status, out) = app.post_json("/execute/background", body).await;
+        assert_eq!(
+            status == 200,
+            accepted,
+            "max_attempts {attempts}: {status} {out}"
+        );
+    }
     app.stop().await;
 }
 
