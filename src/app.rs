@@ -43,6 +43,9 @@ pub enum StartError {
     Serve(std::io::Error),
 }
 
+/// How long a stop waits for the WebSocket streams to say their runs go on.
+const STREAMS_GRACE: Duration = Duration::from_secs(2);
+
 fn create_dir(path: &Path) -> Result<(), StartError> {
     std::fs::create_dir_all(path).map_err(|source| StartError::Dir {
         path: path.display().to_string(),
@@ -100,6 +103,10 @@ pub async fn serve(
         })?;
 
     let stop_writer = CancellationToken::new();
+    if let Err(e) = keep_db_private(&config.db_path()) {
+        runs_dir.release();
+        return Err(e);
+    }
     let (db, writer_task) = match Db::open(&config.db_path(), stop_writer.clone()).await {
         Ok(opened) => opened,
         Err(e) => {
@@ -179,6 +186,7 @@ pub async fn serve(
 
     let sweeper = runner.clone();
     let readers = db.readers.clone();
+    let streams = tokio_util::task::TaskTracker::new();
     let state = AppState::new(http::Inner {
         db,
         runner,
@@ -197,6 +205,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         max_output_bytes: config.max_output_bytes,
         started,
+        streams: streams.clone(),
     });
     let installed: Vec<_> = languages.iter().map(|i| i.language.as_str()).collect();
     tracing::info!(
@@ -219,6 +228,18 @@ pub async fn serve(
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;
     stop.cancel();
+    // A WebSocket stream sees the stop within its poll and tells its client
+    // that the run goes on; bounded, should a client not read.
+    streams.close();
+    if tokio::time::timeout(STREAMS_GRACE, streams.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = streams.len(),
+            "WebSocket streams still open at the stop"
+        );
+    }
     let _ = runner_task.await;
     // A job prepared and never started (its claim not committed when the
     // stop came) leaves its directory: gone now, so that a stop that leaves
@@ -237,6 +258,40 @@ pub async fn serve(
     runs_dir.release();
     tracing::info!("stopped");
     served.map_err(StartError::Serve)
+}
+
+/// Makes the database files their user's alone, whatever the data dir's
+/// mode (one made by hand, or by an image's `mkdir`, is often 0755): they
+/// hold env values and signature secrets. The file is made here if new, so
+/// SQLite finds it private and gives its WAL and shared-memory files the
+/// same mode.
+fn keep_db_private(db: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io_err = |path: &Path, source| StartError::Dir {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)
+        .map_err(|e| io_err(db, e))?;
+    let with_suffix = |suffix: &str| {
+        let mut path = db.as_os_str().to_owned();
+        path.push(suffix);
+        std::path::PathBuf::from(path)
+    };
+    for path in [db.to_path_buf(), with_suffix("-wal"), with_suffix("-shm")] {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| io_err(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Takes the data dir's lock (`execd.lock`, an exclusive `flock`), so a

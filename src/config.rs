@@ -247,6 +247,12 @@ impl Config {
         if self.token.as_deref().is_some_and(str::is_empty) {
             return bad("--token must not be empty");
         }
+        if self.token.as_deref().is_some_and(|t| t.trim() != t) {
+            // A client's token is read without them: this one could never match.
+            return bad(
+                "--token must not begin or end with whitespace (a newline read from a file?)",
+            );
+        }
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return bad("--jwt-secret must be at least 16 bytes");
         }
@@ -441,5 +447,17 @@ mod tests {
         config.token = Some("a".into());
         config.no_auth = true;
         assert!(config.validate().is_err());
+    }
+
+    /// Clients' tokens are read trimmed: one with whitespace around it
+    /// would lock every client out, so it is refused at the start.
+    #[test]
+    fn a_token_with_whitespace_around_it_is_rejected() {
+        for token in ["tok\n", " tok", "tok "] {
+            let mut config = Config::for_data_dir("/tmp/x");
+            config.token = Some(token.into());
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("whitespace"), "{token:?}: {error}");
+        }
     }
 }

@@ -338,12 +338,19 @@ fn parse_working_dir(
     workdir: Option<String>,
     limits: &Limits,
 ) -> Result<PathBuf, SubmissionError> {
-    let given = working_dir.or(workdir).filter(|d| !d.is_empty());
+    // An empty spelling is not given: it does not hide the other one.
+    let given = working_dir
+        .filter(|d| !d.is_empty())
+        .or(workdir.filter(|d| !d.is_empty()));
     let Some(dir) = given else {
         return Ok(limits.default_workdir.clone());
     };
     let path = limits.default_workdir.join(Path::new(&dir));
-    if dir == SDK_DEFAULT_WORKDIR && !path.is_dir() {
+    // Any spelling of it: `/workspace/`, `//workspace`, `/workspace/.`.
+    let sdk_default = Path::new(&dir)
+        .components()
+        .eq(Path::new(SDK_DEFAULT_WORKDIR).components());
+    if sdk_default && !path.is_dir() {
         return Ok(limits.default_workdir.clone());
     }
     if !path.is_dir() {
@@ -416,16 +423,30 @@ fn parse_callback(
     secret: Option<String>,
 ) -> Result<Callback, SubmissionError> {
     let url = url.ok_or_else(|| SubmissionError::missing("callback_url"))?;
-    let parsed = reqwest::Url::parse(&url).map_err(|e| {
-        SubmissionError::invalid(format!("`callback_url` is not an absolute URL: {e}"))
+    let wrong = |why: &str| {
+        SubmissionError::invalid(format!("`callback_url` {why}"))
             .with_details(json!({ "field": "callback_url" }))
-    })?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(SubmissionError::invalid(
-            "`callback_url` must be an http or https URL with a host",
-        )
-        .with_details(json!({ "field": "callback_url" })));
+    };
+    // The URL parser drops these silently; what is stored and shown is
+    // what is posted to.
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(wrong("must not contain spaces or control characters"));
     }
+    let parsed =
+        reqwest::Url::parse(&url).map_err(|e| wrong(&format!("is not an absolute URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(wrong("must be an http or https URL with a host"));
+    }
+    if parsed.port() == Some(0) {
+        return Err(wrong("has port 0, which nothing listens on"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        // Every process object shows the URL: no credentials in it.
+        return Err(wrong(
+            "must not carry credentials (user:password@): send them in `callback_headers`, as Authorization",
+        ));
+    }
+    let url = parsed.to_string();
     let headers = headers.unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
     for (name, value) in &headers {
@@ -610,6 +631,12 @@ mod tests {
                 workdir: Some(tmp.clone()),
                 ..bash("x")
             },
+            // An empty spelling does not hide the other.
+            ExecuteIn {
+                working_dir: Some(String::new()),
+                workdir: Some(tmp.clone()),
+                ..bash("x")
+            },
         ] {
             assert_eq!(
                 Submission::parse(input, Lane::Sync, &l)
@@ -625,12 +652,14 @@ mod tests {
         if Path::new(SDK_DEFAULT_WORKDIR).exists() {
             return;
         }
-        let input = ExecuteIn {
-            workdir: Some(SDK_DEFAULT_WORKDIR.into()),
-            ..bash("x")
-        };
-        let s = Submission::parse(input, Lane::Sync, &limits()).unwrap();
-        assert_eq!(s.working_dir, std::env::temp_dir());
+        for spelling in ["/workspace", "/workspace/", "//workspace", "/workspace/."] {
+            let input = ExecuteIn {
+                workdir: Some(spelling.into()),
+                ..bash("x")
+            };
+            let s = Submission::parse(input, Lane::Sync, &limits()).unwrap();
+            assert_eq!(s.working_dir, std::env::temp_dir(), "{spelling}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
@@ -27,14 +28,20 @@ impl Auth {
     /// Whether `presented` is a valid bearer token.
     pub fn accepts(&self, presented: &str) -> bool {
         match self {
-            Auth::Token(token) => presented.as_bytes().ct_eq(token.as_bytes()).into(),
+            // Digests of equal length: a compare of the tokens themselves
+            // would end early on a length that differs, and tell it.
+            Auth::Token(token) => Sha256::digest(presented.as_bytes())
+                .ct_eq(&Sha256::digest(token.as_bytes()))
+                .into(),
             Auth::Jwt(key) => {
-                // HS256 only; `exp` required and checked (the default). No
-                // audience is configured, so an `aud` the issuer put in is
-                // not checked (jsonwebtoken refuses every token that has one
-                // unless told which to expect).
+                // HS256 only; `exp` required and checked, and `nbf` when
+                // given, each with jsonwebtoken's 60 s of leeway for clocks
+                // that differ. No audience is configured, so an `aud` the
+                // issuer put in is not checked (jsonwebtoken refuses every
+                // token that has one unless told which to expect).
                 let mut validation = Validation::new(Algorithm::HS256);
                 validation.validate_aud = false;
+                validation.validate_nbf = true;
                 jsonwebtoken::decode::<serde_json::Value>(presented, key, &validation).is_ok()
             }
             Auth::Disabled => true,

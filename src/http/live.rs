@@ -310,7 +310,10 @@ pub(super) async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) 
     let limit = state.max_body_bytes;
     ws.max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| run_stream(state, socket))
+        .on_upgrade(move |socket| {
+            let streams = state.streams.clone();
+            streams.track_future(run_stream(state, socket))
+        })
 }
 
 /// Whether a WebSocket read failed on a frame over the size limit.

@@ -47,6 +47,10 @@ pub struct Inner {
     pub max_body_bytes: usize,
     pub max_output_bytes: u64,
     pub started: Instant,
+    /// The WebSocket streams: hyper's graceful shutdown does not wait for
+    /// an upgraded connection, and the stop waits for each to say that its
+    /// run goes on.
+    pub streams: tokio_util::task::TaskTracker,
 }
 
 impl std::ops::Deref for AppState {
@@ -171,20 +175,88 @@ fn is_json(headers: &HeaderMap) -> bool {
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
-/// Parses a JSON body: malformed JSON is `INVALID_JSON`, a well-formed body
-/// of the wrong shape `INVALID_REQUEST`.
+/// Parses a JSON body: malformed JSON is `INVALID_JSON`; a well-formed body
+/// that is not an object, or of the wrong shape, `INVALID_REQUEST`, naming
+/// the field (`details.field`) where one is at fault.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
-                "INVALID_JSON",
-                format!("the request body is not valid JSON: {e}"),
-            ),
-            Category::Data => ApiError::bad_request(
-                "INVALID_REQUEST",
-                format!("the request body is not valid: {e}"),
-            ),
+    let invalid_json = |e: serde_json::Error| {
+        ApiError::bad_request(
+            "INVALID_JSON",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    };
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Well-formed but not an object (an array would fill the fields by
+        // position): the shape is wrong. Else the JSON itself is.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(invalid_json)?;
+        return Err(ApiError::bad_request(
+            "INVALID_REQUEST",
+            "the request body must be a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let e = e.into_inner();
+        if e.classify() != serde_json::error::Category::Data {
+            return invalid_json(e);
         }
-    })
+        let why = value_free_text(&e);
+        match field.as_str() {
+            "." | "" => ApiError::bad_request(
+                "INVALID_REQUEST",
+                format!("the request body is not valid: {why}"),
+            ),
+            _ => ApiError::bad_request("INVALID_REQUEST", format!("`{field}` {why}"))
+                .with_details(serde_json::json!({ "field": field })),
+        }
+    })?;
+    // Trailing characters after the object.
+    de.end().map_err(invalid_json)?;
+    Ok(value)
+}
+
+/// A data error's text for a client, without serde's position suffix.
+fn data_error_text(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+/// What is wrong, in JSON's terms, and without the value at fault: it may
+/// be an env value or a secret, which no response may show. serde words a
+/// wrong value as "invalid type: string \"…\", expected a map".
+fn value_free_text(e: &serde_json::Error) -> String {
+    let text = data_error_text(e);
+    let Some((got, expected)) = text.rsplit_once(", expected ") else {
+        return text;
+    };
+    let Some(unexpected) = got
+        .strip_prefix("invalid type: ")
+        .or_else(|| got.strip_prefix("invalid value: "))
+    else {
+        return text;
+    };
+    let expected = match expected {
+        "f64" => "a number",
+        "u32" => "a whole number, 0 or more",
+        "a map" => "an object",
+        "a sequence" => "an array",
+        other if other.starts_with("struct ") || other.contains("enum ") => "an object",
+        other => other,
+    };
+    let kind = match unexpected.split([' ', '`', '"']).next().unwrap_or_default() {
+        "floating" => "a number",
+        "integer" => "an integer",
+        "string" => "a string",
+        "boolean" => "a boolean",
+        "null" => "null",
+        "map" => "an object",
+        "sequence" => "an array",
+        _ => "another value",
+    };
+    format!("must be {expected}, not {kind}")
 }

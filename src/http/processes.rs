@@ -200,6 +200,15 @@ pub(super) async fn list(
         })?),
         None => None,
     };
+    if query.cursor.as_deref().is_some_and(|c| !c.is_empty())
+        && query.offset.as_deref().is_some_and(|o| !o.is_empty())
+    {
+        return Err(ApiError::bad_request(
+            "INVALID_REQUEST",
+            "give either `cursor` or `offset`, not both",
+        )
+        .with_details(json!({ "field": "offset" })));
+    }
     let filter = ListFilter {
         status,
         name: query.name.filter(|n| !n.is_empty()),
@@ -282,18 +291,16 @@ pub(super) async fn kill_query_or_body(
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let from_query = query
-        .get("process_id")
-        .or_else(|| query.get("execution_id"))
-        .cloned();
+    // An empty id is no id.
+    let given = |id: Option<&String>| id.filter(|id| !id.is_empty()).cloned();
+    let from_query = given(query.get("process_id")).or_else(|| given(query.get("execution_id")));
     let id = match from_query {
         Some(id) => id,
         None if body.iter().all(u8::is_ascii_whitespace) => None.ok_or_else(missing_process_id)?,
         None => {
             let input: KillIn = parse_json(&body)?;
-            input
-                .process_id
-                .or(input.execution_id)
+            given(input.process_id.as_ref())
+                .or_else(|| given(input.execution_id.as_ref()))
                 .ok_or_else(missing_process_id)?
         }
     };

@@ -90,6 +90,15 @@ async fn jwts_signed_with_the_secret_and_not_expired_are_accepted() {
     )
     .await;
     assert_eq!(forged, 401);
+    // Not valid before its `nbf` (it was accepted).
+    let not_yet = encode(
+        &Header::default(),
+        &json!({ "sub": "client", "exp": now + 600, "nbf": now + 300 }),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let (early, _) = status_with(&app, "GET", "/info", Some(&not_yet)).await;
+    assert_eq!(early, 401, "a token before its nbf");
     app.stop().await;
 }
 
@@ -111,6 +120,40 @@ async fn a_data_dir_the_agent_makes_is_private() {
         std::fs::metadata(&made).unwrap().permissions().mode() & 0o777,
         0o700
     );
+    app.stop().await;
+}
+
+/// A data dir made by hand (or by an image's `mkdir`) is often 0755: the
+/// database files in it are made private all the same, and an existing
+/// one readable by others is made private at the start. They were 0644.
+#[tokio::test]
+async fn the_database_files_are_private_in_a_data_dir_made_by_hand() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(data.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let mut config = execd::config::Config::for_data_dir(data.path());
+    config.token = Some(TOKEN.into());
+    config.supervisor_bin = Some(env!("CARGO_BIN_EXE_execd").into());
+    let app = start(config.clone(), tempfile::tempdir().unwrap()).await;
+    let body = serde_json::json!({"code": "true", "language": "bash", "env": {"A": "secret"}});
+    assert_eq!(app.post_json("/execute", body).await.0, 200);
+    for name in ["execd.db", "execd.db-wal", "execd.db-shm"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    app.stop().await;
+    std::fs::set_permissions(
+        data.path().join("execd.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let app = start(config, tempfile::tempdir().unwrap()).await;
+    assert_eq!(mode("execd.db"), 0o600, "made private again");
     app.stop().await;
 }
 

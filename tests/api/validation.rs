@@ -162,6 +162,32 @@ async fn each_submission_rule_has_its_status_and_code() {
             400,
             "INVALID_REQUEST",
         ),
+        // What the URL parser would drop or keep silently: the URL posted
+        // to would differ from the one shown, or show a password.
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": "http://127.0.0.1:7/x\r\nX-Evil: 1" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": " http://127.0.0.1:7/x" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": "http://127.0.0.1:0/x" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": "http://user:pw@127.0.0.1:7/x" }),
+            400,
+            "INVALID_REQUEST",
+        ),
         (
             "/execute/async",
             json!({ "code": "x", "callback_url": cb, "callback_headers": { "Content-Type": "text/plain" } }),
@@ -566,5 +592,114 @@ async fn a_stream_frame_past_the_body_limit_is_refused_and_nothing_is_stored() {
         .map(|f| f["data"].as_str().unwrap())
         .collect();
     assert_eq!(stdout, "1000\n", "{ran:?}");
+    app.stop().await;
+}
+
+/// A body that is not an object, or has a field of the wrong type, gets a
+/// 400 that names the field in `details` and never repeats its value (an
+/// env value or a secret). An array body used to fill the fields by
+/// position, and ran.
+#[tokio::test]
+async fn a_body_of_the_wrong_shape_names_the_field_and_never_its_value() {
+    let app = spawn_app().await;
+    let array = app
+        .client
+        .post(app.path("/execute"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(r#"["print(42)","python",null,null,null,null,null,null,null,null,null,null]"#);
+    let body = assert_error(array.send().await.unwrap(), 400, "INVALID_REQUEST", "array").await;
+    assert!(
+        body["error"].as_str().unwrap().contains("JSON object"),
+        "{body}"
+    );
+    let cb = "http://127.0.0.1:9/hook";
+    let cases = [
+        (
+            "/execute",
+            json!({ "code": "x", "env": "A=SECRET_1" }),
+            "env",
+            "SECRET_1",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "env": { "A": 5551234 } }),
+            "env.A",
+            "5551234",
+        ),
+        (
+            "/execute",
+            json!({ "code": "x", "timeout": "10" }),
+            "timeout",
+            "\"10\"",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_signature_secret": 987654321 }),
+            "callback_signature_secret",
+            "987654321",
+        ),
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_headers": { "X-A": 123456789 } }),
+            "callback_headers.X-A",
+            "123456789",
+        ),
+    ];
+    for (path, input, field, value) in cases {
+        let what = format!("POST {path} {input}");
+        let body = assert_error(app.post(path, input).await, 400, "INVALID_REQUEST", &what).await;
+        assert_eq!(body["details"]["field"], field, "{what}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(field),
+            "{what}: {body}"
+        );
+        assert!(!body.to_string().contains(value), "{what}: {body}");
+    }
+    // The stream's execute frame is parsed the same way.
+    let frames = stream_frames(
+        &app,
+        json!({ "type": "execute", "code": "x", "env": "A=SECRET_WS" }),
+    )
+    .await;
+    assert!(!frames.is_empty());
+    assert!(
+        !Value::from(frames.clone())
+            .to_string()
+            .contains("SECRET_WS"),
+        "{frames:?}"
+    );
+    let (_, list) = app.get_json("/execute/processes").await;
+    assert_eq!(list["count"], 0, "nothing ran: {list}");
+    app.stop().await;
+}
+
+/// The kill's id and the list's paging: an empty id is a missing one (400,
+/// not 404), and `cursor` with `offset` is refused, not both applied.
+#[tokio::test]
+async fn an_empty_kill_id_and_a_cursor_with_an_offset_are_400s() {
+    let app = spawn_app().await;
+    let delete = |query: &str, body: Option<&'static str>| {
+        let request = app
+            .client
+            .delete(app.path(&format!("/execute/kill{query}")))
+            .bearer_auth(TOKEN);
+        match body {
+            Some(body) => request
+                .header("content-type", "application/json")
+                .body(body),
+            None => request,
+        }
+    };
+    for (query, body) in [("?process_id=", None), ("", Some(r#"{"process_id": ""}"#))] {
+        let what = format!("DELETE /execute/kill{query} {body:?}");
+        let response = delete(query, body).send().await.unwrap();
+        assert_error(response, 400, "MISSING_PARAMETER", &what).await;
+    }
+    let both = app
+        .get("/execute/processes?limit=10&cursor=5&offset=3")
+        .await;
+    let body = assert_error(both, 400, "INVALID_REQUEST", "cursor and offset").await;
+    assert_eq!(body["details"]["field"], "offset");
     app.stop().await;
 }
