@@ -28,6 +28,9 @@ pub enum Followed {
     Ended(Finish, Vec<Chunk>, Option<Spawned>),
     /// Its supervisor is gone without saying how the job ended.
     Lost(String),
+    /// Its program never passed its gate, abandoned there (the zygote
+    /// went): nothing ran, and the job may run again.
+    Unstarted(String),
     /// The agent is stopping; the supervisor carries on.
     Detached,
 }
@@ -204,6 +207,9 @@ impl Runner {
             }
         }
         match job.run.read_ended() {
+            Some(ended) if ended.outcome == Outcome::Unstarted => {
+                Followed::Unstarted(ended.error.unwrap_or_default())
+            }
             Some(ended) => {
                 // Everything the supervisor wrote before it ended: the last
                 // of it is stored with the end, in one commit.
@@ -214,6 +220,13 @@ impl Runner {
                 rest.extend(err_rest);
                 Followed::Ended(finish_of(&ended), rest, job.unstored.take())
             }
+            // No supervisor recorded a start (it writes supervisor.json as
+            // soon as its program has `exec`ed): the job line never reached
+            // one (its zygote died first), or its program was abandoned at
+            // its gate unrecorded. Nothing ran.
+            None if job.started().is_none() => Followed::Unstarted(
+                "its program never started: its zygote went before the go".into(),
+            ),
             None => {
                 // The program is gone: all it wrote is stored, the start
                 // of a character it never finished too.
@@ -296,7 +309,9 @@ pub fn finish_of(ended: &Ended) -> Finish {
         },
         Outcome::Timeout => (Status::Timeout, ended.error.clone()),
         Outcome::Killed => (Status::Killed, ended.error.clone()),
-        Outcome::Terminated | Outcome::FailedToStart => (Status::Failed, ended.error.clone()),
+        Outcome::Terminated | Outcome::FailedToStart | Outcome::Unstarted => {
+            (Status::Failed, ended.error.clone())
+        }
     };
     Finish {
         status,

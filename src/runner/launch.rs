@@ -238,10 +238,14 @@ impl Launcher {
         // for its own. Removed before the supervisor can write there.
         if run.path().exists() {
             let dir = run.path().to_owned();
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                .map_err(|e| format!("could not start: {e}"))?;
+            tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(dir) {
+                // Gone meanwhile (an earlier agent's sweep, say): as wanted.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                removed => removed,
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| format!("could not start: {e}"))?;
         }
         let (spec, code) = self
             .spec(job, &run)

@@ -97,7 +97,13 @@ pub struct Runner {
     stopping: CancellationToken,
     /// Prepares and starts each job's supervisor.
     launcher: Arc<Launcher>,
+    /// Times in a row each job's program was abandoned at its gate.
+    unstarted: std::sync::Mutex<HashMap<String, u32>>,
 }
+
+/// Times in a row a job whose program was abandoned at its gate is queued
+/// again before it is lost instead.
+const UNSTARTED_TRIES: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -131,6 +137,7 @@ impl Runner {
             tasks: TaskTracker::new(),
             stopping,
             launcher,
+            unstarted: std::sync::Mutex::default(),
         })
     }
 
@@ -377,6 +384,7 @@ impl Runner {
         chain: bool,
     ) -> Option<(Claimed, Arc<Running>)> {
         let mut next = None;
+        let requeued = matches!(followed, Followed::Unstarted(_));
         let written = match followed {
             Followed::Detached => {
                 self.running.remove(&fence.id);
@@ -428,8 +436,10 @@ impl Runner {
                 })
             }
             Followed::Lost(error) => self.lose(lane, fence, error).await,
+            Followed::Unstarted(error) => self.unstart(lane, fence, error).await,
         };
         match written {
+            Ok(true) if requeued => {}
             Ok(true) => {
                 runs_dir::remove_run(&RunDir::new(self.config.runs_dir.join(&fence.id))).await;
             }
@@ -437,7 +447,44 @@ impl Runner {
             Err(e) => tracing::error!(error = %e, "status not written"),
         }
         self.running.remove(&fence.id);
+        if !requeued {
+            self.unstarted.lock().unwrap().remove(&fence.id);
+        }
         next
+    }
+
+    /// Queues again a job whose program never passed its gate, its attempt
+    /// uncounted: nothing of it ran. Only a few times in a row: one that
+    /// keeps being abandoned there is lost instead, with why.
+    async fn unstart(
+        &self,
+        lane: Lane,
+        fence: &Fence,
+        error: String,
+    ) -> Result<bool, db::WriteError> {
+        let tries = {
+            let mut unstarted = self.unstarted.lock().unwrap();
+            let tries = unstarted.entry(fence.id.clone()).or_default();
+            *tries += 1;
+            *tries
+        };
+        if tries > UNSTARTED_TRIES {
+            self.unstarted.lock().unwrap().remove(&fence.id);
+            return self.lose(lane, fence, error).await;
+        }
+        // Its run directory goes first: once queued, it is prepared anew.
+        runs_dir::remove_run(&RunDir::new(self.config.runs_dir.join(&fence.id))).await;
+        let unclaim = fence.clone();
+        let unclaimed = self
+            .db
+            .writer
+            .write_one(move |c| Box::pin(async move { executions::unclaim(c, &unclaim).await }))
+            .await?;
+        if unclaimed {
+            tracing::warn!(execution_id = %fence.id, %error, "queued again: its program never started");
+            self.wake(lane);
+        }
+        Ok(unclaimed)
     }
 
     /// Resolves a job whose process is gone: queued again when it has

@@ -23,7 +23,7 @@ use super::{JobMeta, Runner, RunnerError};
 use crate::db::executions::{self, Fence};
 use crate::db::output;
 use crate::domain::{Lane, Status, Stream};
-use crate::supervisor::files::{RunDir, Started};
+use crate::supervisor::files::{Outcome, RunDir, Started};
 
 /// How old a claim must be before the absence of its `supervisor.json`
 /// means that its program never started.
@@ -87,7 +87,12 @@ impl Runner {
             };
             let run = RunDir::new(self.config.runs_dir.join(&row.id));
             let started = settled_started(&run, row.started_at.as_deref()).await;
-            if started.is_none() && !run.ended().exists() && run.path().is_dir() {
+            let unstarted = match run.read_ended() {
+                // Abandoned at its gate, its supervisor says.
+                Some(ended) => ended.outcome == Outcome::Unstarted,
+                None => run.path().is_dir(),
+            };
+            if started.is_none() && unstarted {
                 // Claimed, and its program never passed its gate (the agent
                 // stopped before its go; an unopened gate ends the program
                 // unstarted): nothing of it ran, so it is queued again.

@@ -63,6 +63,9 @@ pub enum Outcome {
     Terminated,
     /// The program could not be started.
     FailedToStart,
+    /// The program never passed its gate, and no `go` could come: the agent
+    /// or the zygote went first. Nothing ran; the job may run again.
+    Unstarted,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -134,8 +134,17 @@ fn supervise(
     drop((report, gate));
     let program = match spawned {
         Ok(program) => program,
-        // Dropped before its start (or the zygote went): nothing ran, nothing to say.
+        // Dropped by the agent before its start: nothing ran, nothing to say.
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECANCELED as i32) => return Ok(true),
+        // Abandoned at its gate: nothing ran, which the agent (or the next
+        // one, at its start) reads here, to run the job again.
+        Err(e) if e.raw_os_error() == Some(spawn::ABANDONED) => {
+            std::fs::create_dir_all(dir.path())?;
+            let why = "its program never started: the agent or its zygote went before the go";
+            finish(dir, Outcome::Unstarted, None, Some(why.into()))?;
+            reporter.say("end");
+            return Ok(true);
+        }
         Err(e) => {
             let error = format!("could not start {}: {e}", spec.program.display());
             // Before its go, the run directory may not be made yet: the agent

@@ -58,8 +58,12 @@ pub(super) struct Gated<'a> {
 
 /// Starts `spec`'s program, stdin on /dev/null and its output on two new
 /// pipes, in a process group of its own; it reports its pid and waits at
-/// the gate before its `exec`. `ECANCELED` when the gate was closed instead
-/// of opened: nothing ran.
+/// the gate before its `exec`. Nothing ran on `ECANCELED` (the agent
+/// dropped it) or on `ABANDONED` (no `go` can come: the agent or the
+/// zygote went first).
+/// The errno of a program abandoned at its gate (see `spawn`).
+pub(super) const ABANDONED: i32 = libc::ECONNABORTED;
+
 pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
     // The program is also its own `argv[0]`.
     let argv_owned: Vec<CString> = std::iter::once(cstring(spec.program.as_os_str()))
@@ -173,12 +177,9 @@ unsafe fn before_exec(
         &empty,
         std::ptr::null_mut(),
     ))?;
-    for signal in [
-        Signal::SIGHUP,
-        Signal::SIGINT,
-        Signal::SIGPIPE,
-        Signal::SIGCHLD,
-    ] {
+    // SIGPIPE only once past the gate: the pid report below must fail,
+    // not kill, when no agent reads it any more.
+    for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGCHLD] {
         if libc::signal(signal as libc::c_int, libc::SIG_DFL) == libc::SIG_ERR {
             return Err(nix::errno::Errno::last_raw());
         }
@@ -187,15 +188,26 @@ unsafe fn before_exec(
     // on unsupervised.
     check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
     let n = super::pid_line(gated.prefix, libc::getpid() as u32, line);
-    let _ = libc::write(gated.report, line.as_ptr().cast(), n);
+    // A full pipe loses the report (the agent opens the gate without it);
+    // a pipe with no reader means the agent is gone, and no `go` will come.
+    if libc::write(gated.report, line.as_ptr().cast(), n) < 0
+        && nix::errno::Errno::last_raw() == libc::EPIPE
+    {
+        return Err(ABANDONED);
+    }
     let mut byte = 0u8;
     loop {
         match libc::read(gated.gate, (&mut byte as *mut u8).cast(), 1) {
-            1 => break,
+            1 if byte == b'g' => break,
+            // Dropped by the agent: its claim did not hold, or it was killed.
+            1 => return Err(libc::ECANCELED),
             r if r < 0 && nix::errno::Errno::last_raw() == libc::EINTR => continue,
-            // Closed: the job was dropped (or the zygote is gone).
-            _ => return Err(libc::ECANCELED),
+            // Closed without a word: the zygote is gone, or gave up waiting.
+            _ => return Err(ABANDONED),
         }
+    }
+    if libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR {
+        return Err(nix::errno::Errno::last_raw());
     }
     libc::environ = envp as *mut *mut libc::c_char;
     Ok(())

@@ -146,7 +146,9 @@ pub(super) fn serve() -> ExitCode {
                 }
             }
             "drop" => {
-                pool.gates.remove(token);
+                if let Some((gate, _)) = pool.gates.remove(token) {
+                    let _ = nix::unistd::write(&gate, b"d");
+                }
             }
             job => {
                 // `<run dir>\t<spec as JSON>`

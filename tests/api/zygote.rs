@@ -166,7 +166,43 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     assert!(eventually(Duration::from_secs(5), || !alive(pid)).await);
     assert!(started_marker.exists());
     assert!(!waiting_marker.exists(), "a job ran without its go");
-    assert!(!waiting_dir.join("status.json").exists());
+    // Said so, for the agent (or the next one) to run it again; an explicit
+    // drop leaves nothing (above).
+    let ended = files::RunDir::new(&waiting_dir)
+        .read_ended()
+        .expect("status.json");
+    assert_eq!(ended.outcome, files::Outcome::Unstarted, "{ended:?}");
+}
+
+/// A program whose pid report finds no reader (the agent was killed while
+/// the zygote still had job lines to hand over) is abandoned at its gate,
+/// unstarted. It used to die there of SIGPIPE, recorded as a run that
+/// failed (exit 141), never to run.
+#[tokio::test]
+async fn a_program_whose_report_has_no_reader_is_abandoned_unstarted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("ran");
+    let (line, dir) = job(tmp.path(), "e", &marker);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
+        .arg("supervise")
+        .arg(tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The agent is gone: nothing reads the reports.
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("3 {line}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let ended = dir.join("status.json");
+    let written = eventually(Duration::from_secs(10), || ended.exists()).await;
+    drop(stdin);
+    let _ = child.wait();
+    assert!(written, "no status.json");
+    let ended = files::RunDir::new(&dir).read_ended().unwrap();
+    assert_eq!(ended.outcome, files::Outcome::Unstarted, "{ended:?}");
+    assert!(!marker.exists(), "it ran without a go");
 }
 
 #[tokio::test]
