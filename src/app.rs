@@ -349,11 +349,15 @@ fn resolve_auth(config: &Config, addr: Option<std::net::SocketAddr>) -> Result<A
     })?;
     let url = addr.map_or_else(|| "http://127.0.0.1:7070".into(), |a| format!("http://{a}"));
     // The token itself is never printed; the line reads it from its file.
-    tracing::info!(token_file = %path.display(), "clients authenticate with the token in the token file");
-    eprintln!(
-        "\n  Try it:  curl -s -H \"Authorization: Bearer $(cat {})\" {url}/info\n",
+    let try_it = format!(
+        "curl -s -H \"Authorization: Bearer $(cat {})\" {url}/info",
         path.display()
     );
+    tracing::info!(token_file = %path.display(), %try_it, "clients authenticate with the token in the token file");
+    // For a person at a terminal; JSON logs are one object per line.
+    if config.log_format == crate::config::LogFormat::Text {
+        eprintln!("\n  Try it:  {try_it}\n");
+    }
     Ok(Auth::Token(token))
 }
 

@@ -25,7 +25,11 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(config: Config) -> std::process::ExitCode {
-    let filter = EnvFilter::try_from_env("EXECD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("EXECD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // At trace level the WebSocket library logs whole frames, a job's
+        // env values among them: secrets are never logged.
+        .add_directive("tungstenite=debug".parse().expect("a valid directive"));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

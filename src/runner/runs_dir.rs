@@ -41,7 +41,20 @@ impl RunsDir {
     /// if given, else as the module says. `data_dir` must exist.
     pub fn prepare(data_dir: &Path, configured: Option<&Path>) -> std::io::Result<RunsDir> {
         if let Some(path) = configured {
-            std::fs::create_dir_all(path)?;
+            // Private when made here, as the in-memory one is: run
+            // directories hold code and output. One made by hand is left
+            // as it is, but said to be open.
+            if !path.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(path)?;
+            } else if std::fs::metadata(path)?.mode() & 0o077 != 0 {
+                tracing::warn!(
+                    runs_dir = %path.display(),
+                    "the runs dir is open to other users: they can read jobs' code and output"
+                );
+            }
             return Ok(RunsDir {
                 path: std::fs::canonicalize(path)?,
                 link: None,
@@ -250,6 +263,8 @@ mod tests {
         let wanted = elsewhere.path().join("runs-here");
         let runs = RunsDir::prepare(data.path(), Some(&wanted)).unwrap();
         assert_eq!(runs.path, std::fs::canonicalize(&wanted).unwrap());
+        let mode = std::fs::metadata(&wanted).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "private when made here (it was 0755)");
         assert!(!runs.in_memory());
         assert!(!data.path().join("runs").exists());
         runs.release();

@@ -175,3 +175,81 @@ async fn a_callback_cut_off_by_kill_9_is_delivered_after_restart() {
     }
     assert!(agent.terminate().success(), "a clean exit on SIGTERM");
 }
+
+/// With `--log-format json` every line of the log is a JSON object (the
+/// "Try it" line was plain text), and at `EXECD_LOG=trace` no env value of
+/// a job is logged (the WebSocket library logged whole frames).
+#[tokio::test]
+async fn json_logs_at_trace_are_json_and_hold_no_env_value() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let data = tempfile::tempdir().unwrap();
+    let log_path = data.path().join("log");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data-dir")
+        .arg(data.path().join("d"))
+        .env("EXECD_LOG", "trace")
+        .env_remove("EXECD_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(format!("{url}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "execd did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(data.path().join("d").join("token")).unwrap();
+    let mut request = (url.replace("http://", "ws://") + "/execute/stream")
+        .into_client_request()
+        .unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let frame = json!({ "type": "execute", "code": "echo $A_SECRET | wc -c", "language": "bash",
+                        "env": { "A_SECRET": "ENV_VALUE_IN_TRACE" } });
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut completed = false;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, socket.next()).await {
+        if let Message::Text(text) = message {
+            completed |= text.contains("\"complete\"");
+        }
+    }
+    assert!(completed, "the run completed");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.lines().count() > 10, "a trace log: {log}");
+    assert!(
+        !log.contains("ENV_VALUE_IN_TRACE"),
+        "an env value was logged"
+    );
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+}
