@@ -118,6 +118,10 @@ pub struct Config {
     #[arg(long, env = "EXECD_MAX_CODE_BYTES", default_value_t = 1 << 20)]
     pub max_code_bytes: usize,
 
+    /// Largest `env` accepted (its `NAME=value` strings together), in bytes.
+    #[arg(long, env = "EXECD_MAX_ENV_BYTES", default_value_t = 256 << 10)]
+    pub max_env_bytes: usize,
+
     /// Output stored per stream and execution, in bytes; the rest is dropped and flagged.
     #[arg(long, env = "EXECD_MAX_OUTPUT_BYTES", default_value_t = 10 << 20)]
     pub max_output_bytes: u64,
@@ -261,6 +265,7 @@ impl Config {
             ("--background-concurrency", self.background_concurrency),
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-code-bytes", self.max_code_bytes),
+            ("--max-env-bytes", self.max_env_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be greater than 0")));
@@ -379,6 +384,7 @@ impl fmt::Debug for Config {
             .field("async_concurrency", &self.async_concurrency)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_code_bytes", &self.max_code_bytes)
+            .field("max_env_bytes", &self.max_env_bytes)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_timeout_secs", &self.max_timeout_secs)
             .field("kill_grace_secs", &self.kill_grace_secs)

@@ -99,6 +99,8 @@ pub struct Submission {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_code_bytes: usize,
+    /// The `env` strings (`NAME=value`) together.
+    pub max_env_bytes: usize,
     pub max_timeout: Duration,
     pub default_workdir: PathBuf,
     pub languages: Languages,
@@ -215,6 +217,8 @@ impl Submission {
     ) -> Result<Submission, SubmissionError> {
         let code = input.code.ok_or_else(|| SubmissionError::missing("code"))?;
         check_program_text("code", &code, limits)?;
+        let env = parse_env(input.env, limits)?;
+        check_exec_size(&[], &env)?;
         let language = parse_language(input.language.as_deref(), &limits.languages)?;
         let callback = match lane {
             Lane::Async => Some(parse_callback(
@@ -229,7 +233,7 @@ impl Submission {
             program: Program::Code { language, code },
             name: parse_name(input.name)?,
             working_dir: parse_working_dir(input.working_dir, input.workdir, limits)?,
-            env: parse_env(input.env)?,
+            env,
             timeout: parse_timeout(input.timeout, lane, limits)?,
             callback,
             max_attempts: parse_max_attempts(input.max_attempts)?,
@@ -246,22 +250,29 @@ impl Submission {
             .command
             .ok_or_else(|| SubmissionError::missing("command"))?;
         check_program_text("command", &command, limits)?;
-        if let Some(args) = &input.args {
+        let args = input.args.filter(|a| !a.is_empty());
+        if let Some(args) = &args {
             if args.iter().any(|a| a.contains('\0')) {
                 return Err(SubmissionError::invalid(
                     "`args` must not contain NUL bytes",
                 ));
             }
         }
+        let env = parse_env(input.env, limits)?;
+        // Without args the command is one argument of `/bin/sh -c`.
+        let argv: Vec<(&str, &str)> = match &args {
+            None => vec![("command", command.as_str())],
+            Some(args) => std::iter::once(("command", command.as_str()))
+                .chain(args.iter().map(|a| ("args", a.as_str())))
+                .collect(),
+        };
+        check_exec_size(&argv, &env)?;
         Ok(Submission {
             lane,
-            program: Program::Command {
-                command,
-                args: input.args.filter(|a| !a.is_empty()),
-            },
+            program: Program::Command { command, args },
             name: parse_name(input.name)?,
             working_dir: parse_working_dir(input.working_dir, input.workdir, limits)?,
-            env: parse_env(input.env)?,
+            env,
             timeout: parse_timeout(input.timeout, lane, limits)?,
             callback: None,
             max_attempts: parse_max_attempts(input.max_attempts)?,
@@ -368,10 +379,101 @@ fn parse_working_dir(
     Ok(path)
 }
 
+/// The kernel's limit on one argument or environment string at `exec`,
+/// its NUL included (`MAX_ARG_STRLEN`).
+const MAX_EXEC_STRING: usize = 32 * 4096;
+
+/// What the kernel allows a program's arguments and environment together
+/// (`ARG_MAX`), less the agent's own environment, which jobs inherit, and
+/// room for the interpreter's arguments.
+fn exec_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let arg_max = nix::unistd::sysconf(nix::unistd::SysconfVar::ARG_MAX)
+            .ok()
+            .flatten()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(128 << 10);
+        let inherited: usize = std::env::vars_os()
+            .map(|(k, v)| k.len() + v.len() + 2 + std::mem::size_of::<usize>())
+            .sum();
+        arg_max.saturating_sub(inherited + (16 << 10))
+    })
+}
+
+fn too_large(message: String, details: serde_json::Value) -> SubmissionError {
+    let mut e = SubmissionError::new("PAYLOAD_TOO_LARGE", message).with_details(details);
+    e.too_large = true;
+    e
+}
+
+/// Refuses what `exec` would refuse (`E2BIG`): a program that could never
+/// start. `argv`: each argument with the field it came from.
+fn check_exec_size(
+    argv: &[(&str, &str)],
+    env: &BTreeMap<String, String>,
+) -> Result<(), SubmissionError> {
+    for (field, arg) in argv {
+        if arg.len() + 1 > MAX_EXEC_STRING {
+            return Err(too_large(
+                format!(
+                    "an argument in `{field}` is {} bytes; a program's start takes at most {} per argument (for a long script, use /execute with language bash)",
+                    arg.len(),
+                    MAX_EXEC_STRING - 1
+                ),
+                json!({ "field": field, "size": arg.len(), "limit": MAX_EXEC_STRING - 1 }),
+            ));
+        }
+    }
+    let pointer = std::mem::size_of::<usize>();
+    let size: usize = argv
+        .iter()
+        .map(|(_, a)| a.len() + 1 + pointer)
+        .sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 + pointer)
+            .sum::<usize>();
+    let budget = exec_budget();
+    if size > budget {
+        return Err(too_large(
+            format!(
+                "the arguments and environment come to {size} bytes; a program's start takes at most {budget} here"
+            ),
+            json!({ "field": "args", "size": size, "limit": budget }),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_env(
     env: Option<BTreeMap<String, String>>,
+    limits: &Limits,
 ) -> Result<BTreeMap<String, String>, SubmissionError> {
     let env = env.unwrap_or_default();
+    let size: usize = env.iter().map(|(k, v)| k.len() + v.len() + 1).sum();
+    if size > limits.max_env_bytes {
+        return Err(too_large(
+            format!(
+                "`env` is {size} bytes (as NAME=value strings); the limit is {} bytes",
+                limits.max_env_bytes
+            ),
+            json!({ "field": "env", "size": size, "limit": limits.max_env_bytes }),
+        ));
+    }
+    if let Some((name, value)) = env
+        .iter()
+        .find(|(k, v)| k.len() + v.len() + 2 > MAX_EXEC_STRING)
+    {
+        return Err(too_large(
+            format!(
+                "environment variable {name:?} is {} bytes; a program's start takes at most {} per variable",
+                name.len() + value.len() + 1,
+                MAX_EXEC_STRING - 1
+            ),
+            json!({ "field": "env", "name": name, "limit": MAX_EXEC_STRING - 1 }),
+        ));
+    }
     for (name, value) in &env {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             return Err(SubmissionError::invalid(format!(
@@ -500,6 +602,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_code_bytes: 100,
+            max_env_bytes: 1 << 20,
             max_timeout: Duration::from_secs(600),
             default_workdir: std::env::temp_dir(),
             languages: Languages::detect(),
@@ -660,6 +763,34 @@ mod tests {
             let s = Submission::parse(input, Lane::Sync, &limits()).unwrap();
             assert_eq!(s.working_dir, std::env::temp_dir(), "{spelling}");
         }
+    }
+
+    /// What `exec` would refuse (E2BIG) is a 413 up front, not a job that
+    /// always fails to start: a command run under `sh -c` is one argument.
+    #[test]
+    fn what_exec_would_refuse_is_refused_at_once() {
+        let limits = Limits {
+            max_code_bytes: 1 << 20,
+            ..limits()
+        };
+        let long = "x".repeat(MAX_EXEC_STRING);
+        let command = CommandIn {
+            command: Some(format!("true {long}")),
+            ..Default::default()
+        };
+        let e = Submission::parse_command(command, Lane::Sync, &limits).unwrap_err();
+        assert!(e.too_large && e.details["field"] == "command", "{e:?}");
+        let env = ExecuteIn {
+            env: Some(BTreeMap::from([("A".to_string(), long)])),
+            ..bash("x")
+        };
+        let e = Submission::parse(env, Lane::Sync, &limits).unwrap_err();
+        assert!(e.too_large && e.details["field"] == "env", "{e:?}");
+        let fits = CommandIn {
+            command: Some(format!("true {}", "x".repeat(MAX_EXEC_STRING - 10))),
+            ..Default::default()
+        };
+        assert!(Submission::parse_command(fits, Lane::Sync, &limits).is_ok());
     }
 
     #[test]

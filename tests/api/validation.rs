@@ -30,7 +30,11 @@ async fn assert_error(response: reqwest::Response, status: u16, code: &str, what
 
 #[tokio::test]
 async fn each_submission_rule_has_its_status_and_code() {
-    let app = spawn_app_with(|c| c.max_code_bytes = 1000).await;
+    let app = spawn_app_with(|c| {
+        c.max_code_bytes = 1000;
+        c.max_env_bytes = 1000;
+    })
+    .await;
     let cb = "http://127.0.0.1:9/hook";
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         ("/execute", json!({}), 400, "MISSING_PARAMETER"),
@@ -229,6 +233,20 @@ async fn each_submission_rule_has_its_status_and_code() {
             json!({ "command": "true", "timeout": 0 }),
             400,
             "INVALID_REQUEST",
+        ),
+        // `--max-env-bytes`, and what `exec` would refuse (E2BIG): these
+        // used to be accepted and fail to start.
+        (
+            "/execute",
+            json!({ "code": "x", "env": { "A": "v".repeat(1000) } }),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "/commands/run",
+            json!({ "command": "true", "args": ["a".repeat(140_000)] }),
+            413,
+            "PAYLOAD_TOO_LARGE",
         ),
     ];
     for (path, body, status, code) in cases {
