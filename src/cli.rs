@@ -158,6 +158,14 @@ async fn run(command: ClientCommand) -> Result<ExitCode, CliError> {
     let Some(args) = command.conn().cloned() else {
         unreachable!("`token` is handled by `main`")
     };
+    let scheme_ok = reqwest::Url::parse(&args.url)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.has_host());
+    if !scheme_ok {
+        return Err(CliError::Usage(format!(
+            "--url {:?} is not an http:// or https:// URL (for example http://127.0.0.1:7070)",
+            args.url
+        )));
+    }
     let client = Client {
         base: args.url.trim_end_matches('/').to_string(),
         token: args.token.clone().or_else(|| read_token(&args.data_dir)),
@@ -352,7 +360,14 @@ impl Client {
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status().as_u16();
         self.check_token(status)?;
-        let body = response.json().await.unwrap_or(Value::Null);
+        let text = response.text().await.map_err(|e| self.transport(e))?;
+        // Every answer of the agent is JSON: anything else is not the agent.
+        let body = serde_json::from_str(&text).map_err(|_| {
+            CliError::Other(format!(
+                "{} answered {status} with a body that is not JSON: is it an execd agent?",
+                self.base
+            ))
+        })?;
         Ok((status, body))
     }
 

@@ -154,14 +154,53 @@ pub struct ExecuteIn {
     pub timeout: Option<f64>,
     pub working_dir: Option<String>,
     pub workdir: Option<String>,
+    #[serde(default, deserialize_with = "unique_keys")]
     pub env: Option<BTreeMap<String, String>>,
     pub name: Option<String>,
     pub callback_url: Option<String>,
+    #[serde(default, deserialize_with = "unique_keys")]
     pub callback_headers: Option<BTreeMap<String, String>>,
     pub callback_signature_secret: Option<String>,
     /// Runs in all: one lost with its supervisor is re-queued until this many (default 1).
     #[schema(minimum = 1, maximum = 10)]
     pub max_attempts: Option<u32>,
+}
+
+/// An object of strings whose keys are each given once. A map of serde's
+/// would keep the last of two silently, where the body's own fields given
+/// twice are refused.
+fn unique_keys<'de, D>(de: D) -> Result<Option<BTreeMap<String, String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, String>()? {
+                if out.contains_key(&key) {
+                    let twice = format!("has the key {key:?} twice");
+                    return Err(serde::de::Error::custom(twice));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    struct UniqueMap(BTreeMap<String, String>);
+    impl<'de> Deserialize<'de> for UniqueMap {
+        fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+            de.deserialize_map(Unique).map(UniqueMap)
+        }
+    }
+    Ok(Option::<UniqueMap>::deserialize(de)?.map(|map| map.0))
 }
 
 /// The body of `/commands/run` and `/commands/background`.
@@ -174,6 +213,7 @@ pub struct CommandIn {
     pub timeout: Option<f64>,
     pub working_dir: Option<String>,
     pub workdir: Option<String>,
+    #[serde(default, deserialize_with = "unique_keys")]
     pub env: Option<BTreeMap<String, String>>,
     pub name: Option<String>,
     /// Runs in all: one lost with its supervisor is re-queued until this many (default 1).

@@ -384,3 +384,45 @@ async fn execd_logs_follow_goes_on_across_a_restart_and_prints_every_character()
     );
     assert!(agent.terminate().success());
 }
+
+/// The client commands say what is wrong with where they were sent: a
+/// `--url` without a scheme ("builder error" before), or something that
+/// answers but is not the agent (it printed empty ids and exited 0).
+#[test]
+fn the_cli_refuses_a_url_without_a_scheme_and_a_server_that_is_not_the_agent() {
+    use std::io::{Read, Write};
+    let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_execd")).args([
+        "kill",
+        "proc_x",
+        "--url",
+        "127.0.0.1:7070",
+        "--token",
+        "t",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--url") && stderr.contains("http://"),
+        "{stderr}"
+    );
+
+    // A plain HTTP server that answers 200 "ok" to anything, for a while.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4).flatten() {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args(["kill", "proc_x", "--url", &url, "--token", "t"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not JSON"), "{stderr}");
+}

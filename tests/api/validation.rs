@@ -674,6 +674,24 @@ async fn a_body_of_the_wrong_shape_names_the_field_and_never_its_value() {
         );
         assert!(!body.to_string().contains(value), "{what}: {body}");
     }
+    // A key given twice in `env` or `callback_headers` is refused, as a
+    // field of the body given twice is (the last one was kept silently).
+    for (path, raw) in [
+        ("/execute", r#"{"code": "x", "env": {"A": "1", "A": "2"}}"#),
+        (
+            "/execute/async",
+            r#"{"code": "x", "callback_url": "http://127.0.0.1:9/h", "callback_headers": {"X-A": "1", "X-A": "2"}}"#,
+        ),
+    ] {
+        let request = app
+            .client
+            .post(app.path(path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(raw);
+        let body = assert_error(request.send().await.unwrap(), 400, "INVALID_REQUEST", raw).await;
+        assert!(body["error"].as_str().unwrap().contains("twice"), "{body}");
+    }
     // The stream's execute frame is parsed the same way.
     let frames = stream_frames(
         &app,
