@@ -13,7 +13,7 @@ use super::{Runner, Running, StopReason};
 use crate::db::executions::{self, Claimed, Fence, Finish};
 use crate::db::output::Chunk;
 use crate::domain::{Status, Stream};
-use crate::supervisor::files::{Ended, Outcome, RunDir, Started};
+use crate::supervisor::files::{self, Ended, Outcome, RunDir, Started};
 
 /// How long a silent job's pid may wait for a write to go with (its first
 /// output's, or its end's) before it is stored alone: a silent job shorter
@@ -272,12 +272,16 @@ pub fn kill_leftovers(run: &RunDir) {
         return;
     };
     let leftovers = started.leftovers();
-    if leftovers.is_empty() {
-        return;
+    if !leftovers.is_empty() {
+        // The group is the job's: one signal takes a member forked since too.
+        let _ = killpg(Pid::from_raw(started.program_pid as i32), Signal::SIGKILL);
     }
-    // The group is the job's: one signal takes a member forked since too.
-    let _ = killpg(Pid::from_raw(started.program_pid as i32), Signal::SIGKILL);
-    for pid in leftovers {
+    // And what left the group (`setsid`, a daemon), by its environment's mark.
+    let marked = match (started.boot_id == files::boot_id(), run.path().file_name()) {
+        (true, Some(id)) => files::marked(&id.to_string_lossy(), started.program_start),
+        _ => Vec::new(),
+    };
+    for pid in leftovers.into_iter().chain(marked) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }

@@ -168,6 +168,29 @@ pub fn own_start() -> u64 {
     own.1
 }
 
+/// Set in every program's environment to its execution's id, and so in
+/// that of everything it starts: what is left of a job whose supervisor is
+/// gone is found by it, even a process that left the job's group.
+pub const EXECUTION_ID_VAR: &str = "EXECD_EXECUTION_ID";
+
+/// Processes whose environment marks them as `execution_id`'s and that
+/// started no earlier than `since` (clock ticks since boot). Those of other
+/// users cannot be read, and are not ours.
+pub fn marked(execution_id: &str, since: u64) -> Vec<u32> {
+    let mark = format!("{EXECUTION_ID_VAR}={execution_id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == mark.as_bytes()))
+                && process_start(*pid).is_some_and(|start| start >= since)
+        })
+        .collect()
+}
+
 /// The process group of `pid`, read from `/proc/<pid>/stat`.
 pub fn process_group(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

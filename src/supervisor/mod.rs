@@ -130,7 +130,12 @@ fn supervise(
         prefix: &prefix,
         gate: gate.as_raw_fd(),
     };
-    let spawned = spawn::spawn(spec, &gated);
+    let execution_id = dir
+        .path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let spawned = spawn::spawn(spec, &gated, execution_id);
     drop((report, gate));
     let program = match spawned {
         Ok(program) => program,

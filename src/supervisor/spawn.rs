@@ -22,7 +22,7 @@ use nix::libc;
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 
-use super::files::Spec;
+use super::files::{self, Spec};
 
 /// The stack the child runs on until its `exec`, beyond what the arguments
 /// take: our few calls, and glibc's `execvp` (a `PATH` buffer of at most
@@ -64,14 +64,14 @@ pub(super) struct Gated<'a> {
 /// The errno of a program abandoned at its gate (see `spawn`).
 pub(super) const ABANDONED: i32 = libc::ECONNABORTED;
 
-pub(super) fn spawn(spec: &Spec, gated: &Gated) -> std::io::Result<Program> {
+pub(super) fn spawn(spec: &Spec, gated: &Gated, execution_id: &str) -> std::io::Result<Program> {
     // The program is also its own `argv[0]`.
     let argv_owned: Vec<CString> = std::iter::once(cstring(spec.program.as_os_str()))
         .chain(spec.args.iter().map(|a| cstring(OsStr::new(a))))
         .collect::<std::io::Result<_>>()?;
     let program = &argv_owned[0];
     let argv = null_terminated(&argv_owned);
-    let envp_owned = environment(spec)?;
+    let envp_owned = environment(spec, execution_id)?;
     let envp = null_terminated(&envp_owned);
     let cwd = cstring(spec.working_dir.as_os_str())?;
     let null = std::fs::File::open("/dev/null")?;
@@ -213,12 +213,14 @@ unsafe fn before_exec(
     Ok(())
 }
 
-/// The program's environment: the supervisor's, with the job's values on top.
-fn environment(spec: &Spec) -> std::io::Result<Vec<CString>> {
+/// The program's environment: the supervisor's, with the job's values on
+/// top, and its execution's id (`files::EXECUTION_ID_VAR`).
+fn environment(spec: &Spec, execution_id: &str) -> std::io::Result<Vec<CString>> {
     let mut vars: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
     for (key, value) in &spec.env {
         vars.insert(key.into(), value.into());
     }
+    vars.insert(files::EXECUTION_ID_VAR.into(), execution_id.into());
     vars.into_iter()
         .map(|(key, value)| {
             let mut pair = key.into_vec();

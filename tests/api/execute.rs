@@ -230,11 +230,16 @@ async fn the_agents_own_settings_do_not_leak_into_programs() {
     let (_, out) = app
         .post_json(
             "/execute",
-            json!({ "code": "env | grep -c '^EXECD_' || true", "language": "bash", "env": {"EXECD_MINE": "1"} }),
+            json!({ "code": "env | grep '^EXECD_' | sort", "language": "bash", "env": {"EXECD_MINE": "1"} }),
         )
         .await;
-    // Only the variable the submission set itself.
-    assert_eq!(out["stdout"], "1\n", "{out}");
+    // Only the variable the submission set itself, and the job's own id.
+    let id = out["execution_id"].as_str().unwrap();
+    assert_eq!(
+        out["stdout"],
+        format!("EXECD_EXECUTION_ID={id}\nEXECD_MINE=1\n"),
+        "{out}"
+    );
     app.stop().await;
 }
 

@@ -550,3 +550,52 @@ async fn jobs_at_their_gate_when_the_zygote_dies_run_later_once() {
     }
     app.stop().await;
 }
+
+/// A job whose supervisor is killed is lost, and whatever it started goes
+/// with it, even a process that left its group (`setsid`), found by the
+/// execution id in its environment. Such a process ran on forever.
+#[tokio::test]
+async fn a_lost_jobs_descendant_that_left_its_group_is_killed_too() {
+    let app = spawn_app().await;
+    let marks = tempfile::tempdir().unwrap();
+    let pidfile = marks.path().join("pid");
+    let code = format!(
+        "setsid sleep 300 & echo $! > {}.tmp && mv {0}.tmp {0}; echo up; wait",
+        pidfile.display()
+    );
+    let id = app
+        .background(json!({ "code": code, "language": "bash" }))
+        .await;
+    let p = app
+        .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
+        .await;
+    let escaped: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p["pid"])).unwrap();
+    let supervisor: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    let p = app.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    let gone = eventually(Duration::from_secs(5), || !alive(escaped)).await;
+    if !gone {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(escaped as i32),
+            nix::sys::signal::SIGKILL,
+        );
+    }
+    assert!(gone, "the setsid descendant outlived its lost job");
+    app.stop().await;
+}
