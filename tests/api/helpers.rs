@@ -300,3 +300,10 @@ pub fn background_submission(workdir: &std::path::Path) -> execd::domain::Submis
     };
     Submission::parse(input, Lane::Background, &limits).unwrap()
 }
+
+/// The supervisor of the running program `pid`: its parent.
+pub fn supervisor_of_program(pid: i64) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"));
+    ppid.unwrap().trim().parse().unwrap()
+}

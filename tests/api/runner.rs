@@ -412,13 +412,7 @@ async fn a_descriptor_the_agent_inherited_reaches_no_job() {
         .wait_for(&id, Duration::from_secs(10), |p| p["stdout"] == "up\n")
         .await;
     let pid = p["pid"].as_i64().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let supervisor = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let supervisor = supervisor_of_program(pid).to_string();
     for holder in [pid.to_string(), supervisor] {
         let fds = std::fs::read_dir(format!("/proc/{holder}/fd")).unwrap();
         let held: Vec<_> = fds
@@ -450,14 +444,7 @@ async fn the_recovery_kills_no_process_that_took_a_lost_jobs_pid() {
     let (pid, execution_id) = (p["pid"].as_i64().unwrap(), p["execution_id"].clone());
     let data_dir = app.shutdown().await;
     // The supervisor dies with its job while no agent runs.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let supervisor: i32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let supervisor = supervisor_of_program(pid);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor),
         nix::sys::signal::SIGKILL,
@@ -574,14 +561,7 @@ async fn a_lost_jobs_descendant_that_left_its_group_is_killed_too() {
         .trim()
         .parse()
         .unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p["pid"])).unwrap();
-    let supervisor: i32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let supervisor = supervisor_of_program(p["pid"].as_i64().unwrap());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor),
         nix::sys::signal::SIGKILL,
