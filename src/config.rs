@@ -313,6 +313,18 @@ impl Config {
             }
             Ok(_) => {}
         }
+        // Subtracted from now at every pruning: past a century of days the
+        // date overflows, and the retention task would stop for good.
+        const MAX_RETENTION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+        for (name, value) in [
+            ("--retention", self.retention),
+            ("--dead-callback-retention", self.dead_callback_retention),
+            ("--retention-interval", self.retention_interval),
+        ] {
+            if value > MAX_RETENTION {
+                return Err(ConfigError(format!("{name} must be at most 100 years")));
+            }
+        }
         if self.retention_interval.is_zero() {
             return bad("--retention-interval must be more than 0");
         }

@@ -6,7 +6,9 @@ use sqlx::{SqliteConnection, SqlitePool};
 /// Deletes up to `batch` executions that finished before `cutoff`, keeping
 /// any whose callback is still waiting, and any whose callback is dead and
 /// that finished after `dead_cutoff` (dead callbacks are kept longer, for
-/// an operator to look at). Returns how many were deleted.
+/// an operator to look at). The newest execution is always kept: its `seq`
+/// would be given to the next one, and a list cursor handed out before
+/// would then page to a newer row. Returns how many were deleted.
 pub async fn prune(
     conn: &mut SqliteConnection,
     cutoff: &str,
@@ -18,6 +20,7 @@ pub async fn prune(
              SELECT e.seq FROM executions e
               WHERE e.status IN ('completed', 'failed', 'killed', 'timeout')
                 AND e.completed_at < ?1
+                AND e.seq < (SELECT MAX(seq) FROM executions)
                 AND NOT EXISTS (SELECT 1 FROM callbacks c
                                  WHERE c.execution_id = e.id AND c.status IN ('pending', 'failed'))
                 AND (e.completed_at < ?2

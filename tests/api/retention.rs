@@ -66,8 +66,8 @@ async fn the_database_file_stays_bounded_under_churn_while_waiting_callbacks_are
             let p = app.wait_terminal(id, Duration::from_secs(30)).await;
             assert_eq!(p["status"], "completed");
         }
-        // All pruned but the one whose callback waits.
-        wait_count(&app, "&status=completed", 1, Duration::from_secs(10)).await;
+        // All pruned but the one whose callback waits, and the newest.
+        wait_count(&app, "&status=completed", 2, Duration::from_secs(10)).await;
         sizes.push(db_bytes(&app));
     }
     let written: u64 = 8 * 20 * 150_000;
@@ -89,6 +89,48 @@ async fn the_database_file_stays_bounded_under_churn_while_waiting_callbacks_are
     assert_eq!(
         p["callback"]["status"], "failed",
         "kept while its callback waits: {p}"
+    );
+    app.stop().await;
+}
+
+/// A list cursor never pages to a row newer than itself: retention keeps
+/// the newest execution, whose `seq` SQLite would otherwise give again to
+/// the next one. (With everything pruned, a new job took the number of a
+/// cursor handed out before, and showed on the "older" page.)
+#[tokio::test]
+async fn a_cursor_handed_out_before_a_pruning_never_pages_to_a_newer_row() {
+    let app = spawn_app_with(|c| {
+        c.retention = Duration::from_secs(1);
+        c.retention_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (_, out) = app
+            .post_json("/execute", json!({ "code": "true", "language": "bash" }))
+            .await;
+        ids.push(out["execution_id"].as_str().unwrap().to_string());
+    }
+    let (_, page) = app.get_json("/execute/processes?limit=1").await;
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    // Pruned, all but the newest.
+    wait_count(&app, "", 1, Duration::from_secs(10)).await;
+    let (_, out) = app
+        .post_json("/execute", json!({ "code": "true", "language": "bash" }))
+        .await;
+    let newer = out["execution_id"].as_str().unwrap().to_string();
+    let (_, older) = app
+        .get_json(&format!("/execute/processes?cursor={cursor}"))
+        .await;
+    let shown: Vec<&str> = older["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["execution_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        !shown.contains(&newer.as_str()),
+        "a newer row on an older page: {shown:?}"
     );
     app.stop().await;
 }
