@@ -83,6 +83,20 @@ impl Language {
 
     /// The program and arguments that run the code file `file` with
     /// `interpreter`.
+    /// The variable that adds a directory to where the interpreter finds
+    /// modules, and the directory for `working_dir`: the code runs from a
+    /// file in its run directory, so without it a module or package in the
+    /// working directory (`import mymod`, `require("pkg")`) is not found.
+    pub fn module_path(self, working_dir: &Path) -> Option<(&'static str, PathBuf)> {
+        match self {
+            Language::Python => Some(("PYTHONPATH", working_dir.to_path_buf())),
+            // CommonJS's `require` of a package; an ES module's `import` of
+            // one looks only beside the file.
+            Language::Javascript => Some(("NODE_PATH", working_dir.join("node_modules"))),
+            Language::Bash | Language::Go => None,
+        }
+    }
+
     pub fn command(self, interpreter: &Path, file: &Path) -> (PathBuf, Vec<String>) {
         let path = file.to_string_lossy().into_owned();
         match self {

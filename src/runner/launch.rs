@@ -6,7 +6,7 @@
 //! is still being synced; or when `take` asks for it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -272,6 +272,8 @@ impl Launcher {
     /// The spec of `job`, and the file its code goes to (for a language).
     fn spec(&self, job: &Run, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
         let mut code = None;
+        let mut env: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&job.env).unwrap_or_default();
         let (program, args) = if job.language == "command" {
             match &job.args {
                 Some(json) => (
@@ -292,6 +294,16 @@ impl Launcher {
             })?;
             let file = run.path().join(language.file_name());
             let command = language.command(&interpreter.path, &file);
+            if let Some((var, dir)) = language.module_path(Path::new(&job.working_dir)) {
+                // First, before what the job or the agent's environment says.
+                let dir = dir.to_string_lossy().into_owned();
+                let rest = env.get(var).cloned().or_else(|| std::env::var(var).ok());
+                let value = match rest.filter(|r| !r.is_empty()) {
+                    Some(rest) => format!("{dir}:{rest}"),
+                    None => dir,
+                };
+                env.insert(var.to_string(), value);
+            }
             code = Some(file);
             command
         };
@@ -299,7 +311,7 @@ impl Launcher {
             program,
             args,
             working_dir: PathBuf::from(&job.working_dir),
-            env: serde_json::from_str(&job.env).unwrap_or_default(),
+            env,
             timeout_ms: u64::try_from(job.timeout_ms).unwrap_or(1),
             kill_grace_ms: self.config.kill_grace.as_millis() as u64,
             max_output_bytes: self.config.max_output_bytes,

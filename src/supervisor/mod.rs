@@ -197,14 +197,15 @@ fn supervise(
     let mut drain_until: Option<Instant> = None;
     let group = Pid::from_raw(pid as i32);
     loop {
-        if status.is_none() {
-            if let Some(exited) = spawn::try_wait(pid) {
-                status = Some(exited);
-                // Whatever the program left behind, in its group or below
-                // this supervisor, goes with it.
-                signal_job(group, Signal::SIGKILL);
-                drain_until = Some(Instant::now() + Duration::from_secs(2));
-            }
+        // Every child that ended is reaped at once: the program, and the
+        // orphans that come to this subreaper (`cmd &` in a shell makes one
+        // each time), which would otherwise hold a pid each as zombies.
+        if let Some(exited) = reap(pid) {
+            status = Some(exited);
+            // Whatever the program left behind, in its group or below
+            // this supervisor, goes with it.
+            kill_job(group, pid);
+            drain_until = Some(Instant::now() + Duration::from_secs(2));
         }
         let now = Instant::now();
         if status.is_some() && (captures.is_empty() || drain_until.is_some_and(|t| now >= t)) {
@@ -217,8 +218,11 @@ fn supervise(
                 kill_at = Some(now + grace);
             }
             if kill_at.is_some_and(|t| now >= t) {
-                signal_job(group, Signal::SIGKILL);
                 kill_at = None;
+                if let Some(exited) = kill_job(group, pid) {
+                    status = Some(exited);
+                    drain_until = Some(Instant::now() + Duration::from_secs(2));
+                }
             }
         }
         let wake = [
@@ -297,7 +301,7 @@ fn supervise(
         _ => None,
     };
     let go_on = outcome != Outcome::Terminated;
-    reap_orphans();
+    reap(pid);
     finish(dir, outcome, status, error)?;
     Ok(go_on)
 }
@@ -308,10 +312,34 @@ fn supervise(
 /// supervisor, a child subreaper, so the tree below it holds them all.
 fn signal_job(group: Pid, signal: Signal) {
     let _ = killpg(group, signal);
+    // Once each: the group's members have had it.
     for pid in descendants(std::process::id()) {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+        if files::process_group(pid) != Some(group.as_raw() as u32) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+        }
     }
 }
+
+/// SIGKILL to the job, again while anything is left below this supervisor
+/// (a process that forks and leaves its group as fast as it can outruns
+/// one pass), a bounded number of times; how the program `pid` ended, if
+/// it was reaped meanwhile.
+fn kill_job(group: Pid, pid: u32) -> Option<ExitStatus> {
+    let mut program = None;
+    for _ in 0..KILL_PASSES {
+        signal_job(group, Signal::SIGKILL);
+        // Zombies are still listed until reaped.
+        program = program.or(reap(pid));
+        if descendants(std::process::id()).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    program
+}
+
+/// Passes of `kill_job` at most.
+const KILL_PASSES: usize = 100;
 
 /// Every process below `root`, by the kernel's lists of children (one
 /// small read where there are none, as after most programs).
@@ -337,14 +365,20 @@ fn descendants(root: u32) -> Vec<u32> {
     found
 }
 
-/// Reaps the orphans of the job that came to this supervisor and have
-/// ended; one killed just now is reaped after a later job, or by init
-/// once the supervisor exits.
-fn reap_orphans() {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
+/// Reaps every child of this supervisor that has ended (the program, and
+/// the job's orphans that came here); how the program `pid` ended, if it
+/// was among them.
+fn reap(pid: u32) -> Option<ExitStatus> {
+    let mut program = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`.
+        let reaped = unsafe { nix::libc::waitpid(-1, &mut status, nix::libc::WNOHANG) };
+        if reaped <= 0 {
+            return program;
+        }
+        if reaped as u32 == pid {
+            program = Some(ExitStatus::from_raw(status));
         }
     }
 }

@@ -14,13 +14,10 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::libc;
 use nix::sched::CloneFlags;
-use nix::sys::signal::Signal;
 
 use super::files::{self, Spec};
 
@@ -38,14 +35,6 @@ pub(super) struct Program {
     pub pid: u32,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
-}
-
-/// How program `pid` ended, once it has (reaping it); `None` while it runs.
-pub(super) fn try_wait(pid: u32) -> Option<ExitStatus> {
-    let mut status = 0;
-    // SAFETY: waitpid writes only to `status`.
-    let reaped = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
-    (reaped == pid as i32).then(|| ExitStatus::from_raw(status))
 }
 
 /// What the program's start needs before it runs: where to report its pid
@@ -177,11 +166,13 @@ unsafe fn before_exec(
         &empty,
         std::ptr::null_mut(),
     ))?;
-    // SIGPIPE only once past the gate: the pid report below must fail,
-    // not kill, when no agent reads it any more.
-    for signal in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGCHLD] {
-        if libc::signal(signal as libc::c_int, libc::SIG_DFL) == libc::SIG_ERR {
-            return Err(nix::errno::Errno::last_raw());
+    // Every signal at its default, whatever the agent inherited ignored
+    // (`nohup`, a shell's `&`). SIGPIPE only once past the gate: the pid
+    // report below must fail, not kill, when no agent reads it any more.
+    // (Those that cannot be set, SIGKILL, SIGSTOP and glibc's own, fail.)
+    for signal in 1..=64 {
+        if signal != libc::SIGPIPE {
+            libc::signal(signal, libc::SIG_DFL);
         }
     }
     // If the supervisor dies, the program gets SIGKILL instead of running
@@ -221,6 +212,11 @@ fn environment(spec: &Spec, execution_id: &str) -> std::io::Result<Vec<CString>>
         vars.insert(key.into(), value.into());
     }
     vars.insert(files::EXECUTION_ID_VAR.into(), execution_id.into());
+    // The shell's idea of where it is: the job's working directory, not the
+    // agent's; and nothing of the agent's own shell.
+    vars.insert("PWD".into(), spec.working_dir.clone().into_os_string());
+    vars.remove(OsStr::new("OLDPWD"));
+    vars.remove(OsStr::new("_"));
     vars.into_iter()
         .map(|(key, value)| {
             let mut pair = key.into_vec();

@@ -509,3 +509,32 @@ async fn a_program_starts_with_no_signal_ignored_so_ctrl_c_style_interrupts_work
     }
     app.stop().await;
 }
+
+/// Code runs from a file in its run directory, yet finds the modules and
+/// packages of its working directory, as it would run from there: a
+/// Python module, a Node package under `node_modules`. Neither was found.
+#[tokio::test]
+async fn code_finds_the_modules_of_its_working_directory() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mymod.py"), "X = 42\n").unwrap();
+    let package = dir.path().join("node_modules").join("fakepkg");
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::write(package.join("index.js"), "module.exports = 43;\n").unwrap();
+    let workdir = dir.path().to_str().unwrap();
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "import mymod\nprint(mymod.X)", "language": "python", "workdir": workdir }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "42\n", "{out}");
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "console.log(require('fakepkg'))", "language": "javascript", "workdir": workdir }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "43\n", "{out}");
+    app.stop().await;
+}

@@ -579,3 +579,98 @@ async fn a_lost_jobs_descendant_that_left_its_group_is_killed_too() {
     assert!(gone, "the setsid descendant outlived its lost job");
     app.stop().await;
 }
+
+/// The supervisor reaps, while its job runs, every orphan that comes to it
+/// (a shell makes one per `cmd &`): they piled up as zombies, one pid each.
+#[tokio::test]
+async fn orphans_that_end_while_their_job_runs_leave_no_zombies() {
+    let app = spawn_app().await;
+    let code = "for i in $(seq 100); do ( true & ); done; sleep 0.5; ps -o stat= --ppid $PPID | grep -c Z || true";
+    let (_, out) = app
+        .post_json("/execute", json!({ "code": code, "language": "bash" }))
+        .await;
+    assert_eq!(out["stdout"], "0\n", "zombies under the supervisor: {out}");
+    app.stop().await;
+}
+
+/// A timeout sends SIGTERM once to each process of the job (the group's
+/// members had it twice: a second TERM means "force" to many programs),
+/// and a job's environment says where it is (PWD was the agent's).
+#[tokio::test]
+async fn a_timeout_terms_each_process_once_and_pwd_is_the_jobs() {
+    let app = spawn_app().await;
+    let code = "trap 'echo got TERM; exit 3' TERM\nwhile :; do sleep 0.01; done";
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": code, "language": "bash", "timeout": 1 }),
+        )
+        .await;
+    assert_eq!(status, 408, "{out}");
+    assert_eq!(out["details"]["stdout"], "got TERM\n", "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = std::fs::canonicalize(dir.path()).unwrap();
+    let (_, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "echo $PWD; echo ${OLDPWD:-none}", "language": "bash",
+                    "workdir": workdir.to_str().unwrap() }),
+        )
+        .await;
+    assert_eq!(
+        out["stdout"],
+        format!("{}\nnone\n", workdir.display()),
+        "{out}"
+    );
+    app.stop().await;
+}
+
+/// A signal the agent inherited as ignored (a shell's `&` ignores SIGQUIT
+/// and SIGINT for what it starts) is at its default again in jobs.
+#[tokio::test]
+async fn a_signal_the_agent_inherited_ignored_is_not_ignored_in_jobs() {
+    // SAFETY: SIG_IGN runs no code; this test process ignores SIGQUIT from
+    // here on, as an agent started by `nohup` or `&` would.
+    unsafe { nix::libc::signal(nix::libc::SIGQUIT, nix::libc::SIG_IGN) };
+    let app = spawn_app().await;
+    let code = "import os, signal\nos.kill(os.getpid(), signal.SIGQUIT)\nprint('ignored')";
+    let (_, out) = app
+        .post_json("/execute", json!({ "code": code, "language": "python" }))
+        .await;
+    assert_eq!(
+        (out["exit_code"].as_i64(), out["stdout"].as_str()),
+        (Some(131), Some("")),
+        "{out}"
+    );
+    app.stop().await;
+}
+
+/// A process that keeps forking and leaving its group outruns one kill
+/// pass over the job: the supervisor kills again while anything is left
+/// below it. Such a chain outlived its job's timeout.
+#[tokio::test]
+async fn a_chain_of_forks_that_leave_the_group_does_not_outlive_its_timeout() {
+    let app = spawn_app().await;
+    let code = "import os, time\nend = time.monotonic() + 1.5\nif os.fork():\n    time.sleep(30)\n    os._exit(0)\nwhile time.monotonic() < end:\n    if os.fork():\n        os._exit(0)\n    os.setsid()\nos.execvp('sleep', ['sleep', '41.75'])";
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": code, "language": "python", "timeout": 1 }),
+        )
+        .await;
+    assert_eq!(status, 408, "{out}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let left: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0041.75\x00")
+        })
+        .collect();
+    for pid in &left {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
+    }
+    assert!(left.is_empty(), "left running: {left:?}");
+    app.stop().await;
+}
