@@ -259,7 +259,10 @@ impl Launcher {
         // less than the trip there and back (two thread wake-ups).
         let made = std::fs::create_dir_all(run.path());
         let written = made.and_then(|()| match code {
-            Some(file) => std::fs::write(file, &job.code),
+            Some(file) => {
+                std::fs::create_dir_all(file.parent().unwrap_or(run.path()))?;
+                std::fs::write(file, &job.code)
+            }
             None => Ok(()),
         });
         if let Err(e) = written {
@@ -292,7 +295,9 @@ impl Launcher {
             let interpreter = self.config.languages.get(language).ok_or_else(|| {
                 std::io::Error::other(format!("{} is not installed", language.as_str()))
             })?;
-            let file = run.path().join(language.file_name());
+            // In a directory of its own: a program that writes beside its
+            // code (`status.json`, `stdout`) never touches the run's own files.
+            let file = run.path().join("code").join(language.file_name());
             let command = language.command(&interpreter.path, &file);
             if let Some((var, dir)) = language.module_path(Path::new(&job.working_dir)) {
                 // First, before what the job or the agent's environment says.

@@ -203,31 +203,34 @@ fn supervise(
         if let Some(exited) = reap(pid) {
             status = Some(exited);
             // Whatever the program left behind, in its group or below
-            // this supervisor, goes with it.
-            kill_job(group, pid);
+            // this supervisor, goes with it: at once, or, in a stop's
+            // grace (the program ended on its SIGTERM), once the grace
+            // is over, so its children may finish cleaning up too.
+            if kill_at.is_none() {
+                kill_job(group, pid);
+            }
             drain_until = Some(Instant::now() + Duration::from_secs(2));
         }
         let now = Instant::now();
-        if status.is_some() && (captures.is_empty() || drain_until.is_some_and(|t| now >= t)) {
+        let drained = captures.is_empty() || drain_until.is_some_and(|t| now >= t);
+        if status.is_some() && kill_at.is_none() && drained {
             break;
         }
-        if status.is_none() {
-            if stopping.is_none() && now >= deadline {
-                stopping = Some(Outcome::Timeout);
-                signal_job(group, Signal::SIGTERM);
-                kill_at = Some(now + grace);
-            }
-            if kill_at.is_some_and(|t| now >= t) {
-                kill_at = None;
-                if let Some(exited) = kill_job(group, pid) {
-                    status = Some(exited);
-                    drain_until = Some(Instant::now() + Duration::from_secs(2));
-                }
+        if status.is_none() && stopping.is_none() && now >= deadline {
+            stopping = Some(Outcome::Timeout);
+            signal_job(group, Signal::SIGTERM);
+            kill_at = Some(now + grace);
+        }
+        if kill_at.is_some_and(|t| now >= t) {
+            kill_at = None;
+            if let Some(exited) = kill_job(group, pid) {
+                status = Some(exited);
+                drain_until = Some(Instant::now() + Duration::from_secs(2));
             }
         }
         let wake = [
             (status.is_none() && stopping.is_none()).then_some(deadline),
-            kill_at.filter(|_| status.is_none()),
+            kill_at,
             drain_until,
         ]
         .into_iter()

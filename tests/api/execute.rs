@@ -538,3 +538,43 @@ async fn code_finds_the_modules_of_its_working_directory() {
     assert_eq!(out["stdout"], "43\n", "{out}");
     app.stop().await;
 }
+
+/// A program that writes files named as the run's own beside its code
+/// (`status.json`, `stdout`) runs on unharmed: the code is in a directory
+/// of its own. The agent took such a `status.json` for the job's end.
+#[tokio::test]
+async fn a_program_writing_beside_its_code_does_not_touch_the_runs_own_files() {
+    let app = spawn_app().await;
+    let code = "import pathlib, time\nhere = pathlib.Path(__file__).parent\n(here / 'status.json').write_text('{}')\n(here / 'stdout').write_text('x')\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.2)";
+    let (_, out) = app
+        .post_json("/execute", json!({ "code": code, "language": "python" }))
+        .await;
+    assert_eq!(
+        (out["stdout"].as_str(), out["exit_code"].as_i64()),
+        (Some("0\n1\n2\n"), Some(0)),
+        "{out}"
+    );
+    app.stop().await;
+}
+
+/// `/info` shows each limit as configured, `--max-env-bytes` among them.
+#[tokio::test]
+async fn info_shows_the_limits_as_configured() {
+    let app = spawn_app_with(|c| {
+        c.max_code_bytes = 1234;
+        c.max_env_bytes = 5678;
+    })
+    .await;
+    let (status, info) = app.get_json("/info").await;
+    assert_eq!(status, 200);
+    let limits = &info["limits"];
+    assert_eq!(
+        (
+            limits["max_code_bytes"].as_u64(),
+            limits["max_env_bytes"].as_u64()
+        ),
+        (Some(1234), Some(5678)),
+        "{info}"
+    );
+    app.stop().await;
+}

@@ -674,3 +674,25 @@ async fn a_chain_of_forks_that_leave_the_group_does_not_outlive_its_timeout() {
     assert!(left.is_empty(), "left running: {left:?}");
     app.stop().await;
 }
+
+/// At a timeout, the job's processes get their grace after SIGTERM even
+/// when the program itself ends on it at once: a worker below it finishes
+/// cleaning up. They were SIGKILLed as soon as the program was gone.
+#[tokio::test]
+async fn children_keep_their_grace_when_the_program_ends_on_its_sigterm() {
+    let app = spawn_app_with(|c| c.kill_grace_secs = 1.5).await;
+    let worker = "import signal, sys, time\ndef term(*_):\n    print('worker got TERM', flush=True)\n    time.sleep(0.3)\n    print('cleanup done', flush=True)\n    sys.exit(0)\nsignal.signal(signal.SIGTERM, term)\nprint('ready', flush=True)\ntime.sleep(30)";
+    let code = format!("python3 -c \"{worker}\"");
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": code, "language": "bash", "timeout": 1.5 }),
+        )
+        .await;
+    assert_eq!(status, 408, "{out}");
+    assert_eq!(
+        out["details"]["stdout"], "ready\nworker got TERM\ncleanup done\n",
+        "{out}"
+    );
+    app.stop().await;
+}
