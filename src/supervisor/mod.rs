@@ -211,6 +211,10 @@ fn supervise(
             }
             drain_until = Some(Instant::now() + Duration::from_secs(2));
         }
+        // In the grace, with nothing left below: no need to wait it out.
+        if status.is_some() && kill_at.is_some() && descendants(std::process::id()).is_empty() {
+            kill_at = None;
+        }
         let now = Instant::now();
         let drained = captures.is_empty() || drain_until.is_some_and(|t| now >= t);
         if status.is_some() && kill_at.is_none() && drained {

@@ -595,10 +595,17 @@ async fn a_delivery_held_past_its_leases_end_is_posted_once() {
         );
     }
     receiver.wait_for(2, Duration::from_secs(10)).await;
-    sqlite3(
-        &app.db_path(),
-        "UPDATE callbacks SET lease_until = '2000-01-01T00:00:00.000000Z' WHERE lease_owner IS NOT NULL",
-    );
+    // Off the runtime: the agent runs on it, and a write of its in flight
+    // holds the lock `sqlite3` waits for (it failed "database is locked").
+    let db = app.db_path();
+    tokio::task::spawn_blocking(move || {
+        sqlite3(
+            &db,
+            "UPDATE callbacks SET lease_until = '2000-01-01T00:00:00.000000Z' WHERE lease_owner IS NOT NULL",
+        )
+    })
+    .await
+    .unwrap();
     for id in &ids {
         wait_callback_status(&app, id, "delivered", Duration::from_secs(10)).await;
     }

@@ -696,3 +696,24 @@ async fn children_keep_their_grace_when_the_program_ends_on_its_sigterm() {
     );
     app.stop().await;
 }
+
+/// A program that ends on its SIGTERM with nothing left below it ends its
+/// job then, not at the end of the grace.
+#[tokio::test]
+async fn a_job_that_ends_on_its_sigterm_ends_then_not_after_the_grace() {
+    let app = spawn_app_with(|c| c.kill_grace_secs = 10.0).await;
+    let started = std::time::Instant::now();
+    let (status, out) = app
+        .post_json(
+            "/execute",
+            json!({ "code": "sleep 30", "language": "bash", "timeout": 0.5 }),
+        )
+        .await;
+    assert_eq!(status, 408, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
