@@ -265,8 +265,8 @@ impl Runner {
 }
 
 /// Kills whatever is left of a job whose supervisor is gone: nothing of a
-/// job may run on unsupervised. Only what is found to be the job's own: the program's pid, and so its
-/// group id, may have been reused by now.
+/// job may run on unsupervised. Only what is found to be the job's own:
+/// the program's pid, and so its group id, may have been reused by now.
 pub fn kill_leftovers(run: &RunDir) {
     let Some(started) = run.read_started() else {
         return;
