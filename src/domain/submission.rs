@@ -332,19 +332,14 @@ fn check_program_text(field: &str, text: &str, limits: &Limits) -> Result<(), Su
         )));
     }
     if text.len() > limits.max_code_bytes {
-        let mut e = SubmissionError::new(
-            "PAYLOAD_TOO_LARGE",
+        return Err(too_large(
             format!(
                 "`{field}` is {} bytes; the limit is {} bytes",
                 text.len(),
                 limits.max_code_bytes
             ),
-        )
-        .with_details(
             json!({ "field": field, "size": text.len(), "limit": limits.max_code_bytes }),
-        );
-        e.too_large = true;
-        return Err(e);
+        ));
     }
     Ok(())
 }
@@ -465,6 +460,19 @@ fn check_exec_size(
             ));
         }
     }
+    if let Some((name, value)) = env
+        .iter()
+        .find(|(k, v)| k.len() + v.len() + 2 > MAX_EXEC_STRING)
+    {
+        return Err(too_large(
+            format!(
+                "environment variable {name:?} is {} bytes; a program's start takes at most {} per variable",
+                name.len() + value.len() + 1,
+                MAX_EXEC_STRING - 1
+            ),
+            json!({ "field": "env", "name": name, "limit": MAX_EXEC_STRING - 1 }),
+        ));
+    }
     let pointer = std::mem::size_of::<usize>();
     let size: usize = argv
         .iter()
@@ -499,19 +507,6 @@ fn parse_env(
                 limits.max_env_bytes
             ),
             json!({ "field": "env", "size": size, "limit": limits.max_env_bytes }),
-        ));
-    }
-    if let Some((name, value)) = env
-        .iter()
-        .find(|(k, v)| k.len() + v.len() + 2 > MAX_EXEC_STRING)
-    {
-        return Err(too_large(
-            format!(
-                "environment variable {name:?} is {} bytes; a program's start takes at most {} per variable",
-                name.len() + value.len() + 1,
-                MAX_EXEC_STRING - 1
-            ),
-            json!({ "field": "env", "name": name, "limit": MAX_EXEC_STRING - 1 }),
         ));
     }
     for (name, value) in &env {
