@@ -3,7 +3,7 @@
 //! same program writing to /dev/null), plus helpers the callback scenario uses.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -126,9 +126,11 @@ async fn agent_interpreter(agent: &Agent, language: &str) -> Option<String> {
 
 /// Says so when the agent runs another Python than the baseline.
 async fn check_same_python(agent: &Agent, python: &Path, out: &mut Outcome) {
+    // Both as real paths: the agent keeps the path its python3 gives.
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let theirs = agent_interpreter(agent, "python").await;
-    let ours = std::fs::canonicalize(python).unwrap_or_else(|_| python.to_path_buf());
-    if theirs.as_deref().map(PathBuf::from) != Some(ours.clone()) {
+    let ours = real(python);
+    if theirs.as_deref().map(|p| real(Path::new(p))) != Some(ours.clone()) {
         out.note(format!(
             "the agent runs python {:?}, the baseline {}: figures are not like for like",
             theirs,

@@ -166,16 +166,23 @@ fn resolve(language: Language) -> Option<Interpreter> {
         .candidates()
         .iter()
         .find_map(|name| which::which(name).ok())?;
-    let mut path = std::fs::canonicalize(&found).unwrap_or(found);
+    // Run as found, and kept as the interpreter says it is: a virtualenv's
+    // `python3` is a link to the base interpreter, and only the venv's own
+    // path makes it the venv's (its packages). A shim (pyenv, nvm, asdf)
+    // prints the real interpreter behind it.
+    let mut path = found;
     if let Some(args) = language.self_path_args() {
         let real = Command::new(&path).args(args).output().ok()?;
         if !real.status.success() {
             return None;
         }
         let printed = String::from_utf8_lossy(&real.stdout).trim().to_string();
-        if !printed.is_empty() {
-            path = std::fs::canonicalize(&printed).unwrap_or_else(|_| printed.into());
+        if Path::new(&printed).is_absolute() {
+            path = printed.into();
         }
+    }
+    if !path.is_absolute() {
+        path = std::fs::canonicalize(&path).unwrap_or(path);
     }
     if language == Language::Go {
         // `go` may be a wrapper too; the real tool lives under GOROOT.

@@ -313,6 +313,55 @@ async fn a_language_that_is_not_installed_is_a_400() {
 }
 
 #[tokio::test]
+async fn a_virtualenv_first_on_path_is_the_python_jobs_run() {
+    // A venv's python3 is a link to its base interpreter: run through that
+    // link's real path, it is the base Python, without the venv's packages.
+    let dir = tempfile::tempdir().unwrap();
+    let venv = dir.path().join("venv");
+    let made = std::process::Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let lib = std::fs::read_dir(venv.join("lib")).unwrap().next().unwrap();
+    let site = lib.unwrap().path().join("site-packages");
+    std::fs::write(site.join("venvonly.py"), "X = 42\n").unwrap();
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap()
+    );
+    let port = crate::crash::free_port();
+    let agent = crate::crash::Agent::start_with(&dir.path().join("data"), port, &[], |c| {
+        c.env("PATH", &path);
+    })
+    .await;
+    let info = agent.get("/info").await;
+    let python = info["languages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "python")
+        .unwrap();
+    assert!(
+        python["path"]
+            .as_str()
+            .unwrap()
+            .starts_with(venv.to_str().unwrap()),
+        "{python}"
+    );
+    let out = agent
+        .post(
+            "/execute",
+            json!({ "code": "import venvonly, sys; print(venvonly.X, sys.prefix)" }),
+        )
+        .await;
+    assert_eq!(out["stdout"], format!("42 {}\n", venv.display()), "{out}");
+    agent.terminate();
+}
+
+#[tokio::test]
 async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
     let app = spawn_app_with(|c| {
         c.max_body_bytes = 4096;
