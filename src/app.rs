@@ -201,6 +201,8 @@ pub async fn serve(
         },
         auth,
         list_output_bytes: usize::try_from(config.list_output_bytes).unwrap_or(usize::MAX),
+        list_page_output_bytes: usize::try_from(config.list_page_output_bytes)
+            .unwrap_or(usize::MAX),
         kill_grace: config.kill_grace(),
         sync_start_within: Duration::from_secs_f64(config.sync_start_within_secs),
         max_body_bytes: config.max_body_bytes,

@@ -165,6 +165,10 @@ pub struct Config {
     #[arg(long, env = "EXECD_LIST_OUTPUT_BYTES", default_value_t = 64 << 10)]
     pub list_output_bytes: u64,
 
+    /// Output shown in one page of the process list, all its rows and streams together, in bytes: where a page's tails would pass it, each is cut shorter.
+    #[arg(long, env = "EXECD_LIST_PAGE_OUTPUT_BYTES", default_value_t = 16 << 20)]
+    pub list_page_output_bytes: u64,
+
     /// Seconds between safety-net polls of the queue (wake-ups are normally immediate).
     #[arg(
         long = "poll-interval",
@@ -404,6 +408,7 @@ impl fmt::Debug for Config {
             .field("runs_dir", &self.runs_dir)
             .field("workdir", &self.workdir)
             .field("list_output_bytes", &self.list_output_bytes)
+            .field("list_page_output_bytes", &self.list_page_output_bytes)
             .field("poll_interval_secs", &self.poll_interval_secs)
             .field("callback_timeout_secs", &self.callback_timeout_secs)
             .field("callback_concurrency", &self.callback_concurrency)

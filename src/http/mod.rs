@@ -40,6 +40,8 @@ pub struct Inner {
     pub auth: Auth,
     /// Bytes of each stream shown per process in lists.
     pub list_output_bytes: usize,
+    /// Bytes of output shown in one list page, all its rows together.
+    pub list_page_output_bytes: usize,
     /// Added to a sync run's timeout while its request waits for it.
     pub kill_grace: std::time::Duration,
     /// Longest a sync run waits for a slot before it is killed unrun.

@@ -222,10 +222,19 @@ pub(super) async fn list(
     let next_cursor = (rows.len() as i64 == filter.limit)
         .then(|| rows.last().map(|r| r.seq.to_string()))
         .flatten();
-    let view = OutputView::Tail(state.list_output_bytes);
+    // Each stream's tail is at most `list_output_bytes`, and the page's
+    // budget is shared out as the rows come: what a row leaves unused
+    // goes to the rows after it.
+    let mut budget = state.list_page_output_bytes;
+    let mut left = rows.len();
     let mut processes = Vec::with_capacity(rows.len());
     for row in rows {
-        processes.push(ProcessOut::load(&mut tx, row, view).await?);
+        let share = budget / (2 * left);
+        let view = OutputView::Tail(state.list_output_bytes.min(share));
+        let process = ProcessOut::load(&mut tx, row, view).await?;
+        budget = budget.saturating_sub(process.stdout.len() + process.stderr.len());
+        left -= 1;
+        processes.push(process);
     }
     Ok(Json(json!({
         "count": processes.len(),

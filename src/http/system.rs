@@ -49,6 +49,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
             "max_output_bytes": state.max_output_bytes,
             "max_timeout": state.limits.max_timeout.as_secs_f64(),
             "list_output_bytes": state.list_output_bytes,
+            "list_page_output_bytes": state.list_page_output_bytes,
         },
         "default_working_dir": state.limits.default_workdir,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),

@@ -700,3 +700,44 @@ async fn the_lists_output_tail_never_starts_with_half_a_character() {
     assert_eq!(p["stdout_truncated"], true);
     app.stop().await;
 }
+
+/// A list page shows at most `--list-page-output-bytes` of output in all:
+/// 1,000 rows of 64 KiB tails would be a response of 128 MiB. The rows
+/// share it, each tail cut shorter is flagged, and one process still
+/// shows all its output.
+#[tokio::test]
+async fn a_list_page_shares_its_output_budget_among_its_rows() {
+    let app = spawn_app_with(|c| {
+        c.list_output_bytes = 1000;
+        c.list_page_output_bytes = 3000;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = app
+            .background(json!({ "code": "print('x' * 1999)", "language": "python" }))
+            .await;
+        ids.push(id);
+    }
+    for id in &ids {
+        app.wait_terminal(id, Duration::from_secs(20)).await;
+    }
+    let (_, list) = app.get_json("/execute/processes").await;
+    let rows = list["processes"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    let shown: usize = rows
+        .iter()
+        .map(|p| p["stdout"].as_str().unwrap().len())
+        .sum();
+    assert!(shown <= 3000, "{shown} bytes of output in a page of 3000");
+    for p in rows {
+        assert!(!p["stdout"].as_str().unwrap().is_empty(), "{p}");
+        assert_eq!(p["stdout_truncated"], true, "{p}");
+    }
+    let one = app.process(&ids[0]).await;
+    assert_eq!(one["stdout"].as_str().unwrap().len(), 2000);
+    assert_eq!(one["stdout_truncated"], false);
+    let (_, info) = app.get_json("/info").await;
+    assert_eq!(info["limits"]["list_page_output_bytes"], 3000, "{info}");
+    app.stop().await;
+}
