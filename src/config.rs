@@ -245,6 +245,8 @@ impl Config {
         // A year: no job or wait needs more, and a larger time overflows
         // the clocks it is added to.
         const MAX_SECONDS: f64 = 366.0 * 24.0 * 3600.0;
+        const MAX_CONCURRENCY: usize = 100_000;
+        const MIN_POLL_INTERVAL: f64 = 0.05;
         let bad = |m: &str| Err(ConfigError(m.to_string()));
         if self.token.is_some() && self.jwt_secret.is_some() {
             return bad("give --token or --jwt-secret, not both");
@@ -306,6 +308,27 @@ impl Config {
         }
         if self.callback_concurrency == 0 {
             return bad("--callback-concurrency must be greater than 0");
+        }
+        // A slot is a semaphore permit (tokio's limit is 2^61), and each
+        // one a process or a connection: far past what a machine holds.
+        for (name, value) in [
+            ("--sync-concurrency", self.sync_concurrency),
+            ("--background-concurrency", self.background_concurrency),
+            ("--async-concurrency", self.async_concurrency),
+            ("--callback-concurrency", self.callback_concurrency),
+        ] {
+            if value > MAX_CONCURRENCY {
+                return Err(ConfigError(format!(
+                    "{name} must be at most {MAX_CONCURRENCY}"
+                )));
+            }
+        }
+        // The safety-net poll is slow by design; a fast one makes an idle
+        // agent spin.
+        if self.poll_interval_secs < MIN_POLL_INTERVAL {
+            return Err(ConfigError(format!(
+                "--poll-interval must be at least {MIN_POLL_INTERVAL} seconds"
+            )));
         }
         if !(0.0..1.0).contains(&self.callback_jitter) {
             return bad("--callback-jitter must be at least 0 and below 1");
@@ -461,7 +484,28 @@ mod tests {
         assert!(!valid(|c| c.callback_timeout_secs = f64::INFINITY));
         assert!(!valid(|c| c.callback_max_retry_after_secs = 1e30));
         assert!(!valid(|c| c.poll_interval_secs = 0.0));
+        assert!(!valid(|c| c.poll_interval_secs = 1e-9));
+        assert!(valid(|c| c.poll_interval_secs = 0.05));
         assert!(!valid(|c| c.callback_retry_schedule = "5s,2y".into()));
+    }
+
+    /// A huge slot count passed validation and then panicked (a lane at
+    /// start; the callback semaphore in a task, and no callback went out).
+    #[test]
+    fn concurrency_past_what_a_machine_holds_is_rejected() {
+        for adjust in [
+            (|c: &mut Config| c.sync_concurrency = usize::MAX) as fn(&mut Config),
+            |c| c.background_concurrency = 1 << 61,
+            |c| c.async_concurrency = usize::MAX,
+            |c| c.callback_concurrency = usize::MAX,
+        ] {
+            let mut config = Config::for_data_dir("/tmp/x");
+            adjust(&mut config);
+            assert!(config.validate().is_err(), "{config:?}");
+        }
+        let mut config = Config::for_data_dir("/tmp/x");
+        config.callback_concurrency = 100_000;
+        config.validate().unwrap();
     }
 
     #[test]

@@ -99,13 +99,22 @@ pub(super) async fn execute_async(
 }
 
 fn background_out(submitted: &Submitted) -> Value {
+    // Claimed in its insert's transaction: it runs as the answer goes out.
+    let status = match (&submitted.started_at, submitted.status.as_str()) {
+        (Some(_), "queued") => "running",
+        (_, status) => status,
+    };
+    let message = match status {
+        "queued" => "process queued; see GET /execute/processes/{id}",
+        _ => "process started; see GET /execute/processes/{id}",
+    };
     json!({
         "process_id": submitted.process_id,
         "execution_id": submitted.execution_id,
         "name": submitted.name,
-        "status": submitted.status,
-        "start_time": submitted.created_at,
-        "message": "process queued; see GET /execute/processes/{id}",
+        "status": status,
+        "start_time": submitted.started_at,
+        "message": message,
         "timestamp": timestamp_now(),
     })
 }
@@ -137,7 +146,9 @@ pub(super) struct Submitted {
     pub process_id: String,
     pub status: String,
     pub name: Option<String>,
-    pub created_at: String,
+    /// When it was claimed: in the insert's own transaction, or (a replay)
+    /// whenever that was; `None` while queued.
+    pub started_at: Option<String>,
     pub callback_url: Option<String>,
     pub command: Option<String>,
 }
@@ -152,12 +163,12 @@ pub(super) async fn submit(
     let (id, process_id) = new_ids();
     let lane = submission.lane;
     let created_at = db::now();
-    let fresh = Submitted {
+    let mut fresh = Submitted {
         execution_id: id.to_string(),
         process_id: process_id.to_string(),
         status: Status::Queued.to_string(),
         name: submission.name.clone(),
-        created_at: created_at.clone(),
+        started_at: None,
         callback_url: submission.callback.as_ref().map(|c| c.url.clone()),
         command: match &submission.program {
             Program::Command { command, .. } => Some(command.clone()),
@@ -198,6 +209,7 @@ pub(super) async fn submit(
                     claim_as,
                 )
                 .await?;
+                let mut started = None;
                 if let (Inserted::New(claimed), Some(permit)) = (&mut inserted, permit) {
                     // Stored claimed (its lane had no queued row), or else the
                     // lane's oldest queued row is claimed.
@@ -213,6 +225,9 @@ pub(super) async fn submit(
                     if !mine {
                         launcher.forget(&ours);
                     }
+                    if mine {
+                        started = jobs.first().map(|j| j.started_at.clone());
+                    }
                     writer.after_commit(move || {
                         if let Some(job) = jobs.into_iter().next() {
                             runner.launch(lane, job, permit);
@@ -222,17 +237,18 @@ pub(super) async fn submit(
                         }
                     });
                 }
-                Ok(inserted)
+                Ok((inserted, started))
             })
         })
         .await;
-    if claiming && !matches!(inserted, Ok(Inserted::New(_))) {
+    if claiming && !matches!(inserted, Ok((Inserted::New(_), _))) {
         // Not stored, or a replay of another execution: this id never runs.
         launcher.abandon(&fresh.execution_id);
     }
-    let inserted = inserted?;
+    let (inserted, started_at) = inserted?;
     let id = match inserted {
         Inserted::New(_) => {
+            fresh.started_at = started_at;
             if !claiming {
                 state.runner.wake(lane);
             }
@@ -263,7 +279,7 @@ pub(super) async fn submit(
         process_id: row.process_id,
         status: row.status,
         name: row.name,
-        created_at: row.created_at,
+        started_at: row.started_at,
         callback_url: row.callback_url,
         command: row.command,
     })

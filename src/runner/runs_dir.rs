@@ -49,6 +49,11 @@ impl RunsDir {
                     .recursive(true)
                     .mode(0o700)
                     .create(path)?;
+            } else if !std::fs::metadata(path)?.is_dir() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "not a directory",
+                ));
             } else if std::fs::metadata(path)?.mode() & 0o077 != 0 {
                 tracing::warn!(
                     runs_dir = %path.display(),

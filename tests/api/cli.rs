@@ -46,6 +46,16 @@ fn bad_configuration_fails_at_start_with_one_clear_line() {
             vec!["--supervisor-bin", "/nonexistent/execd"],
             "--supervisor-bin /nonexistent/execd is not an executable file",
         ),
+        // Accepted before: the callback task panicked, and none went out.
+        (
+            vec!["--callback-concurrency", "18446744073709551615"],
+            "--callback-concurrency must be at most",
+        ),
+        // Accepted before: an idle agent took most of both cores.
+        (
+            vec!["--poll-interval", "1e-9"],
+            "--poll-interval must be at least",
+        ),
     ] {
         let out = run_bounded(
             Command::new(env!("CARGO_BIN_EXE_execd"))
@@ -67,8 +77,13 @@ fn a_start_that_fails_leaves_no_runs_link_or_directory() {
     let data = dir.path().join("data");
     // A working directory that cannot be made, then a database that is a
     // directory: each fails after the data dir is taken.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let file = file.to_str().unwrap();
+    // A runs dir that is a file was taken: every job then failed.
     for (args, says) in [
         (vec!["--workdir", "/proc/nope/x"], "cannot prepare"),
+        (vec!["--runs-dir", file], "not a directory"),
         (vec![], "execd.db"),
     ] {
         if args.is_empty() {

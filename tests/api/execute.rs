@@ -314,6 +314,37 @@ async fn a_background_submission_answers_at_once_and_runs_to_the_end() {
     app.stop().await;
 }
 
+/// A background submission answers as its row is: `running` with its
+/// `start_time` when it took a free slot (claimed in its insert's own
+/// transaction), `queued` with none when every slot was busy.
+#[tokio::test]
+async fn a_background_answer_says_whether_it_runs_and_since_when() {
+    let app = spawn_app_with(|c| c.background_concurrency = 1).await;
+    // The claim loop's first look at the queue, at start, holds the slot
+    // for a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, first) = app
+        .post_json(
+            "/execute/background",
+            json!({ "code": "sleep 2", "language": "bash" }),
+        )
+        .await;
+    let (_, second) = app
+        .post_json(
+            "/execute/background",
+            json!({ "code": "true", "language": "bash" }),
+        )
+        .await;
+    assert_eq!(first["status"], "running", "{first}");
+    let p = app.process(first["process_id"].as_str().unwrap()).await;
+    assert_eq!(first["start_time"], p["started_at"], "{first} {p}");
+    assert_eq!(second["status"], "queued", "{second}");
+    assert_eq!(second["start_time"], Value::Null, "{second}");
+    let p = app.process(second["process_id"].as_str().unwrap()).await;
+    assert_eq!(p["start_time"], Value::Null, "{p}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_async_submission_is_stored_with_its_callback_and_the_secret_never_shown() {
     let app = spawn_app().await;
