@@ -122,6 +122,7 @@ pub async fn serve(
             schedule: config.callback_schedule(),
             timeout: Duration::from_secs_f64(config.callback_timeout_secs),
             concurrency: config.callback_concurrency,
+            receiver_concurrency: config.callback_receiver_concurrency,
             payload_output_bytes: config.callback_output_bytes,
             poll_interval: config.poll_interval(),
         },

@@ -189,6 +189,14 @@ pub struct Config {
     #[arg(long, env = "EXECD_CALLBACK_CONCURRENCY", default_value_t = 64)]
     pub callback_concurrency: usize,
 
+    /// Callback attempts in flight at once to one receiver (scheme, host and port): a dead one holds no more.
+    #[arg(
+        long,
+        env = "EXECD_CALLBACK_RECEIVER_CONCURRENCY",
+        default_value_t = 16
+    )]
+    pub callback_receiver_concurrency: usize,
+
     /// Delays between callback attempts after the first (immediate) one; when the last fails, the delivery is dead.
     #[arg(
         long,
@@ -309,6 +317,9 @@ impl Config {
         if self.callback_concurrency == 0 {
             return bad("--callback-concurrency must be greater than 0");
         }
+        if self.callback_receiver_concurrency == 0 {
+            return bad("--callback-receiver-concurrency must be greater than 0");
+        }
         // A slot is a semaphore permit (tokio's limit is 2^61), and each
         // one a process or a connection: far past what a machine holds.
         for (name, value) in [
@@ -316,6 +327,10 @@ impl Config {
             ("--background-concurrency", self.background_concurrency),
             ("--async-concurrency", self.async_concurrency),
             ("--callback-concurrency", self.callback_concurrency),
+            (
+                "--callback-receiver-concurrency",
+                self.callback_receiver_concurrency,
+            ),
         ] {
             if value > MAX_CONCURRENCY {
                 return Err(ConfigError(format!(
@@ -435,6 +450,10 @@ impl fmt::Debug for Config {
             .field("poll_interval_secs", &self.poll_interval_secs)
             .field("callback_timeout_secs", &self.callback_timeout_secs)
             .field("callback_concurrency", &self.callback_concurrency)
+            .field(
+                "callback_receiver_concurrency",
+                &self.callback_receiver_concurrency,
+            )
             .field("callback_retry_schedule", &self.callback_retry_schedule)
             .field("callback_jitter", &self.callback_jitter)
             .field(

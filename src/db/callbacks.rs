@@ -102,24 +102,31 @@ pub struct Due {
 /// for an operator to read; it does not free the row, for a row still
 /// waiting its turn behind a backlog would then be claimed a second time
 /// and POSTed twice at once.
+///
+/// `skip` is a JSON array of URL prefixes (receivers) whose deliveries are
+/// left for later: those receivers have their share in flight.
 pub async fn claim_due(
     conn: &mut SqliteConnection,
     owner: &str,
     now: &str,
     lease_until: &str,
     limit: i64,
+    skip: &str,
 ) -> Result<Vec<Due>, sqlx::Error> {
     let claimed = sqlx::query!(
         r#"UPDATE callbacks SET lease_owner = ?1, lease_until = ?2
             WHERE id IN (SELECT id FROM callbacks
                           WHERE status IN ('pending', 'failed') AND next_attempt_at <= ?3
                             AND lease_owner IS NULL
+                            AND NOT EXISTS (SELECT 1 FROM json_each(?5)
+                                             WHERE substr(callbacks.url, 1, length(value)) = value)
                           ORDER BY next_attempt_at LIMIT ?4)
         RETURNING id AS "id!""#,
         owner,
         lease_until,
         now,
         limit,
+        skip,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -237,11 +244,15 @@ pub async fn release_foreign_leases(
 
 /// When the next delivery can be claimed, if any is waiting: the earliest
 /// due time of those no one holds (a held one's attempt, when recorded,
-/// says when its next is due).
-pub async fn next_due(pool: &SqlitePool) -> Result<Option<String>, sqlx::Error> {
+/// says when its next is due). Deliveries to the receivers in `skip` (as
+/// for `claim_due`) are left out.
+pub async fn next_due(pool: &SqlitePool, skip: &str) -> Result<Option<String>, sqlx::Error> {
     let row = sqlx::query_scalar!(
         r#"SELECT MIN(next_attempt_at) AS "at?: String"
-             FROM callbacks WHERE status IN ('pending', 'failed') AND lease_owner IS NULL"#
+             FROM callbacks WHERE status IN ('pending', 'failed') AND lease_owner IS NULL
+              AND NOT EXISTS (SELECT 1 FROM json_each(?1)
+                               WHERE substr(callbacks.url, 1, length(value)) = value)"#,
+        skip
     )
     .fetch_one(pool)
     .await?;

@@ -11,6 +11,7 @@ pub mod payload;
 pub mod schedule;
 pub mod sign;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,10 @@ use schedule::Schedule;
 
 /// Response bytes kept per attempt.
 const RESPONSE_KEEP: usize = 4 << 10;
+/// Payload bytes of the deliveries held in memory waiting for a permit (or
+/// for their receiver): past it, completions leave theirs in the database,
+/// to be claimed from there.
+const WAITING_BYTES: usize = 16 << 20;
 /// How long an attempt in flight when the agent stops may go on.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -40,6 +45,8 @@ pub struct DeliveryConfig {
     /// One attempt's whole time: connect, send, response.
     pub timeout: Duration,
     pub concurrency: usize,
+    /// Attempts in flight at once to one receiver (its origin).
+    pub receiver_concurrency: usize,
     /// Output per stream in a payload (the tail).
     pub payload_output_bytes: usize,
     /// Safety-net poll when nothing is due sooner.
@@ -121,9 +128,35 @@ pub struct Deliverer {
     claim_at: std::sync::Mutex<Instant>,
     /// Attempts in flight, waited for on shutdown.
     tasks: TaskTracker,
-    /// Deliveries leased with their insert, waiting for a permit: their
-    /// first attempt skips the claim.
-    ready: std::sync::Mutex<std::collections::VecDeque<Due>>,
+    /// Leased deliveries waiting for a permit, or for their receiver to
+    /// have fewer than its share in flight: handed over with their insert
+    /// (their first attempt skips the claim), or claimed.
+    waiting: std::sync::Mutex<Waiting>,
+    /// Attempts in flight, by receiver (`origin`).
+    in_flight: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// Deliveries held in memory, in order, and their payloads' bytes.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Due>,
+    bytes: usize,
+}
+
+/// The receiver a delivery goes to: its URL's scheme, host and port, as
+/// the URL is stored (normalized) up to its path; the whole URL if that
+/// cannot be read.
+fn origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) => {
+            let origin = format!("{}/", parsed.origin().ascii_serialization());
+            match url.starts_with(&origin) {
+                true => origin,
+                false => url.to_string(),
+            }
+        }
+        Err(_) => url.to_string(),
+    }
 }
 
 /// When the next delivery can be claimed.
@@ -151,7 +184,8 @@ impl Deliverer {
             wake: Notify::new(),
             claim_at: std::sync::Mutex::new(Instant::now()),
             tasks: TaskTracker::new(),
-            ready: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            waiting: std::sync::Mutex::default(),
+            in_flight: std::sync::Mutex::default(),
         })
     }
 
@@ -183,12 +217,19 @@ impl Deliverer {
         true
     }
 
-    /// A lease for deliveries inserted now. It holds the row until its
-    /// attempt is recorded, or the next start frees it (`claim_due`); its
-    /// end is when the attempt should be over, for an operator to read.
-    pub fn lease(&self) -> Lease {
+    /// A lease for deliveries inserted now, to be handed over (`dispatch`)
+    /// once committed; `None` while the deliveries waiting in memory hold
+    /// `WAITING_BYTES` already (a dead receiver's, say): then they stay in
+    /// the database, unleased, and are claimed from there (`wake`). A lease
+    /// holds the row until its attempt is recorded, or the next start frees
+    /// it (`claim_due`); its end is when the attempt should be over, for an
+    /// operator to read.
+    pub fn lease(&self) -> Option<Lease> {
+        if self.waiting.lock().unwrap().bytes >= WAITING_BYTES {
+            return None;
+        }
         let until = chrono::Utc::now() + self.config.timeout + Duration::from_secs(30);
-        (self.config.owner.clone(), db::timestamp(until))
+        Some((self.config.owner.clone(), db::timestamp(until)))
     }
 
     /// Hands over deliveries leased with their insert (committed).
@@ -196,8 +237,66 @@ impl Deliverer {
         if due.is_empty() {
             return;
         }
-        self.ready.lock().unwrap().extend(due);
+        self.hold(due);
         self.wake.notify_one();
+    }
+
+    /// Keeps leased deliveries in memory until they can be attempted.
+    fn hold(&self, due: Vec<Due>) {
+        let mut waiting = self.waiting.lock().unwrap();
+        for delivery in due {
+            waiting.bytes += delivery.payload.len();
+            waiting.queue.push_back(delivery);
+        }
+    }
+
+    /// The first waiting delivery whose receiver has fewer than its share
+    /// of attempts in flight, counted in flight from now.
+    fn next_waiting(&self) -> Option<Due> {
+        let mut waiting = self.waiting.lock().unwrap();
+        let mut in_flight = self.in_flight.lock().unwrap();
+        let limit = self.config.receiver_concurrency;
+        let at = waiting
+            .queue
+            .iter()
+            .position(|due| in_flight.get(&origin(&due.url)).copied().unwrap_or(0) < limit)?;
+        let due = waiting.queue.remove(at)?;
+        waiting.bytes -= due.payload.len();
+        *in_flight.entry(origin(&due.url)).or_default() += 1;
+        Some(due)
+    }
+
+    /// An attempt to `url` ended. A receiver that had its whole share in
+    /// flight was left out of claims: one is due now.
+    fn landed(&self, url: &str) {
+        let origin = origin(url);
+        let mut in_flight = self.in_flight.lock().unwrap();
+        let count = in_flight.entry(origin.clone()).or_default();
+        let was_full = *count >= self.config.receiver_concurrency;
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            in_flight.remove(&origin);
+        }
+        drop(in_flight);
+        if was_full {
+            self.claim_by(Instant::now());
+        }
+    }
+
+    /// Receivers that get no more deliveries claimed now: their share is
+    /// in flight or waiting in memory. As a JSON array of URL prefixes.
+    fn full_receivers(&self) -> String {
+        let waiting = self.waiting.lock().unwrap();
+        let mut counts = self.in_flight.lock().unwrap().clone();
+        for due in &waiting.queue {
+            *counts.entry(origin(&due.url)).or_default() += 1;
+        }
+        let full: Vec<&String> = counts
+            .iter()
+            .filter(|(_, n)| **n >= self.config.receiver_concurrency)
+            .map(|(origin, _)| origin)
+            .collect();
+        serde_json::to_string(&full).expect("strings serialize")
     }
 
     /// Frees the leases of earlier boots (their POSTs died with them), then
@@ -230,14 +329,8 @@ impl Deliverer {
     async fn run(self: &Arc<Self>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         loop {
-            // Deliveries leased with their insert go first, without a claim.
-            while let Ok(permit) = permits.clone().try_acquire_owned() {
-                let Some(due) = self.ready.lock().unwrap().pop_front() else {
-                    break;
-                };
-                self.tasks
-                    .spawn(self.clone().attempt(due, permit, shutdown.clone()));
-            }
+            // Deliveries held in memory go first, without a claim.
+            self.start_waiting(&permits, &shutdown);
             let free = permits.available_permits();
             if free > 0 && self.claim_due_now() {
                 // A look first (a read): with nothing due, an idle agent
@@ -251,17 +344,10 @@ impl Deliverer {
                 match claimed {
                     Ok(due) => {
                         let full = due.len() == free;
-                        for delivery in due {
-                            let permit = permits
-                                .clone()
-                                .try_acquire_owned()
-                                .expect("a permit per claim");
-                            self.tasks.spawn(self.clone().attempt(
-                                delivery,
-                                permit,
-                                shutdown.clone(),
-                            ));
-                        }
+                        // Claimed for receivers with room at the claim; past
+                        // a receiver's share they wait in memory.
+                        self.hold(due);
+                        self.start_waiting(&permits, &shutdown);
                         // More may be due: claim again once a permit is free.
                         // After a claim the database has changed: look again.
                         let next = match (full, skipped) {
@@ -291,6 +377,18 @@ impl Deliverer {
         }
     }
 
+    /// Starts the waiting deliveries that have a permit and room at their
+    /// receiver.
+    fn start_waiting(self: &Arc<Self>, permits: &Arc<Semaphore>, shutdown: &CancellationToken) {
+        while let Ok(permit) = permits.clone().try_acquire_owned() {
+            let Some(due) = self.next_waiting() else {
+                break;
+            };
+            self.tasks
+                .spawn(self.clone().attempt(due, permit, shutdown.clone()));
+        }
+    }
+
     /// How long the loop waits before its next look.
     fn wait_for(&self, next: NextDue) -> Duration {
         match next {
@@ -303,7 +401,8 @@ impl Deliverer {
 
     /// When the next delivery can be claimed, as the database says (a read).
     async fn next_due(&self) -> NextDue {
-        let next = match callbacks::next_due(&self.db.readers).await {
+        let full = self.full_receivers();
+        let next = match callbacks::next_due(&self.db.readers, &full).await {
             Ok(Some(next)) => next,
             Ok(None) => return NextDue::Nothing,
             Err(_) => return NextDue::Unknown,
@@ -323,13 +422,15 @@ impl Deliverer {
         // Long enough for the attempt and its record; a crash frees it when it expires.
         let lease = self.config.timeout + Duration::from_secs(30);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let full = self.full_receivers();
         self.db
             .writer
             .write_one(move |c| {
                 Box::pin(async move {
                     let now = chrono::Utc::now();
                     let until = db::timestamp(now + lease);
-                    callbacks::claim_due(c, &owner, &db::timestamp(now), &until, limit).await
+                    let now = db::timestamp(now);
+                    callbacks::claim_due(c, &owner, &now, &until, limit, &full).await
                 })
             })
             .await
@@ -353,7 +454,10 @@ impl Deliverer {
         let grace = self.config.timeout.min(STOP_GRACE);
         let result = tokio::select! {
             result = self.post(&due) => result,
-            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                self.landed(&due.url);
+                return;
+            }
         };
         let duration_ms = started.elapsed().as_secs_f64() * 1e3;
         let next = match result.outcome {
@@ -412,6 +516,7 @@ impl Deliverer {
                 .unwrap_or_default();
             self.claim_by(Instant::now() + wait);
         }
+        self.landed(&due.url);
         drop(permit);
         self.wake.notify_one();
     }
@@ -607,5 +712,23 @@ impl PostResult {
             "request"
         };
         PostResult::failed(outcome, text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin;
+
+    #[test]
+    fn a_receiver_is_its_urls_scheme_host_and_port() {
+        assert_eq!(
+            origin("http://127.0.0.1:17151/x?y=1"),
+            "http://127.0.0.1:17151/"
+        );
+        assert_eq!(origin("https://example.com/a/b"), "https://example.com/");
+        assert_eq!(origin("http://[::1]:8080/hook"), "http://[::1]:8080/");
+        // Port 1 is not a prefix of port 10.
+        assert!(!"http://a.test:10/".starts_with(&origin("http://a.test:1/")));
+        assert_eq!(origin("not a url"), "not a url");
     }
 }

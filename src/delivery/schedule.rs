@@ -22,8 +22,10 @@ impl Schedule {
     }
 
     /// The delay after attempt `attempt` (1-based) failed, or `None` when it
-    /// was the last. `retry_after` (from a 429 or 503) replaces the schedule's
-    /// delay, clamped to `max_retry_after`. `unit` is a random number in [0, 1).
+    /// was the last. `retry_after` (from a 429 or 503), clamped to
+    /// `max_retry_after`, lengthens the schedule's delay, never shortens it:
+    /// a receiver asking again and again for a second would otherwise use
+    /// up a day's schedule in seconds. `unit` is a random number in [0, 1).
     pub fn next_delay(
         &self,
         attempt: u32,
@@ -31,11 +33,10 @@ impl Schedule {
         unit: f64,
     ) -> Option<Duration> {
         let base = *self.delays.get(attempt.checked_sub(1)? as usize)?;
-        if let Some(asked) = retry_after {
-            return Some(asked.min(self.max_retry_after));
-        }
         let factor = 1.0 + self.jitter * (2.0 * unit - 1.0);
-        Some(base.mul_f64(factor.max(0.0)))
+        let scheduled = base.mul_f64(factor.max(0.0));
+        let asked = retry_after.map_or(Duration::ZERO, |a| a.min(self.max_retry_after));
+        Some(scheduled.max(asked))
     }
 }
 
@@ -101,11 +102,16 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_replaces_the_delay_but_is_clamped() {
+    fn retry_after_lengthens_the_delay_never_shortens_it_and_is_clamped() {
         let s = schedule();
         assert_eq!(
             s.next_delay(1, Some(Duration::from_secs(42)), 0.5),
             Some(Duration::from_secs(42))
+        );
+        assert_eq!(
+            s.next_delay(2, Some(Duration::from_secs(1)), 0.5),
+            Some(Duration::from_secs(300)),
+            "a second asked for: the schedule's five minutes"
         );
         assert_eq!(
             s.next_delay(1, Some(Duration::from_secs(999_999)), 0.5),

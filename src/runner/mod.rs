@@ -642,10 +642,15 @@ impl Runner {
                     let (ended, value) = change(&mut *c).await?;
                     let mut due = Vec::new();
                     for id in ended.iter().filter(|_| callbacks) {
-                        due.extend(delivery::enqueue(c, id, cap, Some(lease.clone())).await?);
+                        due.extend(delivery::enqueue(c, id, cap, lease.clone()).await?);
                     }
-                    // Handed over the moment the end is durable.
-                    writer.after_sync(move || deliverer.dispatch(due));
+                    // Handed over the moment the end is durable; or, left
+                    // unleased, claimed from the database.
+                    writer.after_sync(move || match lease {
+                        Some(_) => deliverer.dispatch(due),
+                        None if !due.is_empty() => deliverer.wake(),
+                        None => {}
+                    });
                     Ok((ended, value))
                 })
             })
