@@ -16,7 +16,10 @@
 //! - `auto_vacuum=INCREMENTAL` (at creation): pruned pages go back to the
 //!   file system in small steps, without a blocking full VACUUM.
 //! - `busy_timeout=5s`: an operator's `sqlite3` session holding a lock briefly
-//!   delays the agent instead of failing it.
+//!   delays the agent instead of failing it. (A write that still fails is
+//!   tried again where giving it up would lose something: a job's end.)
+//! - `journal_size_limit=64MiB`: a WAL that grew while an operator's long read
+//!   held it is cut back after the next checkpoint.
 
 pub mod callbacks;
 pub mod executions;
@@ -65,6 +68,7 @@ fn options(path: &Path) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(5))
+        .pragma("journal_size_limit", (64u32 << 20).to_string())
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500))
 }

@@ -61,7 +61,10 @@ type Run = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bo
 struct Job {
     run: Run,
     /// False for a job whose only write is a single statement: SQLite undoes
-    /// a failed statement by itself, and two round trips are saved.
+    /// a failed statement by itself, and two round trips are saved. Such a
+    /// job can still fail after its statement did its work (reading what
+    /// it returned, say); then the whole batch is rolled back, and every
+    /// caller in it told so.
     guarded: bool,
 }
 
@@ -249,6 +252,9 @@ async fn commit_batch(
     // transaction is rolled back (two statements fewer on an idle agent).
     let alone = size == 1;
     let mut failed_alone = false;
+    // An unguarded job that failed among others: what its statement did
+    // cannot be undone alone.
+    let mut failed_unguarded = false;
     for job in batch.drain(..) {
         // The hooks this job asks for, dropped if its writes are undone.
         let asked_before = {
@@ -257,7 +263,8 @@ async fn commit_batch(
         };
         let (ok, reply) = if !job.guarded || alone {
             let (ok, reply) = (job.run)(conn).await;
-            failed_alone |= alone && job.guarded && !ok;
+            failed_alone |= alone && !ok;
+            failed_unguarded |= !alone && !ok;
             (ok, reply)
         } else {
             let _ = sqlx::query("SAVEPOINT job").execute(&mut *conn).await;
@@ -275,14 +282,25 @@ async fn commit_batch(
         }
         replies.push(reply);
     }
-    let end = if failed_alone { "ROLLBACK" } else { "COMMIT" };
     let asked = std::mem::take(&mut *hooks.lock().unwrap());
-    let outcome = match sqlx::query(end).execute(&mut *conn).await {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            tracing::error!(error = %e, size, "group commit failed; rolling back");
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            Err(WriteError::from(e))
+    let outcome = if failed_alone {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        Ok(())
+    } else if failed_unguarded {
+        tracing::error!(
+            size,
+            "a write failed after its statement ran; the whole batch is rolled back"
+        );
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        Err(WriteError::NotDone)
+    } else {
+        match sqlx::query("COMMIT").execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, size, "group commit failed; rolling back");
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                Err(WriteError::from(e))
+            }
         }
     };
     let metrics = crate::metrics::get();

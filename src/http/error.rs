@@ -36,6 +36,11 @@ pub enum ApiError {
     /// Anything unexpected: logged in full, shown as a bare 500.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A write the database refused (locked past the busy timeout by
+    /// another process, the disk full): nothing of it was stored. Logged in
+    /// full, shown as a 503 to retry.
+    #[error("database write failed: {0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -107,7 +112,7 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<crate::db::WriteError> for ApiError {
     fn from(e: crate::db::WriteError) -> Self {
-        ApiError::internal(e)
+        ApiError::Unavailable(e.to_string())
     }
 }
 
@@ -117,9 +122,11 @@ impl From<crate::runner::RunnerError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, info) = match self {
+impl ApiError {
+    /// What the client is told: status and error body (a server-side
+    /// failure is logged in full here, and shown without its detail).
+    pub fn public(self) -> (StatusCode, ErrorInfo) {
+        match self {
             ApiError::Client {
                 status,
                 code,
@@ -144,8 +151,30 @@ impl IntoResponse for ApiError {
                     },
                 )
             }
-        };
+            ApiError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "database write failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorInfo {
+                        code: "DATABASE_UNAVAILABLE",
+                        message: "the database could not be written (locked by another process, or the disk full); nothing was stored: try again".into(),
+                        details: Value::Null,
+                    },
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, info) = self.public();
         let mut response = status.into_response();
+        if info.code == "DATABASE_UNAVAILABLE" {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response.extensions_mut().insert(info);
         response
     }

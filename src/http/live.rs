@@ -325,17 +325,8 @@ fn is_too_large(e: &axum::Error) -> bool {
 
 async fn run_stream(state: AppState, mut socket: WebSocket) {
     if let Err(e) = stream_one(&state, &mut socket).await {
-        let (message, code) = match &e {
-            ApiError::Client { message, code, .. } => (message.clone(), *code),
-            ApiError::Internal(_) => (
-                "internal error; see the agent's log".to_string(),
-                "INTERNAL_ERROR",
-            ),
-        };
-        if let ApiError::Internal(detail) = &e {
-            tracing::error!(error = %detail, "stream failed");
-        }
-        let frame = json!({ "type": "error", "error": message, "code": code });
+        let (_, info) = e.public();
+        let frame = json!({ "type": "error", "error": info.message, "code": info.code });
         let _ = socket.send(Message::Text(frame.to_string().into())).await;
     }
     let _ = socket.send(Message::Close(None)).await;

@@ -47,7 +47,10 @@ pub enum Errors {
     NotJson(ErrorOut),
     #[response(status = 500, description = "INTERNAL_ERROR")]
     Internal(ErrorOut),
-    #[response(status = 503, description = "SHUTTING_DOWN: the agent is stopping")]
+    #[response(
+        status = 503,
+        description = "SHUTTING_DOWN: the agent is stopping; DATABASE_UNAVAILABLE: a write failed (locked by another process, disk full), nothing stored, retry"
+    )]
     Unavailable(ErrorOut),
 }
 

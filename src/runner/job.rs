@@ -125,10 +125,10 @@ impl Runner {
 
     /// Stores the program's pid, if it is not stored yet.
     async fn store_pid(&self, fence: &Fence, job: &mut Attached) {
-        let Some(Spawned { pid, at }) = job.unstored.take() else {
+        let Some(spawned) = job.unstored.take() else {
             return;
         };
-        let fence = fence.clone();
+        let (fence, Spawned { pid, at }) = (fence.clone(), spawned.clone());
         let stored = self
             .db
             .writer
@@ -137,7 +137,9 @@ impl Runner {
             })
             .await;
         if let Err(e) = stored {
-            tracing::error!(error = %e, "pid not stored");
+            // Kept for the next try, or for the end's own write.
+            tracing::error!(error = %e, "pid not stored yet");
+            job.unstored = Some(spawned);
         }
     }
 

@@ -275,8 +275,11 @@ impl Launcher {
     /// The spec of `job`, and the file its code goes to (for a language).
     fn spec(&self, job: &Run, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
         let mut code = None;
-        let mut env: std::collections::BTreeMap<String, String> =
-            serde_json::from_str(&job.env).unwrap_or_default();
+        // Stored by a submission as an object of strings; one edited by
+        // hand into anything else fails the job, rather than run it
+        // without its environment. (Never quoted: values may be secret.)
+        let mut env: std::collections::BTreeMap<String, String> = serde_json::from_str(&job.env)
+            .map_err(|_| std::io::Error::other("the stored env is not a JSON object of strings"))?;
         let (program, args) = if job.language == "command" {
             match &job.args {
                 Some(json) => (

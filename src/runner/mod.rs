@@ -404,25 +404,33 @@ impl Runner {
                         .get_or_create(&labels)
                         .observe(secs);
                 }
-                let fence = fence.clone();
-                let owner = self.config.owner.clone();
-                let launcher = self.launcher.clone();
-                let writer = self.db.writer.clone();
-                let running = self.running.clone();
-                self.end(lane.has_callbacks(), move |c| {
-                    Box::pin(async move {
-                        // The next job first: its preparation overlaps the
-                        // rest of this transaction.
-                        let next = match chain {
-                            true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
-                            false => Vec::new(),
-                        };
-                        running.register_on_commit(&next, &writer);
-                        launcher.prelaunch(&next, &writer);
-                        let spawned = spawned.as_ref().map(|s| (s.pid, s.at.as_str()));
-                        let ended =
-                            executions::finish(c, &fence, &finish, spawned, &output).await?;
-                        Ok((if ended { vec![fence.id] } else { vec![] }, next))
+                let output = Arc::new(output);
+                let mut chain = chain;
+                self.until_written(|| {
+                    let (fence, finish) = (fence.clone(), finish.clone());
+                    let (output, spawned) = (output.clone(), spawned.clone());
+                    let owner = self.config.owner.clone();
+                    let launcher = self.launcher.clone();
+                    let writer = self.db.writer.clone();
+                    let running = self.running.clone();
+                    // Tried again without the next job: its claim may be
+                    // what failed (a row that cannot be read).
+                    let claim_next = std::mem::take(&mut chain);
+                    self.end(lane.has_callbacks(), move |c| {
+                        Box::pin(async move {
+                            // The next job first: its preparation overlaps
+                            // the rest of this transaction.
+                            let next = match claim_next {
+                                true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
+                                false => Vec::new(),
+                            };
+                            running.register_on_commit(&next, &writer);
+                            launcher.prelaunch(&next, &writer);
+                            let spawned = spawned.as_ref().map(|s| (s.pid, s.at.as_str()));
+                            let ended =
+                                executions::finish(c, &fence, &finish, spawned, &output).await?;
+                            Ok((if ended { vec![fence.id] } else { vec![] }, next))
+                        })
                     })
                 })
                 .await
@@ -435,7 +443,10 @@ impl Runner {
                     !ended.is_empty()
                 })
             }
-            Followed::Lost(error) => self.lose(lane, fence, error).await,
+            Followed::Lost(error) => {
+                self.until_written(|| self.lose(lane, fence, error.clone()))
+                    .await
+            }
             Followed::Unstarted(error) => self.unstart(lane, fence, error).await,
         };
         match written {
@@ -451,6 +462,31 @@ impl Runner {
             self.unstarted.lock().unwrap().remove(&fence.id);
         }
         next
+    }
+
+    /// Runs the write `attempt` makes until it is written: a job's end must
+    /// not be given up on while the database is locked or full for a while
+    /// (its row would show it running until the next start). Gives up only
+    /// when the agent stops: its run directory is kept, and the next start
+    /// records the end from it.
+    async fn until_written<T, F, Fut>(&self, mut attempt: F) -> Result<T, db::WriteError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, db::WriteError>>,
+    {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(e) if self.stopping.is_cancelled() => return Err(e),
+                Err(e) => tracing::error!(error = %e, "status not written; trying again"),
+            }
+            tokio::select! {
+                () = self.stopping.cancelled() => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Queues again a job whose program never passed its gate, its attempt
@@ -474,11 +510,13 @@ impl Runner {
         }
         // Its run directory goes first: once queued, it is prepared anew.
         runs_dir::remove_run(&RunDir::new(self.config.runs_dir.join(&fence.id))).await;
-        let unclaim = fence.clone();
         let unclaimed = self
-            .db
-            .writer
-            .write_one(move |c| Box::pin(async move { executions::unclaim(c, &unclaim).await }))
+            .until_written(|| {
+                let unclaim = fence.clone();
+                self.db.writer.write_one(move |c| {
+                    Box::pin(async move { executions::unclaim(c, &unclaim).await })
+                })
+            })
             .await?;
         if unclaimed {
             tracing::warn!(execution_id = %fence.id, %error, "queued again: its program never started");
@@ -557,13 +595,28 @@ impl Runner {
             return Ok(KillOutcome::AlreadyFinished(row));
         }
         let exec_id = row.id.clone();
-        let killed_queued = self
-            .kill_queued(&row, "killed before it started".into())
-            .await?;
-        if !killed_queued {
-            if let Some(running) = self.running.get(&exec_id) {
-                *running.reason.lock().unwrap() = StopReason::Killed;
-                running.stop.cancel();
+        let stop = |running: &Running| {
+            *running.reason.lock().unwrap() = StopReason::Killed;
+            running.stop.cancel();
+        };
+        // A running job is signalled at once, with no write first: its end
+        // is recorded by its own task (which waits for a locked or full
+        // database as long as it must).
+        match self
+            .running
+            .get(&exec_id)
+            .filter(|_| row.status == "running")
+        {
+            Some(running) => stop(&running),
+            None => {
+                let killed_queued = self
+                    .kill_queued(&row, "killed before it started".into())
+                    .await?;
+                if !killed_queued {
+                    if let Some(running) = self.running.get(&exec_id) {
+                        stop(&running);
+                    }
+                }
             }
         }
         let wait = self.config.kill_grace + Duration::from_secs(5);

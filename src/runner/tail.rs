@@ -43,6 +43,11 @@ pub struct Tail {
     fenced_out: bool,
     /// The program's pid, to store in this stream's next write, before its output.
     pub along: Option<Spawned>,
+    /// After a failed write (the database locked or full), no pump before
+    /// this: the next tries back off, and the log has a line per try.
+    retry_at: Option<std::time::Instant>,
+    /// Failed writes in a row.
+    failures: u32,
 }
 
 impl Tail {
@@ -56,6 +61,8 @@ impl Tail {
             flagged: false,
             fenced_out: false,
             along: None,
+            retry_at: None,
+            failures: 0,
         }
     }
 
@@ -64,6 +71,12 @@ impl Tail {
     /// character not written whole is stored too, as at a job's end;
     /// otherwise it waits for the rest.
     pub async fn pump(&mut self, fence: &Fence, writer: &Writer, gone: bool) {
+        if self
+            .retry_at
+            .is_some_and(|at| !gone && std::time::Instant::now() < at)
+        {
+            return;
+        }
         while let Some(batch) = self.read(!gone) {
             let more = batch.more;
             if !self.store(fence, writer, batch).await || !more {
@@ -187,7 +200,7 @@ impl Tail {
             chunks, progress, ..
         } = batch;
         let fence = fence.clone();
-        let pid = self.along.take();
+        let pid = self.along.clone();
         let written = writer
             .write(move |c| {
                 Box::pin(async move {
@@ -198,6 +211,9 @@ impl Tail {
                 })
             })
             .await;
+        if written.is_ok() {
+            (self.along, self.retry_at, self.failures) = (None, None, 0);
+        }
         match written {
             Ok(true) => {
                 self.advance(progress);
@@ -212,8 +228,14 @@ impl Tail {
                 false
             }
             Err(e) => {
-                // Left in the file: the next pump tries again from the same offset.
-                tracing::error!(error = %e, "output not stored");
+                // Left in the file: a later pump tries again from the same
+                // offset (with the pid, if it went along), 0.1 s later and
+                // then twice as late each time, up to 5 s.
+                self.failures += 1;
+                let pause = FLUSH_INTERVAL * 2u32.saturating_pow(self.failures.min(7));
+                let pause = pause.min(Duration::from_secs(5));
+                self.retry_at = Some(std::time::Instant::now() + pause);
+                tracing::error!(error = %e, retry_in_ms = pause.as_millis() as u64, "output not stored");
                 false
             }
         }

@@ -741,3 +741,133 @@ async fn a_list_page_shares_its_output_budget_among_its_rows() {
     assert_eq!(info["limits"]["list_page_output_bytes"], 3000, "{info}");
     app.stop().await;
 }
+
+/// An operator's `sqlite3` holds the write lock past the busy timeout
+/// while jobs end, a kill comes and a client submits. The submission gets
+/// 503 `DATABASE_UNAVAILABLE` (it was a 500); the kill signals the running
+/// job at once (its write failed first, with a 500, and the job ran on);
+/// and the ends are written once the lock is gone (the rows stayed
+/// `running` until a restart).
+#[tokio::test]
+async fn a_locked_database_delays_ends_and_kills_but_loses_neither() {
+    let app = spawn_app().await;
+    let ending = app
+        .background(json!({ "code": "sleep 2; echo done", "language": "bash" }))
+        .await;
+    let killed = app
+        .background(json!({ "code": "sleep 100", "language": "bash" }))
+        .await;
+    let pid = poll_until(
+        Duration::from_secs(10),
+        || app.process(&killed),
+        |p| p["pid"].is_i64(),
+    )
+    .await["pid"]
+        .as_i64()
+        .unwrap();
+    let db = app.db_path();
+    let mut lock = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"(echo "BEGIN IMMEDIATE;"; sleep 12; echo "COMMIT;") | sqlite3 "$0""#)
+        .arg(&db)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kill_path = format!("/execute/kill/{killed}");
+    let (kill, submitted) = tokio::join!(
+        app.post_json(&kill_path, json!({})),
+        app.client
+            .post(app.path("/execute/background"))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "code": "echo late", "language": "bash" }))
+            .send(),
+    );
+    assert_eq!(kill.0, 200, "{}", kill.1);
+    assert!(
+        eventually(Duration::from_secs(3), || !alive(pid)).await,
+        "the killed job runs on"
+    );
+    let submitted = submitted.unwrap();
+    assert_eq!(submitted.status(), 503);
+    assert_eq!(submitted.headers()["retry-after"], "1");
+    let body: Value = submitted.json().await.unwrap();
+    assert_eq!(body["code"], "DATABASE_UNAVAILABLE", "{body}");
+    tokio::task::spawn_blocking(move || lock.wait().unwrap())
+        .await
+        .unwrap();
+    let p = app.wait_terminal(&ending, Duration::from_secs(20)).await;
+    assert_eq!(
+        (p["status"].as_str(), p["stdout"].as_str()),
+        (Some("completed"), Some("done\n")),
+        "{p}"
+    );
+    let p = app.wait_terminal(&killed, Duration::from_secs(20)).await;
+    assert_eq!(p["status"], "killed", "{p}");
+    app.stop().await;
+}
+
+/// A queued row an operator edited by hand so that its `code` is no longer
+/// UTF-8 cannot be read back by a claim. The job ending before it is
+/// recorded all the same (its end's transaction, which claims the next job,
+/// failed, and the end was never written), and the row stays queued (a
+/// failed claim was committed, leaving it `running` with no program).
+#[tokio::test]
+async fn rows_edited_by_hand_do_not_hold_up_the_jobs_before_them() {
+    let app = spawn_app_with(|c| c.background_concurrency = 1).await;
+    let first = app
+        .background(json!({ "code": "sleep 1; echo first", "language": "bash" }))
+        .await;
+    let unreadable = app
+        .background(json!({ "code": "echo u", "language": "bash" }))
+        .await;
+    let db = app.db_path();
+    let edit = format!(
+        "UPDATE executions SET code = CAST(x'6563686f20e9' AS TEXT) WHERE process_id = '{unreadable}'"
+    );
+    tokio::task::spawn_blocking(move || sqlite3(&db, &edit))
+        .await
+        .unwrap();
+    let p = app.wait_terminal(&first, Duration::from_secs(20)).await;
+    assert_eq!(
+        (p["status"].as_str(), p["stdout"].as_str()),
+        (Some("completed"), Some("first\n")),
+        "{p}"
+    );
+    let db = app.db_path();
+    let sql = format!("SELECT status FROM executions WHERE process_id = '{unreadable}'");
+    let status = tokio::task::spawn_blocking(move || sqlite3(&db, &sql))
+        .await
+        .unwrap();
+    assert_eq!(status.trim(), "queued");
+    app.stop().await;
+}
+
+/// A queued row whose `env` was edited by hand into something that is not
+/// a JSON object of strings fails, saying so, instead of running without
+/// its environment.
+#[tokio::test]
+async fn a_stored_env_that_is_not_an_object_fails_the_job_saying_so() {
+    let app = spawn_app_with(|c| c.background_concurrency = 1).await;
+    let first = app
+        .background(json!({ "code": "sleep 1", "language": "bash" }))
+        .await;
+    let bad_env = app
+        .background(json!({ "code": "echo \"$K\"", "language": "bash", "env": { "K": "v" } }))
+        .await;
+    let db = app.db_path();
+    let edit = format!("UPDATE executions SET env = '{{not json' WHERE process_id = '{bad_env}'");
+    tokio::task::spawn_blocking(move || sqlite3(&db, &edit))
+        .await
+        .unwrap();
+    app.wait_terminal(&first, Duration::from_secs(20)).await;
+    let p = app.wait_terminal(&bad_env, Duration::from_secs(20)).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    assert!(
+        p["error"]
+            .as_str()
+            .unwrap()
+            .contains("env is not a JSON object"),
+        "{p}"
+    );
+    app.stop().await;
+}

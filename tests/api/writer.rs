@@ -205,3 +205,58 @@ async fn hooks_run_committed_before_the_caller_hears_and_never_on_rollback(synce
     }
     assert_eq!(stored(&db).await, ["alone", "hold", "x", "y"]);
 }
+
+/// `put`, as a job of one statement (`write_one`: no savepoint of its own).
+async fn put_one(db: &Db, k: &'static str, fail: bool) -> bool {
+    db.writer
+        .write_one(move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO scratch (k) VALUES (?)")
+                    .bind(k)
+                    .execute(&mut *c)
+                    .await?;
+                // Fails after its statement did its work, as a claim whose
+                // returned row cannot be read does.
+                match fail {
+                    true => Err(sqlx::Error::Protocol(format!("{k} fails"))),
+                    false => Ok(()),
+                }
+            })
+        })
+        .await
+        .is_ok()
+}
+
+/// A job of one statement that fails after the statement ran leaves
+/// nothing: alone, its transaction is rolled back (it was committed: a
+/// claimed row stayed `running` with no program); among others, the whole
+/// batch is, and every caller in it is told.
+#[tokio::test]
+async fn a_one_statement_write_failing_after_its_statement_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    assert!(!put_one(&db, "lone", true).await);
+    assert_eq!(stored(&db).await, Vec::<String>::new());
+    let (first, a, bad, b) = tokio::join!(
+        put(&db, "first", false, Duration::from_millis(200)),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            put(&db, "a", false, Duration::ZERO).await
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            put_one(&db, "bad", true).await
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            put_one(&db, "b", false).await
+        },
+    );
+    assert!(first);
+    assert!(!bad);
+    let stored = stored(&db).await;
+    assert!(!stored.contains(&"bad".to_string()), "{stored:?}");
+    // What a caller was told is what is stored.
+    assert_eq!(stored.contains(&"a".to_string()), a, "{stored:?}");
+    assert_eq!(stored.contains(&"b".to_string()), b, "{stored:?}");
+}
