@@ -1,5 +1,6 @@
 //! Callback delivery against real receivers on 127.0.0.1.
 
+use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -774,4 +775,137 @@ async fn a_redelivery_during_an_attempt_makes_its_retry_due_at_once() {
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
     app.stop().await;
+}
+
+/// A receiver behind HTTPS with a certificate from a private CA (a company's
+/// own) gets its callback when the machine trusts that CA: the system's
+/// store and `SSL_CERT_FILE` are read, beside the built-in roots. Only the
+/// built-in roots were: every attempt failed `UnknownIssuer` until dead.
+#[tokio::test]
+async fn a_receiver_with_a_private_ca_is_trusted_through_the_system_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(tls)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=execd test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "srv.key",
+                "-out",
+                "srv.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(tls.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    // One POST answered 200, then it exits; 30 s at most.
+    let script = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+        print("got", self.path, flush=True)
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain("srv.pem", "srv.key")
+s.socket = c.wrap_socket(s.socket, server_side=True)
+s.timeout = 30
+print(s.server_address[1], flush=True)
+s.handle_request()
+"#;
+    let mut receiver = std::process::Command::new("python3")
+        .args(["-c", script])
+        .current_dir(tls)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let agent_port = crate::crash::free_port();
+    let data = tls.join("data");
+    let ca = tls.join("ca.pem");
+    let agent = crate::crash::Agent::start_with(&data, agent_port, &[], |c| {
+        c.env("SSL_CERT_FILE", &ca);
+    })
+    .await;
+    let out = agent
+        .post(
+            "/execute/async",
+            json!({ "code": "true", "language": "bash", "callback_url": format!("https://127.0.0.1:{port}/hook") }),
+        )
+        .await;
+    let got = tokio::task::spawn_blocking(move || {
+        let line = lines.next().and_then(Result::ok);
+        let _ = receiver.wait();
+        line
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.as_deref(), Some("got /hook"));
+    let id = out["execution_id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = agent
+            .get(&format!("/execute/processes/{id}/callback"))
+            .await;
+        if info["callback"]["status"] == "delivered" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.terminate();
 }
