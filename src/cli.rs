@@ -29,7 +29,7 @@ pub struct ClientArgs {
 pub struct CodeArgs {
     /// A file, or `-` for stdin.
     file: PathBuf,
-    /// python, javascript, bash or go; default: from the file's extension.
+    /// python, javascript, bash or go; default: from the file's extension (py, js/mjs/cjs, sh/bash, go; python for stdin or a file without one).
     #[arg(long, short)]
     language: Option<String>,
     /// Seconds.
@@ -92,10 +92,10 @@ pub enum ClientCommand {
         /// The local agent's data dir, for its token file.
         #[arg(long, env = "EXECD_DATA_DIR", default_value = "./execd-data")]
         data_dir: PathBuf,
-        /// Mint an HS256 JWT signed with this secret instead.
+        /// Mint an HS256 JWT signed with this secret instead (at least 16 bytes, as the agent requires).
         #[arg(long, env = "EXECD_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
-        /// Lifetime of a minted JWT.
+        /// Lifetime of a minted JWT (more than zero).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
@@ -274,6 +274,14 @@ fn read_token(data_dir: &Path) -> Option<String> {
 /// `execd token`: the token file's token, or a freshly minted JWT.
 fn token(data_dir: &Path, jwt_secret: Option<&str>, ttl: Duration) -> Result<ExitCode, CliError> {
     let token = match jwt_secret {
+        Some(secret) if secret.len() < 16 => {
+            return Err(CliError::Usage(
+                "--jwt-secret must be at least 16 bytes: the agent refuses a shorter one".into(),
+            ))
+        }
+        Some(_) if ttl.is_zero() => {
+            return Err(CliError::Usage("--ttl must be more than zero".into()))
+        }
         Some(secret) => {
             let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
             jsonwebtoken::encode(
@@ -313,20 +321,25 @@ fn code_body(
         std::fs::read_to_string(file)
             .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?
     };
-    let language = language.or_else(|| {
-        let ext = file.extension()?.to_str()?;
-        Some(
-            match ext {
-                "py" => "python",
-                "js" | "mjs" | "cjs" => "javascript",
-                "sh" | "bash" => "bash",
-                "go" => "go",
-                _ => return None,
+    let language = match (language, file.extension()) {
+        (Some(language), _) => language,
+        // Stdin, or a file without an extension: Python, the API's default.
+        (None, None) => "python".into(),
+        (None, Some(ext)) => match ext.to_str() {
+            Some("py") => "python",
+            Some("js" | "mjs" | "cjs") => "javascript",
+            Some("sh" | "bash") => "bash",
+            Some("go") => "go",
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "cannot tell the language of {} from its extension: give --language",
+                    file.display()
+                )))
             }
-            .to_string(),
-        )
-    });
-    let mut body = json!({ "code": code, "language": language.unwrap_or_else(|| "python".into()) });
+        }
+        .into(),
+    };
+    let mut body = json!({ "code": code, "language": language });
     if let Some(timeout) = timeout {
         body["timeout"] = json!(timeout);
     }

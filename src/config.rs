@@ -89,7 +89,7 @@ pub struct Config {
     #[arg(long, env = "EXECD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
-    /// Secret for HS256 JWT bearer tokens (signature and `exp` are checked).
+    /// Secret for HS256 JWT bearer tokens, at least 16 bytes (signature, a required `exp` and any `nbf` are checked, with 60 s of leeway).
     #[arg(long, env = "EXECD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 

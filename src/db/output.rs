@@ -228,8 +228,9 @@ pub async fn since(
     stdout_from: i64,
     stderr_from: i64,
     limit: i64,
+    max_bytes: usize,
 ) -> Result<Vec<Piece>, sqlx::Error> {
-    sqlx::query_as!(
+    let mut rows = sqlx::query_as!(
         Piece,
         r#"SELECT stream, seq, data AS "data!: Vec<u8>", created_at FROM output_chunks
             WHERE execution_id = ?1 AND attempt = ?2
@@ -241,6 +242,16 @@ pub async fn since(
         stderr_from,
         limit,
     )
-    .fetch_all(pool)
-    .await
+    .fetch(pool);
+    // Up to `max_bytes` (one piece at least): what a reader holds at once
+    // does not grow with the output.
+    let (mut pieces, mut bytes) = (Vec::new(), 0);
+    while bytes < max_bytes {
+        let Some(piece) = rows.try_next().await? else {
+            break;
+        };
+        bytes += piece.data.len();
+        pieces.push(piece);
+    }
+    Ok(pieces)
 }

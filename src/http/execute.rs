@@ -285,6 +285,58 @@ pub(super) async fn submit(
     })
 }
 
+/// Whether a sync run started within `--sync-start-within`.
+pub(super) enum Started {
+    /// Started, or ended already: the row as it was then.
+    Yes(executions::ExecutionRow),
+    /// Not started: every slot was busy all along, or the agent stopped
+    /// first. It was killed unrun, so that a 503 is safe to retry (clients
+    /// retry a 5xx) without the code running twice.
+    No {
+        code: &'static str,
+        why: String,
+        row: executions::ExecutionRow,
+    },
+}
+
+/// Waits up to `--sync-start-within` for sync run `id` to start, and kills
+/// it unrun if it has not. On a task of its own: a client that leaves (its
+/// request dropped) must not leave a run to start later, whose retry would
+/// run the code a second time.
+pub(super) fn start_within(
+    state: &AppState,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<Started, ApiError>> {
+    let (state, id) = (state.clone(), id.to_string());
+    tokio::spawn(async move {
+        let runner = &state.runner;
+        let row = runner
+            .wait_terminal(&id, state.sync_start_within)
+            .await?
+            .ok_or_else(|| ApiError::internal(format!("execution {id} vanished")))?;
+        if row.status != "queued" {
+            return Ok(Started::Yes(row));
+        }
+        let (code, why) = if runner.is_stopping() {
+            (
+                "SHUTTING_DOWN",
+                "not started: the agent stopped first".to_string(),
+            )
+        } else {
+            let within = state.sync_start_within.as_secs_f64();
+            let why = format!(
+                "not started within {within} s (--sync-start-within): every slot of the sync lane was busy"
+            );
+            ("EXECUTION_NOT_STARTED", why)
+        };
+        match runner.kill_queued(&row, why.clone()).await? {
+            true => Ok(Started::No { code, why, row }),
+            // Claimed just now.
+            false => Ok(Started::Yes(row)),
+        }
+    })
+}
+
 /// What a caller whose run outlives the agent's stop is told.
 pub(super) fn run_goes_on(execution_id: &str) -> String {
     format!(
@@ -305,27 +357,12 @@ async fn run_to_end(
     let id = &submitted.execution_id;
     let vanished = || ApiError::internal(format!("execution {id} vanished"));
     let runner = &state.runner;
-    let mut row = runner
-        .wait_terminal(id, state.sync_start_within)
-        .await?
-        .ok_or_else(vanished)?;
-    if row.status == "queued" {
-        // Not started: every slot was busy all along, or the agent stops
-        // first. Killed unrun, so that the 503 is safe to retry (clients
-        // retry a 5xx) without the code running twice.
-        let (code, why) = if runner.is_stopping() {
-            (
-                "SHUTTING_DOWN",
-                "not started: the agent stopped first".to_string(),
-            )
-        } else {
-            let within = state.sync_start_within.as_secs_f64();
-            let why = format!(
-                "not started within {within} s (--sync-start-within): every slot of the sync lane was busy"
-            );
-            ("EXECUTION_NOT_STARTED", why)
-        };
-        if runner.kill_queued(&row, why.clone()).await? {
+    let mut row = match start_within(state, id)
+        .await
+        .map_err(ApiError::internal)??
+    {
+        Started::Yes(row) => row,
+        Started::No { code, why, row } => {
             let message = format!("{why}; it will not run: retry later");
             return Err(
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_details(json!({
@@ -335,7 +372,7 @@ async fn run_to_end(
                 })),
             );
         }
-    }
+    };
     // Started (or claimed just now): its end, or at a stop the row as it
     // is then.
     if !row.status.parse::<Status>().is_ok_and(Status::is_terminal) {

@@ -20,7 +20,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::execute::{run_goes_on, submit};
+use super::execute::{run_goes_on, start_within, submit, Started};
 use super::{parse_json, ApiError, AppState};
 use crate::db::executions::{self, ExecutionRow};
 use crate::db::output::{self, Piece};
@@ -34,8 +34,12 @@ pub fn router() -> Router<AppState> {
 
 /// How often a follower looks for new output.
 const POLL: Duration = Duration::from_millis(50);
-/// Chunks read per look.
+/// Chunks read per look, and their bytes at most (past the first chunk;
+/// chunks stored before chunks were cut at 64 KiB may hold up to 1 MiB): a
+/// reader that reads slowly, or not at all, holds about this much, whatever
+/// the output.
 const PAGE: i64 = 256;
+const PAGE_BYTES: usize = 256 << 10;
 
 /// A reading position: an attempt, and the next chunk of each of its
 /// streams. Shown as `<attempt>.<stdout>.<stderr>` (the SSE event id).
@@ -170,6 +174,7 @@ impl Follower {
                 c.stdout,
                 c.stderr,
                 PAGE,
+                PAGE_BYTES,
             )
             .await?;
             if !pieces.is_empty() {
@@ -374,6 +379,9 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
     }
     let submission = Submission::parse(input.execute, Lane::Sync, &state.limits)?;
     let submitted = submit(state, submission, None).await?;
+    // As for `/execute`: a run with no slot within `--sync-start-within` is
+    // killed unrun (whether or not the client stays).
+    let mut start = Some(start_within(state, &submitted.execution_id));
     let mut follower = Follower {
         state: state.clone(),
         id: submitted.execution_id.clone(),
@@ -420,6 +428,21 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
                 return Ok(());
             }
             Step::End(row) => {
+                if row.status == "killed" && row.started_at.is_none() {
+                    let started =
+                        tokio::time::timeout(Duration::from_secs(2), start.take().unwrap()).await;
+                    if let Ok(Ok(Ok(Started::No { code, why, .. }))) = started {
+                        let frame = json!({
+                            "type": "error",
+                            "code": code,
+                            "error": format!("{why}; it will not run: retry later"),
+                            "execution_id": row.id,
+                            "process_id": row.process_id,
+                        });
+                        let _ = socket.send(Message::Text(frame.to_string().into())).await;
+                        return Ok(());
+                    }
+                }
                 let execution_time =
                     seconds_between(row.started_at.as_deref(), row.completed_at.as_deref())
                         .unwrap_or(0.0);

@@ -23,8 +23,11 @@ use crate::supervisor::files::RunDir;
 /// How often a running job's new output is moved into the database: the
 /// API shows it within about this delay.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
-/// The largest chunk (one row).
-const CHUNK_BYTES: usize = 1 << 20;
+/// The largest chunk (one row). Each chunk is one live-log event (SSE or
+/// WebSocket frame), and the HTTP layer may queue 16 frames per connection
+/// for a client that reads slowly: with 1 MiB chunks, 10 idle readers of a
+/// job's 20 MB held 127 MB.
+const CHUNK_BYTES: usize = 64 << 10;
 /// The most output moved in one write (one commit).
 const BATCH_BYTES: u64 = 4 << 20;
 

@@ -333,6 +333,44 @@ fn execd_token_prints_the_local_token_or_mints_a_jwt() {
     let jwt = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let auth = execd::http::Auth::jwt("0123456789abcdef-secret");
     assert!(auth.accepts(&jwt), "{jwt}");
+    // What the agent would refuse, or a token dead at birth: an error, not
+    // a token (both were minted).
+    for (args, says) in [
+        (["--jwt-secret", "abc", "--ttl", "1h"], "at least 16 bytes"),
+        (
+            ["--jwt-secret", "0123456789abcdef-secret", "--ttl", "0s"],
+            "--ttl",
+        ),
+    ] {
+        let out = run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_execd"))
+                .arg("token")
+                .args(args),
+        );
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{args:?}"
+        );
+    }
+}
+
+/// `execd run` of a file whose extension names no language it knows asks
+/// for `--language`; it ran the file as Python.
+#[test]
+fn execd_run_of_an_unknown_extension_asks_for_the_language() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.rb");
+    std::fs::write(&file, "puts 1\n").unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args(["run", "--url", "http://127.0.0.1:9", "--token", "t"])
+            .arg(&file),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("give --language"), "{stderr}");
 }
 
 /// `execd logs --follow` follows a run across a restart of the agent, and

@@ -871,3 +871,53 @@ async fn a_stored_env_that_is_not_an_object_fails_the_job_saying_so() {
     );
     app.stop().await;
 }
+
+/// Readers of a job's live log that read nothing do not make the agent
+/// hold the whole output for each of them: a look reads a page of at most
+/// 256 KiB (or one chunk). With 10 idle readers of a job's 20 MB of
+/// output the agent grew from 87 MiB to 413 MiB.
+#[tokio::test]
+async fn idle_log_readers_do_not_each_hold_the_whole_output() {
+    use std::io::Write;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::crash::free_port();
+    let agent = crate::crash::Agent::start(dir.path(), port, &[]).await;
+    let out = agent
+        .post(
+            "/execute",
+            json!({ "code": "import sys; sys.stdout.write('a' * 10_000_000); sys.stderr.write('b' * 10_000_000)", "timeout": 60 }),
+        )
+        .await;
+    assert_eq!(out["status"], "completed", "{}", out["error"]);
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let readers: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| {
+            let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            write!(
+                socket,
+                "GET /execute/processes/{id}/logs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .unwrap();
+            socket
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 100 * 1024,
+        "10 idle readers grew the agent by {grown} kB"
+    );
+    drop(readers);
+    agent.terminate();
+}

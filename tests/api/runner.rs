@@ -327,6 +327,79 @@ async fn a_sync_run_that_cannot_start_in_time_is_answered_503_and_never_runs() {
     app.stop().await;
 }
 
+/// `--sync-start-within` holds whether or not the client waits: a sync run
+/// whose client left while it was queued, and a WebSocket run, are killed
+/// unrun when no slot came in time (the WebSocket client is told
+/// `EXECUTION_NOT_STARTED`). Both used to stay queued and run later: the
+/// deadline lived in the request, and a client's retry ran the code twice.
+#[tokio::test]
+async fn a_sync_run_is_killed_unrun_at_its_start_deadline_even_with_no_one_waiting() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_app_with(|c| {
+        c.sync_concurrency = 1;
+        c.sync_start_within_secs = 1.0;
+    })
+    .await;
+    let busy = {
+        let (client, url) = (app.client.clone(), app.path("/execute"));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&json!({ "code": "sleep 4", "language": "bash" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = app.data_dir.path().join("left-ran");
+    let gave_up = app
+        .client
+        .post(app.path("/execute"))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_millis(300))
+        .json(&json!({ "code": format!("touch {}", left.display()), "language": "bash", "name": "left" }))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up while queued");
+    let mut request = (app.url.replace("http://", "ws://") + "/execute/stream")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let streamed = app.data_dir.path().join("ws-ran");
+    let frame = json!({ "type": "execute", "code": format!("touch {}", streamed.display()), "language": "bash" });
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut frames = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, socket.next()).await {
+        if let Message::Text(text) = message {
+            frames.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+        }
+    }
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0]["code"], "EXECUTION_NOT_STARTED", "{frames:?}");
+    assert_eq!(busy.await.unwrap(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, list) = app.get_json("/execute/processes?name=left").await;
+    let p = &list["processes"][0];
+    assert_eq!(p["status"], "killed", "{p}");
+    assert!(p["error"].as_str().unwrap().contains("not started"), "{p}");
+    assert!(!left.exists(), "the abandoned run ran");
+    assert!(!streamed.exists(), "the WebSocket run ran late");
+    app.stop().await;
+}
+
 /// A kill that meets the agent's stop is carried out, or refused with a 503
 /// that says to send it again; never answered 200 while the job runs on. The
 /// stop used to overwrite the kill with its own let-go, and the kill was
