@@ -193,7 +193,7 @@ pub struct Config {
     #[arg(
         long,
         env = "EXECD_CALLBACK_RECEIVER_CONCURRENCY",
-        default_value_t = 16
+        default_value_t = 32
     )]
     pub callback_receiver_concurrency: usize,
 

@@ -136,11 +136,46 @@ pub struct Deliverer {
     in_flight: std::sync::Mutex<HashMap<String, usize>>,
 }
 
-/// Deliveries held in memory, in order, and their payloads' bytes.
+/// Deliveries held in memory: in order per receiver, the receivers taking
+/// turns; and their payloads' bytes.
 #[derive(Default)]
 struct Waiting {
-    queue: VecDeque<Due>,
+    by_receiver: HashMap<String, VecDeque<Due>>,
+    /// Receivers with deliveries waiting, in the order they get the next turn.
+    turns: VecDeque<String>,
     bytes: usize,
+}
+
+impl Waiting {
+    fn push(&mut self, due: Due) {
+        let receiver = origin(&due.url);
+        self.bytes += due.payload.len();
+        let queue = self.by_receiver.entry(receiver.clone()).or_insert_with(|| {
+            self.turns.push_back(receiver);
+            VecDeque::new()
+        });
+        queue.push_back(due);
+    }
+
+    /// The oldest delivery of the first receiver, in turn, that is not
+    /// `full`; that receiver's next turn is after the others'.
+    fn pop(&mut self, full: impl Fn(&str) -> bool) -> Option<Due> {
+        let at = self.turns.iter().position(|r| !full(r))?;
+        let receiver = self.turns.remove(at)?;
+        let queue = self.by_receiver.get_mut(&receiver)?;
+        let due = queue.pop_front()?;
+        if queue.is_empty() {
+            self.by_receiver.remove(&receiver);
+        } else {
+            self.turns.push_back(receiver);
+        }
+        self.bytes -= due.payload.len();
+        Some(due)
+    }
+
+    fn held(&self, receiver: &str) -> usize {
+        self.by_receiver.get(receiver).map_or(0, VecDeque::len)
+    }
 }
 
 /// The receiver a delivery goes to: its URL's scheme, host and port, as
@@ -245,29 +280,26 @@ impl Deliverer {
     fn hold(&self, due: Vec<Due>) {
         let mut waiting = self.waiting.lock().unwrap();
         for delivery in due {
-            waiting.bytes += delivery.payload.len();
-            waiting.queue.push_back(delivery);
+            waiting.push(delivery);
         }
     }
 
-    /// The first waiting delivery whose receiver has fewer than its share
-    /// of attempts in flight, counted in flight from now.
+    /// A waiting delivery whose receiver has fewer than its share of
+    /// attempts in flight (the receivers in turn), counted in flight from now.
     fn next_waiting(&self) -> Option<Due> {
         let mut waiting = self.waiting.lock().unwrap();
         let mut in_flight = self.in_flight.lock().unwrap();
         let limit = self.config.receiver_concurrency;
-        let at = waiting
-            .queue
-            .iter()
-            .position(|due| in_flight.get(&origin(&due.url)).copied().unwrap_or(0) < limit)?;
-        let due = waiting.queue.remove(at)?;
-        waiting.bytes -= due.payload.len();
+        let due = waiting.pop(|r| in_flight.get(r).copied().unwrap_or(0) >= limit)?;
         *in_flight.entry(origin(&due.url)).or_default() += 1;
         Some(due)
     }
 
     /// An attempt to `url` ended. A receiver that had its whole share in
-    /// flight was left out of claims: one is due now.
+    /// flight was left out of claims: unless one of its deliveries waits in
+    /// memory already (the loop starts it, woken by the attempt's end), a
+    /// claim is due now. (Not a look at the database per attempt: with the
+    /// receiver left out, that look reads every row due.)
     fn landed(&self, url: &str) {
         let origin = origin(url);
         let mut in_flight = self.in_flight.lock().unwrap();
@@ -278,7 +310,7 @@ impl Deliverer {
             in_flight.remove(&origin);
         }
         drop(in_flight);
-        if was_full {
+        if was_full && self.waiting.lock().unwrap().held(&origin) == 0 {
             self.claim_by(Instant::now());
         }
     }
@@ -288,8 +320,8 @@ impl Deliverer {
     fn full_receivers(&self) -> String {
         let waiting = self.waiting.lock().unwrap();
         let mut counts = self.in_flight.lock().unwrap().clone();
-        for due in &waiting.queue {
-            *counts.entry(origin(&due.url)).or_default() += 1;
+        for (receiver, queue) in &waiting.by_receiver {
+            *counts.entry(receiver.clone()).or_default() += queue.len();
         }
         let full: Vec<&String> = counts
             .iter()
@@ -717,7 +749,54 @@ impl PostResult {
 
 #[cfg(test)]
 mod tests {
-    use super::origin;
+    use super::{origin, Due, Waiting};
+
+    fn due(id: &str, url: &str) -> Due {
+        Due {
+            id: id.into(),
+            execution_id: id.into(),
+            url: url.into(),
+            headers: "{}".into(),
+            payload: "{}".into(),
+            attempts: 0,
+            secret: None,
+            created_at: "t".into(),
+        }
+    }
+
+    #[test]
+    fn receivers_with_deliveries_waiting_take_turns_and_a_full_one_is_passed_over() {
+        let mut waiting = Waiting::default();
+        for (id, url) in [
+            ("a1", "http://a/x"),
+            ("a2", "http://a/y"),
+            ("a3", "http://a/"),
+            ("b1", "http://b/"),
+        ] {
+            waiting.push(due(id, url));
+        }
+        assert_eq!(waiting.bytes, 8);
+        assert_eq!(waiting.held("http://a/"), 3);
+        let a_full = |r: &str| r == "http://a/";
+        assert_eq!(waiting.pop(a_full).unwrap().id, "b1");
+        assert!(waiting.pop(a_full).is_none());
+        let order: Vec<String> = std::iter::from_fn(|| waiting.pop(|_| false))
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(order, ["a1", "a2", "a3"]);
+        assert_eq!(waiting.bytes, 0);
+        for (id, url) in [
+            ("a1", "http://a/"),
+            ("a2", "http://a/"),
+            ("b1", "http://b/"),
+        ] {
+            waiting.push(due(id, url));
+        }
+        let order: Vec<String> = std::iter::from_fn(|| waiting.pop(|_| false))
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(order, ["a1", "b1", "a2"], "in turns");
+    }
 
     #[test]
     fn a_receiver_is_its_urls_scheme_host_and_port() {
