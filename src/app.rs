@@ -196,6 +196,7 @@ pub async fn serve(
         limits: Limits {
             max_code_bytes: config.max_code_bytes,
             max_env_bytes: config.max_env_bytes,
+            max_callback_headers_bytes: config.max_callback_headers_bytes,
             max_timeout: Duration::from_secs_f64(config.max_timeout_secs),
             default_workdir: workdir,
             languages: languages.clone(),

@@ -122,6 +122,10 @@ pub struct Config {
     #[arg(long, env = "EXECD_MAX_ENV_BYTES", default_value_t = 256 << 10)]
     pub max_env_bytes: usize,
 
+    /// Largest `callback_headers` accepted (names and values together), in bytes: receivers refuse larger headers (431), and the callback could never be delivered.
+    #[arg(long, env = "EXECD_MAX_CALLBACK_HEADERS_BYTES", default_value_t = 16 << 10)]
+    pub max_callback_headers_bytes: usize,
+
     /// Output stored per stream and execution, in bytes; the rest is dropped and flagged.
     #[arg(long, env = "EXECD_MAX_OUTPUT_BYTES", default_value_t = 10 << 20)]
     pub max_output_bytes: u64,
@@ -280,6 +284,10 @@ impl Config {
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-code-bytes", self.max_code_bytes),
             ("--max-env-bytes", self.max_env_bytes),
+            (
+                "--max-callback-headers-bytes",
+                self.max_callback_headers_bytes,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be greater than 0")));
@@ -439,6 +447,10 @@ impl fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_code_bytes", &self.max_code_bytes)
             .field("max_env_bytes", &self.max_env_bytes)
+            .field(
+                "max_callback_headers_bytes",
+                &self.max_callback_headers_bytes,
+            )
             .field("max_output_bytes", &self.max_output_bytes)
             .field("max_timeout_secs", &self.max_timeout_secs)
             .field("kill_grace_secs", &self.kill_grace_secs)

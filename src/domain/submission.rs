@@ -101,6 +101,8 @@ pub struct Limits {
     pub max_code_bytes: usize,
     /// The `env` strings (`NAME=value`) together.
     pub max_env_bytes: usize,
+    /// `callback_headers` names and values together.
+    pub max_callback_headers_bytes: usize,
     pub max_timeout: Duration,
     pub default_workdir: PathBuf,
     pub languages: Languages,
@@ -265,6 +267,7 @@ impl Submission {
                 input.callback_url,
                 input.callback_headers,
                 input.callback_signature_secret,
+                limits,
             )?),
             _ => None,
         };
@@ -558,6 +561,7 @@ fn parse_callback(
     url: Option<String>,
     headers: Option<BTreeMap<String, String>>,
     secret: Option<String>,
+    limits: &Limits,
 ) -> Result<Callback, SubmissionError> {
     let url = url.ok_or_else(|| SubmissionError::missing("callback_url"))?;
     let wrong = |why: &str| {
@@ -585,6 +589,17 @@ fn parse_callback(
     }
     let url = parsed.to_string();
     let headers = headers.unwrap_or_default();
+    // As sent: `name: value\r\n` each.
+    let size: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+    if size > limits.max_callback_headers_bytes {
+        return Err(too_large(
+            format!(
+                "`callback_headers` are {size} bytes as sent; the limit is {} (--max-callback-headers-bytes)",
+                limits.max_callback_headers_bytes
+            ),
+            json!({ "field": "callback_headers", "limit": limits.max_callback_headers_bytes }),
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     for (name, value) in &headers {
         // Names ignore case: two that differ only in it would be sent as one.
@@ -638,6 +653,7 @@ mod tests {
         Limits {
             max_code_bytes: 100,
             max_env_bytes: 1 << 20,
+            max_callback_headers_bytes: 1000,
             max_timeout: Duration::from_secs(600),
             default_workdir: std::env::temp_dir(),
             languages: Languages::detect(),

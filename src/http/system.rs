@@ -46,6 +46,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
             "max_body_bytes": state.max_body_bytes,
             "max_code_bytes": state.limits.max_code_bytes,
             "max_env_bytes": state.limits.max_env_bytes,
+            "max_callback_headers_bytes": state.limits.max_callback_headers_bytes,
             "max_output_bytes": state.max_output_bytes,
             "max_timeout": state.limits.max_timeout.as_secs_f64(),
             "list_output_bytes": state.list_output_bytes,

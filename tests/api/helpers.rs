@@ -289,6 +289,7 @@ pub fn background_submission(workdir: &std::path::Path) -> execd::domain::Submis
     let limits = Limits {
         max_code_bytes: 1000,
         max_env_bytes: 1 << 16,
+        max_callback_headers_bytes: 1 << 14,
         max_timeout: Duration::from_secs(60),
         default_workdir: workdir.to_path_buf(),
         languages: Languages::detect(),

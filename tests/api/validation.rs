@@ -33,10 +33,19 @@ async fn each_submission_rule_has_its_status_and_code() {
     let app = spawn_app_with(|c| {
         c.max_code_bytes = 1000;
         c.max_env_bytes = 1000;
+        c.max_callback_headers_bytes = 1000;
     })
     .await;
     let cb = "http://127.0.0.1:9/hook";
     let cases: Vec<(&str, Value, u16, &str)> = vec![
+        // Headers no receiver would take (431): accepted, the callback
+        // could never have been delivered.
+        (
+            "/execute/async",
+            json!({ "code": "x", "callback_url": cb, "callback_headers": { "X-Big": "a".repeat(1000) } }),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
         ("/execute", json!({}), 400, "MISSING_PARAMETER"),
         (
             "/execute",
