@@ -33,7 +33,7 @@ pub fn router() -> Router<AppState> {
 /// if that is longer. The SDK gives up at timeout + 30 s.
 const SYNC_SLACK: Duration = Duration::from_secs(20);
 
-#[utoipa::path(post, path = "/execute", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "The run ended; `success` says how", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT, partial output in details", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED; or SHUTTING_DOWN: the agent stopped while the run went on (it goes on)", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/execute", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "The run ended; `success` says how", body = crate::http::openapi::RunOut), (status = 408, description = "EXECUTION_TIMEOUT, partial output in details", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED; or SHUTTING_DOWN: the agent stopped while the run went on (it goes on)", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn execute_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -43,7 +43,7 @@ pub(super) async fn execute_sync(
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
 
-#[utoipa::path(post, path = "/commands/run", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "The command ended", body = serde_json::Value), (status = 408, description = "EXECUTION_TIMEOUT", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED; or SHUTTING_DOWN: the agent stopped while the run went on (it goes on)", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/commands/run", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "The command ended", body = crate::http::openapi::RunOut), (status = 408, description = "EXECUTION_TIMEOUT", body = crate::http::openapi::ErrorOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED; or SHUTTING_DOWN: the agent stopped while the run went on (it goes on)", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn command_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -53,7 +53,7 @@ pub(super) async fn command_sync(
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
 
-#[utoipa::path(post, path = "/execute/background", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "Stored and queued", body = serde_json::Value), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/execute/background", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "Stored and queued", body = crate::http::openapi::BackgroundOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn execute_background(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -64,7 +64,7 @@ pub(super) async fn execute_background(
     Ok(Json(background_out(&submitted)))
 }
 
-#[utoipa::path(post, path = "/commands/background", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "Stored and queued", body = serde_json::Value), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/commands/background", tag = "execd", request_body = crate::domain::CommandIn, responses((status = 200, description = "Stored and queued", body = crate::http::openapi::BackgroundOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn command_background(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -80,7 +80,7 @@ pub(super) async fn command_background(
     Ok(Json(out))
 }
 
-#[utoipa::path(post, path = "/execute/async", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "Stored and queued; the result is POSTed to callback_url", body = serde_json::Value), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/execute/async", tag = "execd", request_body = crate::domain::ExecuteIn, responses((status = 200, description = "Stored and queued; the result is POSTed to callback_url", body = crate::http::openapi::AsyncOut), (status = 409, description = "IDEMPOTENCY_KEY_REUSED", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn execute_async(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -211,7 +211,7 @@ pub(super) struct LogsQuery {
 /// `attempt` event where a retried run's next attempt begins, then one `end`
 /// event with the status, exit code and error. A stop of the agent closes
 /// the stream without `end`: the run goes on.
-#[utoipa::path(get, path = "/execute/processes/{id}/logs", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id"), ("follow" = Option<bool>, Query), ("cursor" = Option<String>, Query, description = "<attempt>.<stdout seq>.<stderr seq>, as Last-Event-ID")), responses((status = 200, description = "Server-sent events: stdout, stderr, end", content_type = "text/event-stream", body = String), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(get, path = "/execute/processes/{id}/logs", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id"), ("follow" = Option<bool>, Query), ("cursor" = Option<String>, Query, description = "<attempt>.<stdout seq>.<stderr seq>, as Last-Event-ID")), responses((status = 200, description = "Server-sent events: stdout, stderr, end", content_type = "text/event-stream", body = crate::http::openapi::LogEventOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,

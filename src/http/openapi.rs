@@ -25,6 +25,154 @@ pub struct ErrorOut {
     pub details: serde_json::Value,
 }
 
+// What the routes answer, for the document (and for schemathesis, which
+// checks every response against it). The handlers build their JSON as
+// values; these say its shape.
+
+/// An execution's status.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusDoc {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Killed,
+    Timeout,
+}
+
+/// `POST /execute` and `POST /commands/run`: how the run ended.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct RunOut {
+    /// True exactly when `status` is `completed`.
+    success: bool,
+    #[schema(value_type = StatusDoc)]
+    status: String,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    exit_code: Option<i64>,
+    execution_time: f64,
+    language: String,
+    error: Option<String>,
+    execution_id: String,
+    process_id: String,
+    timestamp: String,
+    /// `/commands/run` only.
+    command: Option<String>,
+    /// `/commands/run` only.
+    pid: Option<i64>,
+}
+
+/// `POST /execute/background` and `POST /commands/background`.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct BackgroundOut {
+    process_id: String,
+    execution_id: String,
+    name: Option<String>,
+    /// `queued`, or `running` when it took a free slot.
+    #[schema(value_type = StatusDoc)]
+    status: String,
+    /// When it was claimed; null while queued.
+    start_time: Option<String>,
+    message: String,
+    timestamp: String,
+    /// `/commands/background` only.
+    command: Option<String>,
+    /// `/commands/background` only: null (the process object has it once the program runs).
+    pid: Option<i64>,
+}
+
+/// `POST /execute/async`.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct AsyncOut {
+    execution_id: String,
+    process_id: String,
+    #[schema(value_type = StatusDoc)]
+    status: String,
+    callback_url: String,
+    message: String,
+    timestamp: String,
+}
+
+/// `GET /execute/processes` (and `GET /processes`), newest first.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct ListOut {
+    processes: Vec<super::processes::ProcessOut>,
+    count: i64,
+    /// Give it as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+    timestamp: String,
+}
+
+/// The kill routes.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct KillOut {
+    success: bool,
+    process_id: String,
+    execution_id: String,
+    /// `killed`; or, for a process that had finished already, how it ended.
+    #[schema(value_type = StatusDoc)]
+    status: String,
+    message: String,
+    timestamp: String,
+}
+
+/// One server-sent event of `GET /execute/processes/{id}/logs`.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct LogEventOut {
+    /// `stdout`, `stderr`, `attempt`, `end` or `error`.
+    event: Option<String>,
+    /// JSON: `{stream, data, seq, timestamp}` for output, `{attempt}`, or
+    /// `{status, exit_code, error, execution_time}` for `end`.
+    data: String,
+    /// The cursor after this event, `<attempt>.<stdout seq>.<stderr seq>`:
+    /// send it back as `Last-Event-ID` to resume.
+    id: Option<String>,
+}
+
+/// `GET /health`.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct HealthOut {
+    /// `healthy`.
+    status: String,
+    version: String,
+    uptime_seconds: f64,
+    timestamp: String,
+}
+
+/// An installed language, in `GET /info`.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct LanguageOut {
+    name: String,
+    path: String,
+    version: String,
+}
+
+/// `GET /info`.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct InfoOut {
+    name: String,
+    version: String,
+    languages: Vec<LanguageOut>,
+    /// Each configured limit, by name (bytes, or seconds for `max_timeout`).
+    limits: std::collections::BTreeMap<String, f64>,
+    default_working_dir: String,
+    uptime_seconds: f64,
+    timestamp: String,
+}
+
 /// The errors any authenticated route may answer with.
 #[allow(dead_code)]
 #[derive(IntoResponses)]

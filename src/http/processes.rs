@@ -33,6 +33,7 @@ pub struct ProcessOut {
     pub process_id: String,
     pub execution_id: String,
     pub name: Option<String>,
+    #[schema(value_type = crate::http::openapi::StatusDoc)]
     pub status: String,
     /// The attempt shown (1 unless a lost process was re-queued), of `max_attempts`.
     pub attempt: i64,
@@ -188,7 +189,7 @@ fn parse_count(
     }
 }
 
-#[utoipa::path(get, path = "/execute/processes", tag = "execd", params(("status" = Option<String>, Query, description = "queued|running|completed|failed|killed|timeout"), ("name" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "1 to 1000, default 100"), ("offset" = Option<i64>, Query), ("cursor" = Option<i64>, Query, description = "next_cursor of the previous page")), responses((status = 200, description = "Newest first: {processes, count, next_cursor, timestamp}", body = serde_json::Value), crate::http::openapi::Errors))]
+#[utoipa::path(get, path = "/execute/processes", tag = "execd", params(("status" = Option<String>, Query, description = "queued|running|completed|failed|killed|timeout"), ("name" = Option<String>, Query), ("limit" = Option<String>, Query, pattern = r"^[0-9]*$", description = "1 to 1000, default 100 (empty: not given)"), ("offset" = Option<String>, Query, pattern = r"^[0-9]*$", description = "rows to skip (empty: not given)"), ("cursor" = Option<String>, Query, pattern = r"^[0-9]*$", description = "next_cursor of the previous page (empty: not given)")), responses((status = 200, description = "Newest first: {processes, count, next_cursor, timestamp}", body = crate::http::openapi::ListOut), crate::http::openapi::Errors))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
@@ -259,7 +260,7 @@ pub(super) async fn one(
     ))
 }
 
-#[utoipa::path(post, path = "/execute/kill/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished (nothing changed)", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/execute/kill/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished (nothing changed)", body = crate::http::openapi::KillOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn kill_path(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -268,7 +269,7 @@ pub(super) async fn kill_path(
 }
 
 /// `GET /processes`: the list, as another client family spells it.
-#[utoipa::path(get, path = "/processes", tag = "execd", params(("status" = Option<String>, Query, description = "queued|running|completed|failed|killed|timeout"), ("name" = Option<String>, Query), ("limit" = Option<i64>, Query, description = "1 to 1000, default 100"), ("offset" = Option<i64>, Query), ("cursor" = Option<i64>, Query, description = "next_cursor of the previous page")), responses((status = 200, description = "The same as GET /execute/processes", body = serde_json::Value), crate::http::openapi::Errors))]
+#[utoipa::path(get, path = "/processes", tag = "execd", params(("status" = Option<String>, Query, description = "queued|running|completed|failed|killed|timeout"), ("name" = Option<String>, Query), ("limit" = Option<String>, Query, pattern = r"^[0-9]*$", description = "1 to 1000, default 100 (empty: not given)"), ("offset" = Option<String>, Query, pattern = r"^[0-9]*$", description = "rows to skip (empty: not given)"), ("cursor" = Option<String>, Query, pattern = r"^[0-9]*$", description = "next_cursor of the previous page (empty: not given)")), responses((status = 200, description = "The same as GET /execute/processes", body = crate::http::openapi::ListOut), crate::http::openapi::Errors))]
 pub(super) async fn list_alias(
     state: State<AppState>,
     query: Query<ListQuery>,
@@ -277,7 +278,7 @@ pub(super) async fn list_alias(
 }
 
 /// `POST /processes/{id}/kill`: kill, as another client family spells it.
-#[utoipa::path(post, path = "/processes/{id}/kill", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(post, path = "/processes/{id}/kill", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished", body = crate::http::openapi::KillOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn kill_processes_path(
     state: State<AppState>,
     id: Path<String>,
@@ -294,7 +295,7 @@ pub(super) struct KillIn {
     execution_id: Option<String>,
 }
 
-#[utoipa::path(delete, path = "/execute/kill", tag = "execd", request_body(content = KillIn, description = "optional: the id in a JSON body, when the query has none"), params(("process_id" = Option<String>, Query, description = "or a JSON body {process_id}")), responses((status = 200, description = "Killed, or already finished", body = serde_json::Value), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
+#[utoipa::path(delete, path = "/execute/kill", tag = "execd", request_body(content = KillIn, description = "optional: the id in a JSON body, when the query has none"), params(("process_id" = Option<String>, Query, description = "or a JSON body {process_id}")), responses((status = 200, description = "Killed, or already finished", body = crate::http::openapi::KillOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]
 pub(super) async fn kill_query_or_body(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -303,16 +304,15 @@ pub(super) async fn kill_query_or_body(
     // An empty id is no id.
     let given = |id: Option<&String>| id.filter(|id| !id.is_empty()).cloned();
     let from_query = given(query.get("process_id")).or_else(|| given(query.get("execution_id")));
-    let id = match from_query {
-        Some(id) => id,
-        None if body.iter().all(u8::is_ascii_whitespace) => None.ok_or_else(missing_process_id)?,
-        None => {
+    // A body given is a body checked, even when the query names the id.
+    let from_body = match body.iter().all(u8::is_ascii_whitespace) {
+        true => None,
+        false => {
             let input: KillIn = parse_json(&body)?;
-            given(input.process_id.as_ref())
-                .or_else(|| given(input.execution_id.as_ref()))
-                .ok_or_else(missing_process_id)?
+            given(input.process_id.as_ref()).or_else(|| given(input.execution_id.as_ref()))
         }
     };
+    let id = from_query.or(from_body).ok_or_else(missing_process_id)?;
     kill(&state, &id).await
 }
 

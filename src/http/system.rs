@@ -20,7 +20,7 @@ pub fn protected_router() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
-#[utoipa::path(get, path = "/health", tag = "execd", security(()), responses((status = 200, description = "{status: healthy, version, uptime_seconds}", body = serde_json::Value), crate::http::openapi::Unavailable))]
+#[utoipa::path(get, path = "/health", tag = "execd", security(()), responses((status = 200, description = "{status: healthy, version, uptime_seconds}", body = crate::http::openapi::HealthOut), crate::http::openapi::Unavailable))]
 pub(super) async fn health(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "status": "healthy",
@@ -30,7 +30,7 @@ pub(super) async fn health(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-#[utoipa::path(get, path = "/info", tag = "execd", responses((status = 200, description = "Version, languages with interpreter versions, limits", body = serde_json::Value), crate::http::openapi::Errors))]
+#[utoipa::path(get, path = "/info", tag = "execd", responses((status = 200, description = "Version, languages with interpreter versions, limits", body = crate::http::openapi::InfoOut), crate::http::openapi::Errors))]
 pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
     let languages: Vec<Value> = state
         .limits
