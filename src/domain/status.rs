@@ -7,7 +7,8 @@ use std::str::FromStr;
 /// also be killed without running, and a lost one queued again. The moves
 /// are enforced where they are written: each UPDATE names the status it
 /// moves from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Status {
     Queued,
     Running,

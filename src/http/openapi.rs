@@ -29,26 +29,13 @@ pub struct ErrorOut {
 // checks every response against it). The handlers build their JSON as
 // values; these say its shape.
 
-/// An execution's status.
-#[allow(dead_code)]
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum StatusDoc {
-    Queued,
-    Running,
-    Completed,
-    Failed,
-    Killed,
-    Timeout,
-}
-
 /// `POST /execute` and `POST /commands/run`: how the run ended.
 #[allow(dead_code)]
 #[derive(Serialize, ToSchema)]
 pub struct RunOut {
     /// True exactly when `status` is `completed`.
     success: bool,
-    #[schema(value_type = StatusDoc)]
+    #[schema(value_type = crate::domain::Status)]
     status: String,
     stdout: String,
     stderr: String,
@@ -75,7 +62,7 @@ pub struct BackgroundOut {
     execution_id: String,
     name: Option<String>,
     /// `queued`, or `running` when it took a free slot.
-    #[schema(value_type = StatusDoc)]
+    #[schema(value_type = crate::domain::Status)]
     status: String,
     /// When it was claimed; null while queued.
     start_time: Option<String>,
@@ -93,7 +80,7 @@ pub struct BackgroundOut {
 pub struct AsyncOut {
     execution_id: String,
     process_id: String,
-    #[schema(value_type = StatusDoc)]
+    #[schema(value_type = crate::domain::Status)]
     status: String,
     callback_url: String,
     message: String,
@@ -119,7 +106,7 @@ pub struct KillOut {
     process_id: String,
     execution_id: String,
     /// `killed`; or, for a process that had finished already, how it ended.
-    #[schema(value_type = StatusDoc)]
+    #[schema(value_type = crate::domain::Status)]
     status: String,
     message: String,
     timestamp: String,

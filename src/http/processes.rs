@@ -33,7 +33,7 @@ pub struct ProcessOut {
     pub process_id: String,
     pub execution_id: String,
     pub name: Option<String>,
-    #[schema(value_type = crate::http::openapi::StatusDoc)]
+    #[schema(value_type = crate::domain::Status)]
     pub status: String,
     /// The attempt shown (1 unless a lost process was re-queued), of `max_attempts`.
     pub attempt: i64,

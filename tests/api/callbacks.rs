@@ -513,13 +513,7 @@ async fn a_backlog_of_callbacks_waits_in_the_database_not_in_memory() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let rss_kb = agent.rss_kb();
     assert!(
         rss_kb < 110 * 1024,
         "the agent holds {rss_kb} kB with 100 callbacks of 1 MiB waiting"
@@ -895,17 +889,8 @@ s.handle_request()
     .await
     .unwrap();
     assert_eq!(got.as_deref(), Some("got /hook"));
-    let id = out["execution_id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = agent
-            .get(&format!("/execute/processes/{id}/callback"))
-            .await;
-        if info["callback"]["status"] == "delivered" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{info}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    agent
+        .wait_delivered(out["execution_id"].as_str().unwrap())
+        .await;
     agent.terminate();
 }

@@ -106,6 +106,30 @@ impl Agent {
         self.child.id()
     }
 
+    /// The agent's resident memory now (`VmRSS`), in kB.
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// Waits (10 s at most) until execution `id`'s callback is delivered.
+    pub async fn wait_delivered(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = self.get(&format!("/execute/processes/{id}/callback")).await;
+            if info["callback"]["status"] == "delivered" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{info}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
@@ -162,17 +186,7 @@ async fn a_callback_cut_off_by_kill_9_is_delivered_after_restart() {
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
     assert_eq!(got[1].json()["execution_id"], id.as_str());
     assert_eq!(got[1].json()["stdout"], "crash-safe\n");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = agent
-            .get(&format!("/execute/processes/{id}/callback"))
-            .await;
-        if info["callback"]["status"] == "delivered" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{info}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    agent.wait_delivered(&id).await;
     assert!(agent.terminate().success(), "a clean exit on SIGTERM");
 }
 

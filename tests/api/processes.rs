@@ -891,15 +891,7 @@ async fn idle_log_readers_do_not_each_hold_the_whole_output() {
         .await;
     assert_eq!(out["status"], "completed", "{}", out["error"]);
     let id = out["execution_id"].as_str().unwrap().to_string();
-    let rss = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap()
-    };
+    let rss = || agent.rss_kb();
     let before = rss();
     let readers: Vec<std::net::TcpStream> = (0..10)
         .map(|_| {
