@@ -279,30 +279,36 @@ async fn a_graceful_restart_in_the_middle_of_a_queue_loses_and_kills_no_job() {
     app.stop().await;
 }
 
+/// An agent with one sync slot and `--sync-start-within` 1 s, its slot
+/// taken by a `/execute` of bash `code` (the task gives its status).
+async fn one_busy_sync_slot(code: &str) -> (TestApp, tokio::task::JoinHandle<reqwest::StatusCode>) {
+    let app = spawn_app_with(|c| {
+        c.sync_concurrency = 1;
+        c.sync_start_within_secs = 1.0;
+    })
+    .await;
+    let (client, url) = (app.client.clone(), app.path("/execute"));
+    let body = json!({ "code": code, "language": "bash" });
+    let busy = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    (app, busy)
+}
+
 /// A sync run that finds every slot of its lane busy for longer than
 /// `--sync-start-within` is killed unrun and answered 503, so a client that
 /// retries (as clients do on a 5xx) never runs the code twice. It used to be
 /// answered 408 while it stayed queued, and then ran with no one waiting.
 #[tokio::test]
 async fn a_sync_run_that_cannot_start_in_time_is_answered_503_and_never_runs() {
-    let app = spawn_app_with(|c| {
-        c.sync_concurrency = 1;
-        c.sync_start_within_secs = 1.0;
-    })
-    .await;
-    let busy = {
-        let (client, url) = (app.client.clone(), app.path("/execute"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .bearer_auth(TOKEN)
-                .json(&json!({ "code": "sleep 3", "language": "bash" }))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let (app, busy) = one_busy_sync_slot("sleep 3").await;
     let marker = app.data_dir.path().join("ran");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();
@@ -338,24 +344,7 @@ async fn a_sync_run_is_killed_unrun_at_its_start_deadline_even_with_no_one_waiti
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
-    let app = spawn_app_with(|c| {
-        c.sync_concurrency = 1;
-        c.sync_start_within_secs = 1.0;
-    })
-    .await;
-    let busy = {
-        let (client, url) = (app.client.clone(), app.path("/execute"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .bearer_auth(TOKEN)
-                .json(&json!({ "code": "sleep 4", "language": "bash" }))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let (app, busy) = one_busy_sync_slot("sleep 4").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let left = app.data_dir.path().join("left-ran");
     let gave_up = app
