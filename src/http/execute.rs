@@ -329,10 +329,17 @@ pub(super) fn start_within(
             );
             ("EXECUTION_NOT_STARTED", why)
         };
-        match runner.kill_queued(&row, why.clone()).await? {
-            true => Ok(Started::No { code, why, row }),
-            // Claimed just now.
-            false => Ok(Started::Yes(row)),
+        // Written whatever it takes (a locked database): a 503 for a run
+        // that later starts would have its retry run the code twice. Given
+        // up only at a stop: then it may run after the restart, and the
+        // caller is told the run goes on, not to retry.
+        let killed = runner
+            .until_written(|| runner.kill_queued(&row, why.clone()))
+            .await;
+        match killed {
+            Ok(true) => Ok(Started::No { code, why, row }),
+            // Claimed just now, or the agent stops with it queued.
+            Ok(false) | Err(_) => Ok(Started::Yes(row)),
         }
     })
 }

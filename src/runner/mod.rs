@@ -469,7 +469,7 @@ impl Runner {
     /// (its row would show it running until the next start). Gives up only
     /// when the agent stops: its run directory is kept, and the next start
     /// records the end from it.
-    async fn until_written<T, F, Fut>(&self, mut attempt: F) -> Result<T, db::WriteError>
+    pub(crate) async fn until_written<T, F, Fut>(&self, mut attempt: F) -> Result<T, db::WriteError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, db::WriteError>>,

@@ -768,7 +768,7 @@ async fn a_locked_database_delays_ends_and_kills_but_loses_neither() {
     let db = app.db_path();
     let mut lock = std::process::Command::new("sh")
         .arg("-c")
-        .arg(r#"(echo "BEGIN IMMEDIATE;"; sleep 12; echo "COMMIT;") | sqlite3 "$0""#)
+        .arg(r#"(echo "BEGIN IMMEDIATE;"; sleep 12; echo "COMMIT;") | sqlite3 -cmd ".timeout 5000" "$0""#)
         .arg(&db)
         .spawn()
         .unwrap();

@@ -779,3 +779,64 @@ async fn a_job_that_ends_on_its_sigterm_ends_then_not_after_the_grace() {
     );
     app.stop().await;
 }
+
+/// A sync run's kill at its start deadline meets a locked database: the
+/// kill is tried until written, and what the caller is told is what
+/// happened: 503 `EXECUTION_NOT_STARTED` and it never runs, or (the job
+/// before it ended and took it first, once the lock went) its result. It
+/// was answered 503 `DATABASE_UNAVAILABLE` ("nothing was stored: try
+/// again") with its row still queued, and it ran later: a retry ran the
+/// code twice.
+#[tokio::test]
+async fn a_start_deadline_kill_that_meets_a_locked_database_waits_for_it() {
+    let (app, busy) = one_busy_sync_slot("sleep 6").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let marker = app.data_dir.path().join("ran");
+    let queued = {
+        let (client, url) = (app.client.clone(), app.path("/execute"));
+        let body = json!({ "code": format!("touch {}", marker.display()), "language": "bash" });
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<serde_json::Value>().await.unwrap(),
+            )
+        })
+    };
+    // Stored and queued; its deadline (1 s) passes while the lock is held.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let db = app.db_path();
+    let mut lock = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"(echo "BEGIN IMMEDIATE;"; sleep 12; echo "COMMIT;") | sqlite3 -cmd ".timeout 5000" "$0""#)
+        .arg(&db)
+        .spawn()
+        .unwrap();
+    let (status, out) = queued.await.unwrap();
+    tokio::task::spawn_blocking(move || lock.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(busy.await.unwrap(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match status {
+        503 => {
+            assert_eq!(out["code"], "EXECUTION_NOT_STARTED", "{out}");
+            assert!(!marker.exists(), "the run answered 503 ran");
+        }
+        _ => {
+            assert_eq!(
+                (status, out["status"].as_str()),
+                (200, Some("completed")),
+                "{out}"
+            );
+            assert!(marker.exists(), "answered with a result it never had");
+        }
+    }
+    app.stop().await;
+}
