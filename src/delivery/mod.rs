@@ -29,6 +29,9 @@ use schedule::Schedule;
 
 /// Response bytes kept per attempt.
 const RESPONSE_KEEP: usize = 4 << 10;
+/// In flight to one receiver, fewer than this: it may use the slots kept
+/// for receivers that answer (see `Deliverer::has_room`).
+const LIGHT: usize = 4;
 /// Payload bytes of the deliveries held in memory waiting for a permit (or
 /// for their receiver): past it, completions leave theirs in the database,
 /// to be claimed from there.
@@ -97,7 +100,13 @@ pub async fn enqueue(
             .callback_headers
             .clone()
             .unwrap_or_else(|| "{}".into()),
-        payload: payload::build(&source, &stdout, &stderr, &crate::http::timestamp_now()),
+        payload: payload::build(
+            &source,
+            &stdout,
+            &stderr,
+            payload_output_bytes,
+            &crate::http::timestamp_now(),
+        ),
         now,
         lease,
     };
@@ -284,13 +293,24 @@ impl Deliverer {
         }
     }
 
-    /// A waiting delivery whose receiver has fewer than its share of
-    /// attempts in flight (the receivers in turn), counted in flight from now.
-    fn next_waiting(&self) -> Option<Due> {
+    /// Whether a receiver with `busy` deliveries (in flight, or held for
+    /// it) may have another, with `free` attempt slots free: below its
+    /// share; and the last quarter of the slots only for receivers with
+    /// fewer than `LIGHT` in flight. Without that reserve, two dead
+    /// receivers took every slot, and a healthy one's callback waited a
+    /// whole timeout.
+    fn has_room(&self, busy: usize, free: usize) -> bool {
+        busy < self.config.receiver_concurrency
+            && (busy < LIGHT || free > self.config.concurrency / 4)
+    }
+
+    /// A waiting delivery whose receiver has room (`has_room`; the
+    /// receivers in turn), counted in flight from now.
+    fn next_waiting(&self, free: usize) -> Option<Due> {
         let mut waiting = self.waiting.lock().unwrap();
         let mut in_flight = self.in_flight.lock().unwrap();
-        let limit = self.config.receiver_concurrency;
-        let due = waiting.pop(|r| in_flight.get(r).copied().unwrap_or(0) >= limit)?;
+        let busy = |r: &str| in_flight.get(r).copied().unwrap_or(0);
+        let due = waiting.pop(|r| !self.has_room(busy(r), free))?;
         *in_flight.entry(origin(&due.url)).or_default() += 1;
         Some(due)
     }
@@ -315,9 +335,10 @@ impl Deliverer {
         }
     }
 
-    /// Receivers that get no more deliveries claimed now: their share is
-    /// in flight or waiting in memory. As a JSON array of URL prefixes.
-    fn full_receivers(&self) -> String {
+    /// Receivers that get no more deliveries claimed now, with `free` slots
+    /// free: counting those in flight and those waiting in memory, they
+    /// have no room (`has_room`). As a JSON array of URL prefixes.
+    fn full_receivers(&self, free: usize) -> String {
         let waiting = self.waiting.lock().unwrap();
         let mut counts = self.in_flight.lock().unwrap().clone();
         for (receiver, queue) in &waiting.by_receiver {
@@ -325,7 +346,7 @@ impl Deliverer {
         }
         let full: Vec<&String> = counts
             .iter()
-            .filter(|(_, n)| **n >= self.config.receiver_concurrency)
+            .filter(|(_, n)| !self.has_room(**n, free))
             .map(|(origin, _)| origin)
             .collect();
         serde_json::to_string(&full).expect("strings serialize")
@@ -367,7 +388,7 @@ impl Deliverer {
             if free > 0 && self.claim_due_now() {
                 // A look first (a read): with nothing due, an idle agent
                 // writes nothing, and the next look is when something is.
-                let looked = self.next_due().await;
+                let looked = self.next_due(free).await;
                 let skipped = matches!(looked, NextDue::In(_) | NextDue::Nothing);
                 let claimed = match skipped {
                     true => Ok(Vec::new()),
@@ -385,7 +406,10 @@ impl Deliverer {
                         let next = match (full, skipped) {
                             (true, _) => Instant::now(),
                             (false, true) => Instant::now() + self.wait_for(looked),
-                            (false, false) => Instant::now() + self.wait_for(self.next_due().await),
+                            (false, false) => {
+                                let free = permits.available_permits();
+                                Instant::now() + self.wait_for(self.next_due(free).await)
+                            }
                         };
                         self.claim_by(next);
                     }
@@ -412,10 +436,18 @@ impl Deliverer {
     /// Starts the waiting deliveries that have a permit and room at their
     /// receiver.
     fn start_waiting(self: &Arc<Self>, permits: &Arc<Semaphore>, shutdown: &CancellationToken) {
-        while let Ok(permit) = permits.clone().try_acquire_owned() {
-            let Some(due) = self.next_waiting() else {
+        loop {
+            let free = permits.available_permits();
+            if free == 0 {
+                break;
+            }
+            let Some(due) = self.next_waiting(free) else {
                 break;
             };
+            let permit = permits
+                .clone()
+                .try_acquire_owned()
+                .expect("a free permit: only this loop takes them");
             self.tasks
                 .spawn(self.clone().attempt(due, permit, shutdown.clone()));
         }
@@ -432,8 +464,8 @@ impl Deliverer {
     }
 
     /// When the next delivery can be claimed, as the database says (a read).
-    async fn next_due(&self) -> NextDue {
-        let full = self.full_receivers();
+    async fn next_due(&self, free: usize) -> NextDue {
+        let full = self.full_receivers(free);
         let next = match callbacks::next_due(&self.db.readers, &full).await {
             Ok(Some(next)) => next,
             Ok(None) => return NextDue::Nothing,
@@ -453,8 +485,8 @@ impl Deliverer {
         let owner = self.config.owner.clone();
         // Long enough for the attempt and its record; a crash frees it when it expires.
         let lease = self.config.timeout + Duration::from_secs(30);
+        let full = self.full_receivers(limit);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let full = self.full_receivers();
         self.db
             .writer
             .write_one(move |c| {
@@ -471,11 +503,13 @@ impl Deliverer {
     #[tracing::instrument(skip_all, fields(execution_id = %due.execution_id, webhook_id = %due.id, attempt = due.attempts + 1))]
     async fn attempt(
         self: Arc<Self>,
-        due: Due,
+        mut due: Due,
         permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) {
         let number = due.attempts + 1;
+        // Sent as it is, not copied: an attempt holds its payload once.
+        let body = axum::body::Bytes::from(std::mem::take(&mut due.payload));
         let started_at = db::now();
         let started = Instant::now();
         // Stopping: an attempt in flight has a little while to end and be
@@ -485,7 +519,7 @@ impl Deliverer {
         // retried then.
         let grace = self.config.timeout.min(STOP_GRACE);
         let result = tokio::select! {
-            result = self.post(&due) => result,
+            result = self.post(&due, body) => result,
             () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 self.landed(&due.url);
                 return;
@@ -591,9 +625,9 @@ impl Deliverer {
     }
 
     /// One signed POST, classified.
-    async fn post(&self, due: &Due) -> PostResult {
+    async fn post(&self, due: &Due, body: axum::body::Bytes) -> PostResult {
         let timestamp = chrono::Utc::now().timestamp();
-        let headers = match build_headers(due, timestamp) {
+        let headers = match build_headers(due, &body, timestamp) {
             Ok(headers) => headers,
             Err(error) => return PostResult::failed("request", error),
         };
@@ -601,7 +635,7 @@ impl Deliverer {
             .client
             .post(&due.url)
             .headers(headers)
-            .body(due.payload.clone())
+            .body(body)
             .send()
             .await;
         let response = match sent {
@@ -647,7 +681,7 @@ impl Deliverer {
 
 /// The headers of one attempt: the caller's, then ours (which the caller
 /// cannot replace: submissions naming them are refused).
-fn build_headers(due: &Due, timestamp: i64) -> Result<HeaderMap, String> {
+fn build_headers(due: &Due, body: &[u8], timestamp: i64) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
     let custom: std::collections::BTreeMap<String, String> =
         serde_json::from_str(&due.headers).map_err(|e| format!("stored callback headers: {e}"))?;
@@ -675,7 +709,6 @@ fn build_headers(due: &Due, timestamp: i64) -> Result<HeaderMap, String> {
     // The receiver's idempotency key, signed or not.
     set(&mut headers, "webhook-id", due.id.clone());
     if let Some(secret) = &due.secret {
-        let body = due.payload.as_bytes();
         set(
             &mut headers,
             "x-hopx-signature",

@@ -18,17 +18,51 @@ fn tail_text(tail: &StreamTail) -> String {
     crate::db::output::tail_text(&tail.bytes, tail.cut)
 }
 
-/// The JSON body of API.md's callback, frozen at `timestamp`.
-pub fn build(source: &Source, stdout: &StreamTail, stderr: &StreamTail, timestamp: &str) -> String {
+/// The bytes `c` takes in a JSON string: control characters are escaped,
+/// most as `\u00XX` (six bytes for one).
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The end of `text` that takes at most `cap` bytes in the JSON body, and
+/// whether that cut anything: the payload's streams are capped as sent, so
+/// output of control characters cannot make a body six times the cap.
+fn fit(text: String, cap: usize) -> (String, bool) {
+    let (mut size, mut start) = (0, text.len());
+    for (at, c) in text.char_indices().rev() {
+        size += json_len(c);
+        if size > cap {
+            return (text[start..].to_string(), true);
+        }
+        start = at;
+    }
+    (text, false)
+}
+
+/// The JSON body of API.md's callback, frozen at `timestamp`; each stream
+/// at most `cap` bytes as sent (its tail).
+pub fn build(
+    source: &Source,
+    stdout: &StreamTail,
+    stderr: &StreamTail,
+    cap: usize,
+    timestamp: &str,
+) -> String {
+    let (out, out_cut) = fit(tail_text(stdout), cap);
+    let (err, err_cut) = fit(tail_text(stderr), cap);
     json!({
         "execution_id": source.id,
         "process_id": source.process_id,
         "status": source.status,
         "success": source.status == "completed",
-        "stdout": tail_text(stdout),
-        "stderr": tail_text(stderr),
-        "stdout_truncated": stdout.cut || source.stdout_truncated,
-        "stderr_truncated": stderr.cut || source.stderr_truncated,
+        "stdout": out,
+        "stderr": err,
+        "stdout_truncated": stdout.cut || out_cut || source.stdout_truncated,
+        "stderr_truncated": stderr.cut || err_cut || source.stderr_truncated,
         "exit_code": source.exit_code,
         "execution_time": seconds_between(source.started_at.as_deref(), source.completed_at.as_deref()),
         "started_at": source.started_at,
@@ -76,6 +110,7 @@ mod tests {
             &source("completed"),
             &tail(b"out\n", false),
             &tail(b"", false),
+            1 << 20,
             "2025-01-28T00:00:02Z",
         );
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -103,7 +138,13 @@ mod tests {
     #[test]
     fn success_is_true_exactly_when_completed() {
         for status in ["failed", "killed", "timeout"] {
-            let body = build(&source(status), &tail(b"", false), &tail(b"", false), "t");
+            let body = build(
+                &source(status),
+                &tail(b"", false),
+                &tail(b"", false),
+                10,
+                "t",
+            );
             assert!(body.contains(r#""success":false"#), "{status}");
         }
     }
@@ -115,10 +156,30 @@ mod tests {
             &source("completed"),
             &tail(b"\xa9abc", true),
             &tail(b"", false),
+            10,
             "t",
         );
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["stdout"], "abc");
         assert_eq!(v["stdout_truncated"], true);
+    }
+
+    /// Output of control characters takes six bytes each in JSON: the cap
+    /// is on what is sent (1 MiB of NUL was a 6 MiB stream in the body).
+    #[test]
+    fn each_stream_is_capped_as_sent() {
+        let body = build(
+            &source("completed"),
+            &tail(b"ab\0\0\0\0", false),
+            &tail("a\"é".as_bytes(), false),
+            13,
+            "t",
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["stdout"], "\0\0", "two NULs are 12 bytes as sent");
+        assert_eq!(v["stdout_truncated"], true);
+        assert_eq!(v["stderr"], "a\"é", "5 bytes as sent: whole");
+        assert_eq!(v["stderr_truncated"], false);
+        assert!(body.len() < 400, "{body}");
     }
 }

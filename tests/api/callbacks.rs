@@ -466,6 +466,54 @@ async fn a_dead_receiver_holds_only_its_share_of_the_callback_slots() {
     app.stop().await;
 }
 
+/// Receivers that never answer can fill every slot between them, each
+/// within its share: the last quarter of the slots is kept for receivers
+/// with fewer than four attempts in flight, so a healthy receiver's
+/// callback still goes out at once. Two dead receivers took all 64 slots,
+/// and healthy ones waited a whole timeout.
+#[tokio::test]
+async fn dead_receivers_together_leave_slots_for_a_healthy_one() {
+    let app = spawn_app_with(|c| {
+        c.callback_concurrency = 16;
+        c.callback_receiver_concurrency = 8;
+        c.callback_timeout_secs = 4.0;
+        c.async_concurrency = 8;
+    })
+    .await;
+    let dead = [TestReceiver::start().await, TestReceiver::start().await];
+    for receiver in &dead {
+        receiver.default_reply(Reply::Hang(Duration::from_secs(8)));
+    }
+    let mut ids = Vec::new();
+    for receiver in &dead {
+        for _ in 0..10 {
+            let body =
+                json!({ "code": "true", "language": "bash", "callback_url": receiver.url("/") });
+            ids.push(submit_async(&app, body).await);
+        }
+    }
+    for id in &ids {
+        app.wait_terminal(id, Duration::from_secs(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken: usize = dead.iter().map(|r| r.received().len()).sum();
+    assert_eq!(taken, 12, "the dead receivers' attempts in flight");
+    let fast = TestReceiver::start().await;
+    let started = Instant::now();
+    submit_async(
+        &app,
+        json!({ "code": "true", "language": "bash", "callback_url": fast.url("/") }),
+    )
+    .await;
+    fast.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the healthy receiver's callback waited {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
 /// Completions whose callbacks cannot go out (a receiver that never
 /// answers) are not all held in memory with their payloads: past a bound
 /// they wait in the database, unleased, and are claimed from there. With
