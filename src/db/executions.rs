@@ -35,6 +35,9 @@ pub struct Run {
     pub working_dir: String,
     pub env: String,
     pub timeout_ms: i64,
+    /// Why the stored row cannot be run as it is (text edited by hand that
+    /// is no longer UTF-8): the job fails with it instead of starting.
+    pub unreadable: Option<String>,
 }
 
 impl Run {
@@ -56,6 +59,7 @@ impl Run {
             timeout_ms: i64::try_from(submission.timeout.as_millis())
                 .unwrap_or(i64::MAX)
                 .max(1),
+            unreadable: None,
         }
     }
 }
@@ -250,8 +254,10 @@ pub async fn claim(
                            WHERE status = 'queued' AND lane = ?3
                            ORDER BY seq LIMIT ?4)
         RETURNING seq AS "seq!", id AS "id!", lane AS "lane!", process_id AS "process_id!",
-                  language AS "language!",
-                  code AS "code!", args, working_dir AS "working_dir!", env AS "env!",
+                  CAST(language AS BLOB) AS "language!: Vec<u8>",
+                  CAST(code AS BLOB) AS "code!: Vec<u8>", CAST(args AS BLOB) AS "args: Vec<u8>",
+                  CAST(working_dir AS BLOB) AS "working_dir!: Vec<u8>",
+                  CAST(env AS BLOB) AS "env!: Vec<u8>",
                   timeout_ms AS "timeout_ms!", attempt AS "attempt!", max_attempts AS "max_attempts!",
                   started_at AS "started_at!""#,
         owner,
@@ -261,24 +267,42 @@ pub async fn claim(
     )
     .fetch_all(&mut *conn)
     .await?;
+    // Read as bytes: a row whose text was edited by hand into something
+    // that is not UTF-8 fails as its job, instead of failing every claim of
+    // its lane.
     let mut rows: Vec<Claimed> = rows
         .into_iter()
-        .map(|r| Claimed {
-            seq: r.seq,
-            id: r.id,
-            lane: r.lane,
-            process_id: r.process_id,
-            run: Run {
-                language: r.language,
-                code: r.code,
-                args: r.args,
-                working_dir: r.working_dir,
-                env: r.env,
-                timeout_ms: r.timeout_ms,
-            },
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            started_at: r.started_at,
+        .map(|r| {
+            let mut unreadable = None;
+            let mut text = |field: &str, bytes: Vec<u8>| {
+                String::from_utf8(bytes).unwrap_or_else(|e| {
+                    unreadable.get_or_insert(format!(
+                        "the stored `{field}` is not UTF-8 (edited by hand?): it cannot run"
+                    ));
+                    String::from_utf8_lossy(e.as_bytes()).into_owned()
+                })
+            };
+            let (language, code) = (text("language", r.language), text("code", r.code));
+            let args = r.args.map(|a| text("args", a));
+            let (working_dir, env) = (text("working_dir", r.working_dir), text("env", r.env));
+            Claimed {
+                seq: r.seq,
+                id: r.id,
+                lane: r.lane,
+                process_id: r.process_id,
+                run: Run {
+                    language,
+                    code,
+                    args,
+                    working_dir,
+                    env,
+                    timeout_ms: r.timeout_ms,
+                    unreadable,
+                },
+                attempt: r.attempt,
+                max_attempts: r.max_attempts,
+                started_at: r.started_at,
+            }
         })
         .collect();
     rows.sort_by_key(|r| r.seq);

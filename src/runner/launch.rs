@@ -275,6 +275,9 @@ impl Launcher {
     /// The spec of `job`, and the file its code goes to (for a language).
     fn spec(&self, job: &Run, run: &RunDir) -> std::io::Result<(Spec, Option<PathBuf>)> {
         let mut code = None;
+        if let Some(why) = &job.unreadable {
+            return Err(std::io::Error::other(why.clone()));
+        }
         // Stored by a submission as an object of strings; one edited by
         // hand into anything else fails the job, rather than run it
         // without its environment. (Never quoted: values may be secret.)

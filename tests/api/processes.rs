@@ -807,10 +807,11 @@ async fn a_locked_database_delays_ends_and_kills_but_loses_neither() {
 }
 
 /// A queued row an operator edited by hand so that its `code` is no longer
-/// UTF-8 cannot be read back by a claim. The job ending before it is
-/// recorded all the same (its end's transaction, which claims the next job,
-/// failed, and the end was never written), and the row stays queued (a
-/// failed claim was committed, leaving it `running` with no program).
+/// UTF-8. The job ending before it is recorded (its end's transaction, which
+/// claims the next job, failed on reading it back, and the end was never
+/// written); the row fails saying why (a failed claim was committed, leaving
+/// it `running` with no program; then every claim of its lane failed); and
+/// the lane goes on with the jobs after it.
 #[tokio::test]
 async fn rows_edited_by_hand_do_not_hold_up_the_jobs_before_them() {
     let app = spawn_app_with(|c| c.background_concurrency = 1).await;
@@ -833,12 +834,16 @@ async fn rows_edited_by_hand_do_not_hold_up_the_jobs_before_them() {
         (Some("completed"), Some("first\n")),
         "{p}"
     );
-    let db = app.db_path();
-    let sql = format!("SELECT status FROM executions WHERE process_id = '{unreadable}'");
-    let status = tokio::task::spawn_blocking(move || sqlite3(&db, &sql))
-        .await
-        .unwrap();
-    assert_eq!(status.trim(), "queued");
+    let p = app
+        .wait_terminal(&unreadable, Duration::from_secs(20))
+        .await;
+    assert_eq!(p["status"], "failed", "{p}");
+    assert!(p["error"].as_str().unwrap().contains("not UTF-8"), "{p}");
+    let after = app
+        .background(json!({ "code": "echo after", "language": "bash" }))
+        .await;
+    let p = app.wait_terminal(&after, Duration::from_secs(20)).await;
+    assert_eq!(p["stdout"], "after\n", "{p}");
     app.stop().await;
 }
 
