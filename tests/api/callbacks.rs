@@ -420,6 +420,25 @@ async fn one_slow_receiver_does_not_delay_callbacks_to_others() {
     app.stop().await;
 }
 
+/// Submits a job whose callback goes to a new, healthy receiver, and
+/// asserts that it arrives within 2 s; gives the execution id.
+async fn a_healthy_callback_goes_out_at_once(app: &TestApp) -> String {
+    let fast = TestReceiver::start().await;
+    let started = Instant::now();
+    let id = submit_async(
+        app,
+        json!({ "code": "true", "language": "bash", "callback_url": fast.url("/") }),
+    )
+    .await;
+    fast.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the healthy receiver's callback waited {:?}",
+        started.elapsed()
+    );
+    id
+}
+
 /// A receiver that never answers holds at most its share of the attempt
 /// slots (`--callback-receiver-concurrency`): another receiver's callback,
 /// queued behind a backlog of the dead one's, goes out at once. With one
@@ -435,7 +454,6 @@ async fn a_dead_receiver_holds_only_its_share_of_the_callback_slots() {
     .await;
     let dead = TestReceiver::start().await;
     dead.default_reply(Reply::Hang(Duration::from_secs(6)));
-    let fast = TestReceiver::start().await;
     let mut ids = Vec::new();
     for _ in 0..8 {
         let id = submit_async(
@@ -449,18 +467,7 @@ async fn a_dead_receiver_holds_only_its_share_of_the_callback_slots() {
         app.wait_terminal(id, Duration::from_secs(10)).await;
     }
     dead.wait_for(2, Duration::from_secs(5)).await;
-    let started = Instant::now();
-    let id = submit_async(
-        &app,
-        json!({ "code": "true", "language": "bash", "callback_url": fast.url("/") }),
-    )
-    .await;
-    fast.wait_for(1, Duration::from_secs(10)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the healthy receiver's callback waited {:?}",
-        started.elapsed()
-    );
+    let id = a_healthy_callback_goes_out_at_once(&app).await;
     assert_eq!(dead.received().len(), 2, "the dead receiver's share");
     wait_callback_status(&app, &id, "delivered", Duration::from_secs(5)).await;
     app.stop().await;
@@ -498,19 +505,7 @@ async fn dead_receivers_together_leave_slots_for_a_healthy_one() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let taken: usize = dead.iter().map(|r| r.received().len()).sum();
     assert_eq!(taken, 12, "the dead receivers' attempts in flight");
-    let fast = TestReceiver::start().await;
-    let started = Instant::now();
-    submit_async(
-        &app,
-        json!({ "code": "true", "language": "bash", "callback_url": fast.url("/") }),
-    )
-    .await;
-    fast.wait_for(1, Duration::from_secs(10)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the healthy receiver's callback waited {:?}",
-        started.elapsed()
-    );
+    a_healthy_callback_goes_out_at_once(&app).await;
     app.stop().await;
 }
 
