@@ -282,6 +282,20 @@ pub fn sqlite3(db: &std::path::Path, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An operator's `sqlite3` holding the database's write lock for `secs`
+/// seconds (it waits up to 5 s to get it); wait for the child to know it
+/// is released.
+pub fn hold_write_lock(db: &std::path::Path, secs: u32) -> std::process::Child {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            r#"(echo "BEGIN IMMEDIATE;"; sleep {secs}; echo "COMMIT;") | sqlite3 -cmd ".timeout 5000" "$0""#
+        ))
+        .arg(db)
+        .spawn()
+        .expect("run sqlite3")
+}
+
 /// A background `echo hi` submission, parsed as the API parses one, for
 /// tests of the database layer; it runs in `workdir`.
 pub fn background_submission(workdir: &std::path::Path) -> execd::domain::Submission {

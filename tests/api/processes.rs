@@ -765,13 +765,7 @@ async fn a_locked_database_delays_ends_and_kills_but_loses_neither() {
     .await["pid"]
         .as_i64()
         .unwrap();
-    let db = app.db_path();
-    let mut lock = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"(echo "BEGIN IMMEDIATE;"; sleep 12; echo "COMMIT;") | sqlite3 -cmd ".timeout 5000" "$0""#)
-        .arg(&db)
-        .spawn()
-        .unwrap();
+    let mut lock = hold_write_lock(&app.db_path(), 12);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let kill_path = format!("/execute/kill/{killed}");
     let (kill, submitted) = tokio::join!(

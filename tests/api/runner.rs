@@ -811,13 +811,7 @@ async fn a_start_deadline_kill_that_meets_a_locked_database_waits_for_it() {
     };
     // Stored and queued; its deadline (1 s) passes while the lock is held.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let db = app.db_path();
-    let mut lock = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"(echo "BEGIN IMMEDIATE;"; sleep 12; echo "COMMIT;") | sqlite3 -cmd ".timeout 5000" "$0""#)
-        .arg(&db)
-        .spawn()
-        .unwrap();
+    let mut lock = hold_write_lock(&app.db_path(), 12);
     let (status, out) = queued.await.unwrap();
     tokio::task::spawn_blocking(move || lock.wait().unwrap())
         .await
