@@ -381,7 +381,7 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
     let submitted = submit(state, submission, None).await?;
     // As for `/execute`: a run with no slot within `--sync-start-within` is
     // killed unrun (whether or not the client stays).
-    let mut start = Some(start_within(state, &submitted.execution_id));
+    let mut start = start_within(state, &submitted.execution_id);
     let mut follower = Follower {
         state: state.clone(),
         id: submitted.execution_id.clone(),
@@ -429,8 +429,7 @@ async fn stream_one(state: &AppState, socket: &mut WebSocket) -> Result<(), ApiE
             }
             Step::End(row) => {
                 if row.status == "killed" && row.started_at.is_none() {
-                    let started =
-                        tokio::time::timeout(Duration::from_secs(2), start.take().unwrap()).await;
+                    let started = tokio::time::timeout(Duration::from_secs(2), &mut start).await;
                     if let Ok(Ok(Ok(Started::No { code, why, .. }))) = started {
                         let frame = json!({
                             "type": "error",

@@ -405,7 +405,6 @@ impl Runner {
                         .observe(secs);
                 }
                 let output = Arc::new(output);
-                let mut chain = chain;
                 self.until_written(|| {
                     let (fence, finish) = (fence.clone(), finish.clone());
                     let (output, spawned) = (output.clone(), spawned.clone());
@@ -413,14 +412,11 @@ impl Runner {
                     let launcher = self.launcher.clone();
                     let writer = self.db.writer.clone();
                     let running = self.running.clone();
-                    // Tried again without the next job: its claim may be
-                    // what failed (a row that cannot be read).
-                    let claim_next = std::mem::take(&mut chain);
                     self.end(lane.has_callbacks(), move |c| {
                         Box::pin(async move {
                             // The next job first: its preparation overlaps
                             // the rest of this transaction.
-                            let next = match claim_next {
+                            let next = match chain {
                                 true => executions::claim(c, lane, 1, &owner, &db::now()).await?,
                                 false => Vec::new(),
                             };

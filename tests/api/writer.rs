@@ -43,8 +43,22 @@ async fn put_with(
     hold: Duration,
     during: impl FnOnce() + Send + 'static,
 ) -> bool {
+    put_as(db, true, k, fail, hold, during).await
+}
+
+/// `put_with`, as a guarded job (`write`) or one of one statement
+/// (`write_one`: no savepoint of its own), whose failure comes after its
+/// statement did its work, as a claim's whose returned row cannot be read.
+async fn put_as(
+    db: &Db,
+    guarded: bool,
+    k: &'static str,
+    fail: bool,
+    hold: Duration,
+    during: impl FnOnce() + Send + 'static,
+) -> bool {
     db.writer
-        .write(move |c| {
+        .write_as(guarded, move |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO scratch (k) VALUES (?)")
                     .bind(k)
@@ -206,25 +220,9 @@ async fn hooks_run_committed_before_the_caller_hears_and_never_on_rollback(synce
     assert_eq!(stored(&db).await, ["alone", "hold", "x", "y"]);
 }
 
-/// `put`, as a job of one statement (`write_one`: no savepoint of its own).
+/// `put` as a job of one statement.
 async fn put_one(db: &Db, k: &'static str, fail: bool) -> bool {
-    db.writer
-        .write_one(move |c| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO scratch (k) VALUES (?)")
-                    .bind(k)
-                    .execute(&mut *c)
-                    .await?;
-                // Fails after its statement did its work, as a claim whose
-                // returned row cannot be read does.
-                match fail {
-                    true => Err(sqlx::Error::Protocol(format!("{k} fails"))),
-                    false => Ok(()),
-                }
-            })
-        })
-        .await
-        .is_ok()
+    put_as(db, false, k, fail, Duration::ZERO, || {}).await
 }
 
 /// A job of one statement that fails after the statement ran leaves
