@@ -73,11 +73,53 @@ fn options(path: &Path) -> SqliteConnectOptions {
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500))
 }
 
+impl OpenError {
+    /// Whether another process held the database's lock past the busy
+    /// timeout (SQLite's `SQLITE_BUSY` or `SQLITE_LOCKED`).
+    fn locked(&self) -> bool {
+        let source = match self {
+            OpenError::Connect { source, .. }
+            | OpenError::Migrate {
+                source:
+                    sqlx::migrate::MigrateError::Execute(source)
+                    | sqlx::migrate::MigrateError::ExecuteMigration(source, _),
+                ..
+            } => source,
+            OpenError::Migrate { .. } => return false,
+        };
+        let code = source.as_database_error().and_then(|e| e.code());
+        // Extended result codes: the primary code is the low byte.
+        code.and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+    }
+}
+
 impl Db {
     /// Opens (creating if needed) the database at `path`, runs the migrations,
     /// and starts the writer task, which stops when `shutdown` is cancelled and
-    /// every queued write is done.
+    /// every queued write is done. While another process (an operator's
+    /// `sqlite3`) holds the database's lock, it waits, saying so every busy
+    /// timeout: a restart must not fail for a lock held a while. (A signal
+    /// stops the wait: the agent's handlers are not installed yet.)
     pub async fn open(
+        path: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<(Db, tokio::task::JoinHandle<()>), OpenError> {
+        loop {
+            match Self::open_once(path, shutdown.clone()).await {
+                Err(e) if e.locked() => {
+                    tracing::warn!(
+                        db = %path.display(),
+                        "the database is locked by another process; waiting for it"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    async fn open_once(
         path: &Path,
         shutdown: CancellationToken,
     ) -> Result<(Db, tokio::task::JoinHandle<()>), OpenError> {

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
-use crate::helpers::{alive, poll_until, processes_under, sqlite3};
+use crate::helpers::{alive, hold_write_lock, poll_until, processes_under, sqlite3};
 use crate::receiver::{Reply, TestReceiver};
 
 /// Polls the agent until the execution satisfies `done` (bounded).
@@ -118,6 +118,39 @@ async fn a_long_job_survives_sigkill_of_the_agent_with_all_its_output_and_one_ca
 #[tokio::test]
 async fn a_long_job_survives_sigterm_of_the_agent_with_all_its_output_and_one_callback() {
     a_long_job_survives(Signal::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn a_restart_waits_for_a_database_lock_another_process_holds_and_takes_its_job_back() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let code = "echo before; sleep 8; echo after";
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": code, "language": "bash", "timeout": 60 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"] == "before\n"
+    })
+    .await;
+    agent.kill9();
+    // Longer than the busy timeout (5 s): the restart exited "database is
+    // locked".
+    let mut lock = hold_write_lock(&data.path().join("execd.db"), 7);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let agent = Agent::start(data.path(), port, &[]).await;
+    tokio::task::spawn_blocking(move || lock.wait().unwrap())
+        .await
+        .unwrap();
+    let p = wait_until(&agent, &id, Duration::from_secs(20), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["stdout"], "before\nafter\n");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
 }
 
 #[tokio::test]
