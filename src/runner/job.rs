@@ -61,12 +61,35 @@ pub struct Spawned {
 }
 
 impl Attached {
-    /// Who runs the job: `supervisor.json`, read once (it never changes).
-    fn started(&mut self) -> Option<&Started> {
+    /// Who runs the job: `supervisor.json`, read once (it never changes);
+    /// an error when that cannot be told now (`files::passing`).
+    fn started(&mut self) -> std::io::Result<Option<&Started>> {
         if self.started.is_none() {
-            self.started = self.run.read_started();
+            self.started = self.run.read_started()?;
         }
-        self.started.as_ref()
+        Ok(self.started.as_ref())
+    }
+}
+
+/// What `read` finds, once it can tell: the run directory and `/proc`
+/// cannot be read while the agent is out of descriptors or memory (a flood
+/// of connections), and that says nothing of the job. Tried again, backing
+/// off to a second, for as long as it takes.
+pub(super) async fn settled<T>(mut read: impl FnMut() -> std::io::Result<T>) -> T {
+    let mut wait = std::time::Duration::from_millis(10);
+    let mut said = false;
+    loop {
+        match read() {
+            Ok(found) => return found,
+            Err(e) => {
+                if !said {
+                    tracing::warn!(error = %e, "a run directory cannot be read now; trying again");
+                    said = true;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
     }
 }
 
@@ -188,10 +211,15 @@ impl Runner {
                         StopReason::Killed => {
                             kill_sent = true;
                             match job.started() {
-                                Some(started) if started.supervisor_alive() => {
+                                Ok(Some(started)) if started.supervisor_alive() => {
                                     let _ = started.request_kill();
                                 }
-                                _ => break,
+                                // Asked again shortly.
+                                Err(_) => {
+                                    tokio::time::sleep(FLUSH_INTERVAL).await;
+                                    kill_sent = false;
+                                }
+                                Ok(_) => break,
                             }
                         }
                     }
@@ -201,14 +229,20 @@ impl Runner {
                 _ = tick.tick() => {
                     self.pump(fence, &mut job, false).await;
                     // Without a report (adopted; or the supervisor was
-                    // killed before it could say so), the run directory tells.
-                    if job.run.ended().exists() || !job.started().is_some_and(Started::supervisor_alive) {
+                    // killed before it could say so), the run directory
+                    // tells; what cannot be read now tells nothing yet.
+                    let gone = job
+                        .started()
+                        .is_ok_and(|started| !started.is_some_and(Started::supervisor_alive));
+                    if job.run.ended().exists() || gone {
                         break;
                     }
                 }
             }
         }
-        match job.run.read_ended() {
+        let ended = settled(|| job.run.read_ended()).await;
+        let never_started = ended.is_none() && settled(|| Ok(job.started()?.is_none())).await;
+        match ended {
             Some(ended) if ended.outcome == Outcome::Unstarted => {
                 Followed::Unstarted(ended.error.unwrap_or_default())
             }
@@ -226,7 +260,7 @@ impl Runner {
             // soon as its program has `exec`ed): the job line never reached
             // one (its zygote died first), or its program was abandoned at
             // its gate unrecorded. Nothing ran.
-            None if job.started().is_none() => Followed::Unstarted(
+            None if never_started => Followed::Unstarted(
                 "its program never started: its zygote went before the go".into(),
             ),
             None => {
@@ -270,7 +304,7 @@ impl Runner {
 /// job may run on unsupervised. Only what is found to be the job's own:
 /// the program's pid, and so its group id, may have been reused by now.
 pub fn kill_leftovers(run: &RunDir) {
-    let Some(started) = run.read_started() else {
+    let Ok(Some(started)) = run.read_started() else {
         return;
     };
     let leftovers = started.leftovers();

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use super::job::{kill_leftovers, Attached, Spawned};
+use super::job::{kill_leftovers, settled, Attached, Spawned};
 use super::tail::Tail;
 use super::{JobMeta, Runner, RunnerError};
 use crate::db::executions::{self, Fence};
@@ -35,7 +35,7 @@ const UNSTARTED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// opened just before the agent stopped is not taken for a program that
 /// never started.
 async fn settled_started(run: &RunDir, claimed_at: Option<&str>) -> Option<Started> {
-    let started = run.read_started();
+    let started = settled(|| run.read_started()).await;
     if started.is_some() || !run.path().is_dir() {
         return started;
     }
@@ -45,7 +45,7 @@ async fn settled_started(run: &RunDir, claimed_at: Option<&str>) -> Option<Start
         return None;
     }
     tokio::time::sleep(wait).await;
-    run.read_started()
+    settled(|| run.read_started()).await
 }
 
 /// What recovery found.
@@ -87,7 +87,7 @@ impl Runner {
             };
             let run = RunDir::new(self.config.runs_dir.join(&row.id));
             let started = settled_started(&run, row.started_at.as_deref()).await;
-            let unstarted = match run.read_ended() {
+            let unstarted = match settled(|| run.read_ended()).await {
                 // Abandoned at its gate, its supervisor says.
                 Some(ended) => ended.outcome == Outcome::Unstarted,
                 None => run.path().is_dir(),
@@ -202,10 +202,11 @@ impl Runner {
             let unused = match executions::get(&self.db.readers, id).await? {
                 Some(row) => row.status != Status::Running.as_str(),
                 None => {
+                    // One that cannot be read now is left for the next sweep.
                     self.config.runs_dir_private
-                        && !RunDir::new(entry.path())
+                        && RunDir::new(entry.path())
                             .read_started()
-                            .is_some_and(|s| s.supervisor_alive())
+                            .is_ok_and(|started| !started.is_some_and(|s| s.supervisor_alive()))
                 }
             };
             if unused && std::fs::remove_dir_all(entry.path()).is_ok() {

@@ -110,19 +110,51 @@ impl RunDir {
         self.0.join(format!("{}.truncated", stream.as_str()))
     }
 
-    pub fn read_started(&self) -> Option<Started> {
-        read_json(&self.started()).ok()
+    /// `supervisor.json`, if there; an error when it cannot be told now
+    /// (see `passing`).
+    pub fn read_started(&self) -> std::io::Result<Option<Started>> {
+        read_json(&self.started())
     }
 
-    pub fn read_ended(&self) -> Option<Ended> {
-        read_json(&self.ended()).ok()
+    /// `status.json`, if there; an error when it cannot be told now.
+    pub fn read_ended(&self) -> std::io::Result<Option<Ended>> {
+        read_json(&self.ended())
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<T> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+/// Whether a failed read says nothing of what is there: the process is out
+/// of descriptors or memory for a while (a flood of connections). A job
+/// must not be taken for lost, or for never started, on such a read.
+pub fn passing(e: &std::io::Error) -> bool {
+    use nix::libc::{EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(
+        e.raw_os_error(),
+        Some(EMFILE | ENFILE | ENOMEM | ENOBUFS | EAGAIN | EINTR)
+    )
+}
+
+/// The file at `path` as JSON: `None` when it is missing or unreadable as
+/// such (they are written whole, by a rename); an error when it cannot be
+/// told now (`passing`).
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+        Err(e) if passing(&e) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// `read` until it can tell, for a few seconds at most, in a process
+/// without a runtime (a supervisor at its start); then what it says, or
+/// the default.
+fn settled_blocking<T: Default>(mut read: impl FnMut() -> std::io::Result<T>) -> T {
+    for _ in 0..200 {
+        match read() {
+            Ok(found) => return found,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(25)),
+        }
+    }
+    T::default()
 }
 
 /// Writes `value` as JSON to `path` atomically (temp file, rename), readable
@@ -142,16 +174,29 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
 }
 
 /// The start time of process `pid` in clock ticks since boot, if it is alive
-/// (a zombie is not).
-pub fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// (a zombie is not); an error when that cannot be told now (`passing`).
+pub fn process_start(pid: u32) -> std::io::Result<Option<u64>> {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) if passing(&e) => return Err(e),
+        Err(_) => return Ok(None),
+    };
     // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Ok(None);
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
     // fields[0] is the state (field 3), so field 22 (starttime) is fields[19].
     if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
+        return Ok(None);
     }
-    fields.get(19)?.parse().ok()
+    Ok(fields.get(19).and_then(|start| start.parse().ok()))
+}
+
+/// The start time of `pid`, a process of ours, tried for a few seconds
+/// while it cannot be told; 0 if it is gone.
+pub fn start_of(pid: u32) -> u64 {
+    settled_blocking(|| process_start(pid)).unwrap_or_default()
 }
 
 /// This process's start time, read once per process: a supervisor runs many
@@ -163,7 +208,7 @@ pub fn own_start() -> u64 {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if own.0 != me {
-        *own = (me, process_start(me).unwrap_or_default());
+        *own = (me, start_of(me));
     }
     own.1
 }
@@ -186,7 +231,7 @@ pub fn marked(execution_id: &str, since: u64) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
                 .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == mark.as_bytes()))
-                && process_start(*pid).is_some_and(|start| start >= since)
+                && matches!(process_start(*pid), Ok(Some(start)) if start >= since)
         })
         .collect()
 }
@@ -202,18 +247,24 @@ pub fn process_group(pid: u32) -> Option<u32> {
 pub fn boot_id() -> &'static str {
     static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT_ID.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
+        settled_blocking(
+            || match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+                Ok(id) => Ok(id.trim().to_string()),
+                Err(e) if passing(&e) => Err(e),
+                Err(_) => Ok(String::new()),
+            },
+        )
     })
 }
 
 impl Started {
     /// Whether the supervisor named here is still running (same boot, same
-    /// pid, same start time).
+    /// pid, same start time). When that cannot be told now, it is taken to
+    /// be: a job is never given up on a read that says nothing.
     pub fn supervisor_alive(&self) -> bool {
         self.boot_id == boot_id()
-            && process_start(self.supervisor_pid) == Some(self.supervisor_start)
+            && process_start(self.supervisor_pid)
+                .map_or(true, |start| start == Some(self.supervisor_start))
     }
 
     /// Asks the supervisor to kill this job: SIGUSR1 carrying the program's
@@ -241,7 +292,8 @@ impl Started {
         if self.boot_id != boot_id() {
             return Vec::new();
         }
-        if process_start(self.program_pid).is_some_and(|start| start != self.program_start) {
+        if matches!(process_start(self.program_pid), Ok(Some(start)) if start != self.program_start)
+        {
             return Vec::new();
         }
         let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -251,7 +303,7 @@ impl Started {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 process_group(*pid) == Some(self.program_pid)
-                    && process_start(*pid).is_some_and(|start| start >= self.program_start)
+                    && matches!(process_start(*pid), Ok(Some(start)) if start >= self.program_start)
             })
             .collect()
     }
@@ -264,10 +316,10 @@ mod tests {
     #[test]
     fn this_process_has_a_start_time_and_a_group() {
         let me = std::process::id();
-        assert!(process_start(me).is_some());
-        assert_eq!(own_start(), process_start(me).unwrap());
+        assert!(process_start(me).unwrap().is_some());
+        assert_eq!(own_start(), process_start(me).unwrap().unwrap());
         assert!(process_group(me).is_some());
-        assert_eq!(process_start(u32::MAX), None);
+        assert_eq!(process_start(u32::MAX).unwrap(), None);
     }
 
     #[test]
@@ -282,7 +334,7 @@ mod tests {
             ended_at: "t".into(),
         };
         write_json_atomic(&run.ended(), &ended).unwrap();
-        assert_eq!(run.read_ended(), Some(ended));
+        assert_eq!(run.read_ended().unwrap(), Some(ended));
         assert!(!run.ended().with_extension("tmp").exists());
     }
 }

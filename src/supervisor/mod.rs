@@ -171,7 +171,7 @@ fn supervise(
         supervisor_pid: me,
         supervisor_start: files::own_start(),
         program_pid: pid,
-        program_start: files::process_start(pid).unwrap_or_default(),
+        program_start: files::start_of(pid),
         boot_id: files::boot_id().to_string(),
     };
     files::write_json_atomic(&dir.started(), &started)?;

@@ -971,3 +971,59 @@ async fn a_callback_in_flight_at_a_stop_is_finished_and_not_sent_again() {
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+/// The agent as a child process with `nofile` descriptors at most.
+async fn agent_with_few_descriptors(data: &Path, port: u16, nofile: u64, extra: &[&str]) -> Agent {
+    Agent::start_with(data, port, extra, move |command| {
+        use std::os::unix::process::CommandExt;
+        let limit = nix::libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: setrlimit is async-signal-safe and reads only `limit`.
+        unsafe {
+            command.pre_exec(move || {
+                if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_running_job_is_not_taken_for_lost_while_the_agent_is_out_of_descriptors() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = agent_with_few_descriptors(data.path(), port, 128, &[]).await;
+    let code = "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done";
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": code, "language": "bash", "timeout": 60 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("line 1\n"))
+    })
+    .await;
+    // Idle connections until the agent has no descriptor left, held for
+    // a second and a half of the job's four.
+    let flood: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(flood);
+    let p = wait_until(&agent, &id, Duration::from_secs(20), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(p["stdout"], expected, "every line once and in order");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}

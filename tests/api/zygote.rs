@@ -119,7 +119,10 @@ async fn a_program_is_forked_at_once_but_runs_only_on_go() {
     assert_eq!(zygote.next(), "1 started");
     assert_eq!(zygote.next(), "1 end");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ran\n");
-    let ended = files::RunDir::new(&dir).read_ended().expect("status.json");
+    let ended = files::RunDir::new(&dir)
+        .read_ended()
+        .unwrap()
+        .expect("status.json");
     assert_eq!(ended.exit_code, Some(0), "{ended:?}");
 }
 
@@ -170,6 +173,7 @@ async fn jobs_still_at_their_gate_never_run_once_the_zygote_goes() {
     // drop leaves nothing (above).
     let ended = files::RunDir::new(&waiting_dir)
         .read_ended()
+        .unwrap()
         .expect("status.json");
     assert_eq!(ended.outcome, files::Outcome::Unstarted, "{ended:?}");
 }
@@ -200,7 +204,7 @@ async fn a_program_whose_report_has_no_reader_is_abandoned_unstarted() {
     drop(stdin);
     let _ = child.wait();
     assert!(written, "no status.json");
-    let ended = files::RunDir::new(&dir).read_ended().unwrap();
+    let ended = files::RunDir::new(&dir).read_ended().unwrap().unwrap();
     assert_eq!(ended.outcome, files::Outcome::Unstarted, "{ended:?}");
     assert!(!marker.exists(), "it ran without a go");
 }
@@ -368,7 +372,10 @@ async fn a_program_starts_clean_found_on_its_own_path_and_one_that_cannot_start_
             "{report}"
         );
         assert_eq!(zygote.next(), format!("{token} end"));
-        let ended = files::RunDir::new(&dir).read_ended().expect("status.json");
+        let ended = files::RunDir::new(&dir)
+            .read_ended()
+            .unwrap()
+            .expect("status.json");
         assert_eq!(ended.outcome, files::Outcome::FailedToStart, "{ended:?}");
         assert!(!dir.join("stdout").exists(), "no output, no file");
     }
@@ -388,7 +395,10 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
         &[("FOO", "first")],
     );
     zygote.run_job("1", &first);
-    let first = files::RunDir::new(&first_dir).read_started().unwrap();
+    let first = files::RunDir::new(&first_dir)
+        .read_started()
+        .unwrap()
+        .unwrap();
 
     let (second, second_dir) = job_running(
         tmp.path(),
@@ -402,7 +412,10 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
     let pid = pid_of(&zygote.next(), "2");
     zygote.say("2 go");
     assert_eq!(zygote.next(), "2 started");
-    let second = files::RunDir::new(&second_dir).read_started().unwrap();
+    let second = files::RunDir::new(&second_dir)
+        .read_started()
+        .unwrap()
+        .unwrap();
     assert_eq!(
         second.supervisor_pid, first.supervisor_pid,
         "the second job went to the first one's supervisor"
@@ -432,7 +445,10 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
     // Its own kill ends it.
     second.request_kill().unwrap();
     assert_eq!(zygote.next(), "2 end");
-    let ended = files::RunDir::new(&second_dir).read_ended().unwrap();
+    let ended = files::RunDir::new(&second_dir)
+        .read_ended()
+        .unwrap()
+        .unwrap();
     assert_eq!(ended.outcome, files::Outcome::Killed, "{ended:?}");
 
     // Told to stop while it waits for a job, the supervisor goes; the
@@ -451,7 +467,10 @@ async fn a_supervisor_takes_the_next_job_and_ignores_a_kill_meant_for_its_last()
     let (third, third_dir) = job(tmp.path(), "k", &marker);
     zygote.run_job("3", &third);
     assert!(marker.exists());
-    let third = files::RunDir::new(&third_dir).read_started().unwrap();
+    let third = files::RunDir::new(&third_dir)
+        .read_started()
+        .unwrap()
+        .unwrap();
     assert_ne!(i64::from(third.supervisor_pid), supervisor);
 }
 
