@@ -163,11 +163,18 @@ pub async fn serve(
             return Err(StartError::Recover(e));
         }
     };
-    if recovered.reattached + recovered.lost + recovered.requeued + recovered.swept > 0 {
+    if recovered.reattached
+        + recovered.lost
+        + recovered.requeued
+        + recovered.unrun
+        + recovered.swept
+        > 0
+    {
         tracing::info!(
             reattached = recovered.reattached,
             lost = recovered.lost,
             requeued = recovered.requeued,
+            sync_unrun = recovered.unrun,
             swept = recovered.swept,
             "jobs of an earlier run recovered"
         );

@@ -434,6 +434,25 @@ pub async fn kill_queued(
     Ok(done.rows_affected() == 1)
 }
 
+/// Kills every queued sync run unrun, saying why: at start, their callers
+/// went with the earlier agent. The number killed.
+pub async fn kill_queued_sync(
+    conn: &mut SqliteConnection,
+    error: &str,
+    now: &str,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query!(
+        r#"UPDATE executions
+              SET status = 'killed', completed_at = ?, error = ?
+            WHERE lane = 'sync' AND status = 'queued'"#,
+        now,
+        error,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// An execution as the API shows it (no code, env or secret).
 #[derive(Clone, Debug)]
 pub struct ExecutionRow {

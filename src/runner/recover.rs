@@ -12,8 +12,9 @@
 //!   supervisor copied is stored, and the execution is queued again if it
 //!   has attempts left, else failed with its callback.
 //!
-//! Then the run directories no job will use are removed (`sweep`, also
-//! run at a stop).
+//! Then every sync run still queued is killed unrun (its caller went with
+//! the earlier agent), and the run directories no job will use are removed
+//! (`sweep`, also run at a stop).
 
 use std::sync::Arc;
 
@@ -55,6 +56,8 @@ pub struct Recovered {
     pub lost: usize,
     /// Claimed, their programs never started: queued again.
     pub requeued: usize,
+    /// Sync runs still queued, killed unrun: their callers are gone.
+    pub unrun: usize,
     /// Run directories removed by `sweep`.
     pub swept: usize,
 }
@@ -174,6 +177,22 @@ impl Runner {
             );
             recovered.reattached += 1;
         }
+        // A sync run's caller waits on the agent that took it: one still
+        // queued (or queued again above) would start with nobody to hear,
+        // and the caller's retry would run the code twice. As at a stop,
+        // it is killed unrun.
+        let unrun = self
+            .db
+            .writer
+            .write_one(|c| {
+                Box::pin(async move {
+                    let why =
+                        "not started: the agent stopped first, and its caller's request with it";
+                    executions::kill_queued_sync(c, why, &crate::db::now()).await
+                })
+            })
+            .await?;
+        recovered.unrun = usize::try_from(unrun).unwrap_or(usize::MAX);
         recovered.swept = self.sweep().await?;
         Ok(recovered)
     }

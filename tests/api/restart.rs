@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
-use crate::helpers::{alive, hold_write_lock, poll_until, processes_under, sqlite3};
+use crate::helpers::{alive, hold_write_lock, poll_until, processes_under, sqlite3, TOKEN};
 use crate::receiver::{Reply, TestReceiver};
 
 /// Polls the agent until the execution satisfies `done` (bounded).
@@ -1024,6 +1024,47 @@ async fn a_running_job_is_not_taken_for_lost_while_the_agent_is_out_of_descripto
     assert_eq!(p["status"], "completed", "{p}");
     let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
     assert_eq!(p["stdout"], expected, "every line once and in order");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
+async fn a_sync_run_still_queued_when_the_agent_died_is_killed_unrun_at_the_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &["--sync-concurrency", "1"]).await;
+    let marker = data.path().join("ran");
+    let post = |code: String| {
+        let url = format!("{}/execute", agent.url);
+        tokio::spawn(async move {
+            let body = json!({ "code": code, "language": "bash", "timeout": 30 });
+            let client = reqwest::Client::new();
+            let _ = client.post(url).bearer_auth(TOKEN).json(&body).send().await;
+        })
+    };
+    let busy = post("sleep 2".into());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = post(format!("touch {}", marker.display()));
+    let db = data.path().join("execd.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let queued = loop {
+        let ids = sqlite3(&db, "SELECT id FROM executions WHERE status = 'queued'");
+        if !ids.trim().is_empty() {
+            break ids;
+        }
+        assert!(Instant::now() < deadline, "the second run was not queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    agent.kill9();
+    let (_, _) = (busy.await, waiting.await);
+    // Its caller's connection went with the agent: nobody waits for it.
+    let agent = Agent::start(data.path(), port, &["--sync-concurrency", "1"]).await;
+    let p = wait_until(&agent, queued.trim(), Duration::from_secs(10), terminal).await;
+    assert_eq!(p["status"], "killed", "{p}");
+    assert!(p["error"].as_str().unwrap().contains("not started"), "{p}");
+    // Long enough for it to have run after the first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!marker.exists(), "a run nobody waited for ran");
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
