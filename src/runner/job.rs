@@ -304,7 +304,16 @@ impl Runner {
 /// job may run on unsupervised. Only what is found to be the job's own:
 /// the program's pid, and so its group id, may have been reused by now.
 pub fn kill_leftovers(run: &RunDir) {
+    let id = run.path().file_name().map(|id| id.to_string_lossy());
     let Ok(Some(started)) = run.read_started() else {
+        // Who ran it is not known here (its run directory is elsewhere:
+        // `--runs-dir` changed at a restart): what carries its mark is
+        // its own, whenever it started.
+        if let Some(id) = id {
+            for pid in files::marked(&id, 0) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
         return;
     };
     let leftovers = started.leftovers();
@@ -313,8 +322,8 @@ pub fn kill_leftovers(run: &RunDir) {
         let _ = killpg(Pid::from_raw(started.program_pid as i32), Signal::SIGKILL);
     }
     // And what left the group (`setsid`, a daemon), by its environment's mark.
-    let marked = match (started.boot_id == files::boot_id(), run.path().file_name()) {
-        (true, Some(id)) => files::marked(&id.to_string_lossy(), started.program_start),
+    let marked = match (started.boot_id == files::boot_id(), id) {
+        (true, Some(id)) => files::marked(&id, started.program_start),
         _ => Vec::new(),
     };
     for pid in leftovers.into_iter().chain(marked) {

@@ -9,7 +9,9 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::crash::{free_port, Agent};
-use crate::helpers::{alive, hold_write_lock, poll_until, processes_under, sqlite3, TOKEN};
+use crate::helpers::{
+    alive, eventually, hold_write_lock, poll_until, processes_under, sqlite3, TOKEN,
+};
 use crate::receiver::{Reply, TestReceiver};
 
 /// Polls the agent until the execution satisfies `done` (bounded).
@@ -1065,6 +1067,43 @@ async fn a_sync_run_still_queued_when_the_agent_died_is_killed_unrun_at_the_rest
     // Long enough for it to have run after the first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!marker.exists(), "a run nobody waited for ran");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
+
+#[tokio::test]
+async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_retry() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(data.path(), port, &[]).await;
+    let code = "for i in $(seq 1 300); do echo \"line $i\"; sleep 0.1; done";
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": code, "language": "bash", "timeout": 60, "max_attempts": 2 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let first = wait_until(&agent, &id, Duration::from_secs(10), |p| {
+        p["stdout"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("line 1\n"))
+    })
+    .await;
+    let pid = first["pid"].as_i64().unwrap();
+    assert!(agent.terminate().success());
+    // Restarted with its run directories elsewhere: the first attempt's
+    // cannot be followed, and must not run on beside the second.
+    let moved = data.path().join("moved-runs");
+    let agent = Agent::start(data.path(), port, &["--runs-dir", moved.to_str().unwrap()]).await;
+    assert!(
+        eventually(Duration::from_secs(3), || !alive(pid)).await,
+        "the first attempt runs on"
+    );
+    let again = wait_until(&agent, &id, Duration::from_secs(10), |p| p["attempt"] == 2).await;
+    assert_eq!(again["status"], "running", "{again}");
+    agent.post(&format!("/execute/kill/{id}"), json!({})).await;
+    wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
