@@ -39,8 +39,6 @@ pub enum StartError {
     Recover(crate::runner::RunnerError),
     #[error("another execd (pid {pid}) is already serving the data dir {dir}")]
     Locked { pid: String, dir: String },
-    #[error("server error: {0}")]
-    Serve(std::io::Error),
 }
 
 /// How long a stop waits for the WebSocket streams to say their runs go on.
@@ -192,6 +190,8 @@ pub async fn serve(
         stop.clone(),
     );
 
+    // Read once: it follows the open-file limit unless given.
+    let max_connections = config.max_connections();
     let sweeper = runner.clone();
     let readers = db.readers.clone();
     let streams = tokio_util::task::TaskTracker::new();
@@ -215,6 +215,8 @@ pub async fn serve(
         kill_grace: config.kill_grace(),
         sync_start_within: Duration::from_secs_f64(config.sync_start_within_secs),
         max_body_bytes: config.max_body_bytes,
+        max_connections,
+        header_timeout: config.header_timeout(),
         max_output_bytes: config.max_output_bytes,
         started,
         streams: streams.clone(),
@@ -236,10 +238,14 @@ pub async fn serve(
         tracing::info!("shutting down");
         signal.cancel();
     });
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
-    stop.cancel();
+    http::serve(
+        listener,
+        http::router(state),
+        max_connections,
+        config.header_timeout(),
+        stop.clone(),
+    )
+    .await;
     // A WebSocket stream sees the stop within its poll and tells its client
     // that the run goes on; bounded, should a client not read.
     streams.close();
@@ -269,7 +275,7 @@ pub async fn serve(
     let _ = writer_task.await;
     runs_dir.release();
     tracing::info!("stopped");
-    served.map_err(StartError::Serve)
+    Ok(())
 }
 
 /// Makes the database files their user's alone, whatever the data dir's

@@ -114,6 +114,21 @@ pub struct Config {
     #[arg(long, env = "EXECD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
 
+    /// Client connections open at once; past it, new ones wait to be
+    /// accepted. Default: three quarters of the open-file limit, so that
+    /// connections never leave jobs and the database without descriptors.
+    #[arg(long, env = "EXECD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Longest a client may take to send a request's headers, in seconds;
+    /// a connection idle between requests is closed after as long.
+    #[arg(
+        long = "header-timeout",
+        env = "EXECD_HEADER_TIMEOUT",
+        default_value_t = 30.0
+    )]
+    pub header_timeout_secs: f64,
+
     /// Largest `code` (or command) accepted, in bytes.
     #[arg(long, env = "EXECD_MAX_CODE_BYTES", default_value_t = 1 << 20)]
     pub max_code_bytes: usize,
@@ -309,6 +324,7 @@ impl Config {
             ),
             ("--kill-grace", self.kill_grace_secs, true),
             ("--sync-start-within", self.sync_start_within_secs, false),
+            ("--header-timeout", self.header_timeout_secs, false),
         ] {
             let low = if zero { value >= 0.0 } else { value > 0.0 };
             if !(value.is_finite() && low && value <= MAX_SECONDS) {
@@ -321,6 +337,9 @@ impl Config {
                     "{name} must be {least} seconds, at most {MAX_SECONDS} (a year)"
                 )));
             }
+        }
+        if self.max_connections == Some(0) {
+            return bad("--max-connections must be greater than 0");
         }
         if self.callback_concurrency == 0 {
             return bad("--callback-concurrency must be greater than 0");
@@ -414,6 +433,21 @@ impl Config {
         Duration::from_secs_f64(self.poll_interval_secs)
     }
 
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.header_timeout_secs)
+    }
+
+    /// `--max-connections`, or three quarters of the open-file limit (at
+    /// least 16): the rest is for the database, the runner and callbacks.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let (soft, _) =
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .unwrap_or((1024, 1024));
+            usize::try_from(soft / 4 * 3).unwrap_or(usize::MAX).max(16)
+        })
+    }
+
     /// The callback retry schedule (validated by `validate`).
     pub fn callback_schedule(&self) -> crate::delivery::schedule::Schedule {
         crate::delivery::schedule::Schedule {
@@ -445,6 +479,8 @@ impl fmt::Debug for Config {
             .field("background_concurrency", &self.background_concurrency)
             .field("async_concurrency", &self.async_concurrency)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_secs", &self.header_timeout_secs)
             .field("max_code_bytes", &self.max_code_bytes)
             .field("max_env_bytes", &self.max_env_bytes)
             .field(

@@ -47,6 +47,10 @@ pub struct Inner {
     /// Longest a sync run waits for a slot before it is killed unrun.
     pub sync_start_within: std::time::Duration,
     pub max_body_bytes: usize,
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// For a request's headers, and between requests.
+    pub header_timeout: std::time::Duration,
     pub max_output_bytes: u64,
     pub started: Instant,
     /// The WebSocket streams: hyper's graceful shutdown does not wait for
@@ -92,6 +96,76 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Serves `router` on `listener` until `stop` is cancelled, then lets each
+/// connection finish its request and returns once all have closed. At most
+/// `max_connections` are open at once (the rest wait in the listen backlog:
+/// connections must not take the descriptors jobs and the database need),
+/// and a client has `header_timeout` to send a request's headers, which
+/// also closes a connection idle between requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    max_connections: usize,
+    header_timeout: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: the moment passes; a
+                    // connection's own error is the client's.
+                    if !is_connection_error(&e) {
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
 /// While the agent stops, new requests get a 503 with the error body; jobs
 /// run on under their supervisors.
 async fn refuse_while_stopping(
@@ -134,18 +208,29 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 "the request body must be JSON with Content-Type: application/json",
             ));
         }
+        let limit = state.max_body_bytes;
+        let too_large = || {
+            ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("the request body is larger than the limit of {limit} bytes"),
+            )
+            .with_details(serde_json::json!({ "limit": limit }))
+        };
+        // Said up front: refused before a byte of it is waited for.
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(too_large());
+        }
         let path = request.uri().path().to_string();
         let bytes = axum::body::Bytes::from_request(request, state)
             .await
             .map_err(|rejection| {
                 if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    let limit = state.max_body_bytes;
-                    return ApiError::new(
-                        rejection.status(),
-                        "PAYLOAD_TOO_LARGE",
-                        format!("the request body is larger than the limit of {limit} bytes"),
-                    )
-                    .with_details(serde_json::json!({ "limit": limit }));
+                    return too_large();
                 }
                 ApiError::new(rejection.status(), "INVALID_REQUEST", rejection.body_text())
             })?;

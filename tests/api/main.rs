@@ -4,6 +4,7 @@
 mod auth;
 mod callbacks;
 mod cli;
+mod connections;
 mod crash;
 mod execute;
 mod fencing;

@@ -1000,7 +1000,9 @@ async fn agent_with_few_descriptors(data: &Path, port: u16, nofile: u64, extra: 
 async fn a_running_job_is_not_taken_for_lost_while_the_agent_is_out_of_descriptors() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
-    let agent = agent_with_few_descriptors(data.path(), port, 128, &[]).await;
+    // Connections past the descriptors (the default keeps them below).
+    let agent =
+        agent_with_few_descriptors(data.path(), port, 128, &["--max-connections", "1000"]).await;
     let code = "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done";
     let out = agent
         .post(

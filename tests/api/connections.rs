@@ -1,0 +1,114 @@
+//! Client connections: how many, how long they may idle, and a body too
+//! large by its own account.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn connect(app: &TestApp) -> TcpStream {
+    let stream = TcpStream::connect(app.url.trim_start_matches("http://")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection (or 10 s pass): the time taken.
+fn closed_after(mut stream: TcpStream) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_connection_idle_before_or_between_requests_is_closed_after_the_header_timeout() {
+    let app = spawn_app_with(|c| c.header_timeout_secs = 0.5).await;
+    let silent = connect(&app);
+    let mut kept_alive = connect(&app);
+    // Blocking reads, off the runtime the agent runs on.
+    let (silent, kept_alive) = tokio::task::spawn_blocking(move || {
+        kept_alive
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        kept_alive.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        (closed_after(silent), closed_after(kept_alive))
+    })
+    .await
+    .unwrap();
+    assert!(silent < Duration::from_secs(3), "silent: open {silent:?}");
+    assert!(
+        kept_alive < Duration::from_secs(3),
+        "idle keep-alive: open {kept_alive:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_and_are_served_once_one_closes() {
+    let app = spawn_app_with(|c| c.max_connections = Some(3)).await;
+    let held: Vec<TcpStream> = (0..3).map(|_| connect(&app)).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = reqwest::Client::new();
+    let waiting = client
+        .get(app.path("/health"))
+        .timeout(Duration::from_millis(700))
+        .send()
+        .await;
+    assert!(waiting.is_err(), "served past the limit: {waiting:?}");
+    drop(held);
+    let served = client.get(app.path("/health")).send().await.unwrap();
+    assert_eq!(served.status(), 200);
+    let (status, info) = app.get_json("/info").await;
+    assert_eq!(status, 200);
+    assert_eq!(info["limits"]["max_connections"], 3, "{info}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_declared_past_the_limit_is_refused_before_it_is_sent() {
+    let app = spawn_app_with(|c| c.max_body_bytes = 1 << 20).await;
+    let mut stream = connect(&app);
+    let started = Instant::now();
+    let request = format!(
+        "POST /execute HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The whole answer: its head, and its body of the length given.
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if text.contains("\r\n\r\n") && text.ends_with('}') {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["code"], "PAYLOAD_TOO_LARGE", "{body}");
+    assert_eq!(body["details"]["limit"], json!(1 << 20));
+    let (_, list) = app.get_json("/execute/processes").await;
+    assert_eq!(list["count"], 0, "nothing stored: {list}");
+    app.stop().await;
+}
