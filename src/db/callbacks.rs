@@ -104,7 +104,10 @@ pub struct Due {
 /// and POSTed twice at once.
 ///
 /// `skip` is a JSON array of URL prefixes (receivers) whose deliveries are
-/// left for later: those receivers have their share in flight.
+/// left for later: those receivers have their share in flight. One last
+/// updated after `now` was scheduled before the wall clock went back (an
+/// NTP step, a VM restored from a snapshot), and is due now: its retry in
+/// five seconds must not wait for the hour the clock went back.
 pub async fn claim_due(
     conn: &mut SqliteConnection,
     owner: &str,
@@ -116,7 +119,8 @@ pub async fn claim_due(
     let claimed = sqlx::query!(
         r#"UPDATE callbacks SET lease_owner = ?1, lease_until = ?2
             WHERE id IN (SELECT id FROM callbacks
-                          WHERE status IN ('pending', 'failed') AND next_attempt_at <= ?3
+                          WHERE status IN ('pending', 'failed')
+                            AND (next_attempt_at <= ?3 OR updated_at > ?3)
                             AND lease_owner IS NULL
                             AND NOT EXISTS (SELECT 1 FROM json_each(?5)
                                              WHERE substr(callbacks.url, 1, length(value)) = value)
@@ -245,14 +249,20 @@ pub async fn release_foreign_leases(
 /// When the next delivery can be claimed, if any is waiting: the earliest
 /// due time of those no one holds (a held one's attempt, when recorded,
 /// says when its next is due). Deliveries to the receivers in `skip` (as
-/// for `claim_due`) are left out.
-pub async fn next_due(pool: &SqlitePool, skip: &str) -> Result<Option<String>, sqlx::Error> {
+/// for `claim_due`) are left out, and one last updated after `now` is due
+/// now (as for `claim_due`).
+pub async fn next_due(
+    pool: &SqlitePool,
+    skip: &str,
+    now: &str,
+) -> Result<Option<String>, sqlx::Error> {
     let row = sqlx::query_scalar!(
-        r#"SELECT MIN(next_attempt_at) AS "at?: String"
+        r#"SELECT MIN(CASE WHEN updated_at > ?2 THEN ?2 ELSE next_attempt_at END) AS "at?: String"
              FROM callbacks WHERE status IN ('pending', 'failed') AND lease_owner IS NULL
               AND NOT EXISTS (SELECT 1 FROM json_each(?1)
                                WHERE substr(callbacks.url, 1, length(value)) = value)"#,
-        skip
+        skip,
+        now,
     )
     .fetch_one(pool)
     .await?;

@@ -466,7 +466,7 @@ impl Deliverer {
     /// When the next delivery can be claimed, as the database says (a read).
     async fn next_due(&self, free: usize) -> NextDue {
         let full = self.full_receivers(free);
-        let next = match callbacks::next_due(&self.db.readers, &full).await {
+        let next = match callbacks::next_due(&self.db.readers, &full, &db::now()).await {
             Ok(Some(next)) => next,
             Ok(None) => return NextDue::Nothing,
             Err(_) => return NextDue::Unknown,

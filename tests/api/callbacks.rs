@@ -937,3 +937,34 @@ s.handle_request()
         .await;
     agent.terminate();
 }
+
+/// A retry scheduled before the wall clock went back (an NTP step, a VM
+/// restored from a snapshot) is due now: it waited out the hour the clock
+/// went back, for a delay of five minutes.
+#[tokio::test]
+async fn a_retry_scheduled_before_the_clock_went_back_is_not_held_for_the_jump() {
+    let app = fast_retrying_app("5m").await;
+    let receiver = TestReceiver::start().await;
+    receiver.script(vec![Reply::Status(500), Reply::Status(200)]);
+    let id = submit_async(
+        &app,
+        json!({ "code": "echo x", "language": "bash", "callback_url": receiver.url("/") }),
+    )
+    .await;
+    wait_callback_status(&app, &id, "failed", Duration::from_secs(10)).await;
+    // As the row reads after the clock went back an hour: written "an
+    // hour from now", the retry five minutes after that.
+    sqlite3(
+        &app.db_path(),
+        &format!(
+            "UPDATE callbacks SET
+                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 hour'),
+                next_attempt_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 hour', '+5 minutes')
+              WHERE execution_id = '{id}'"
+        ),
+    );
+    let info = wait_callback_status(&app, &id, "delivered", Duration::from_secs(10)).await;
+    assert_eq!(info["attempts"].as_array().unwrap().len(), 2, "{info}");
+    assert_eq!(receiver.received().len(), 2);
+    app.stop().await;
+}
