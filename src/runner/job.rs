@@ -6,7 +6,7 @@
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-use super::launch::{Ready, HANDSHAKE_TIMEOUT};
+use super::launch::{NotStarted, Ready, HANDSHAKE_TIMEOUT};
 use super::tail::{Tail, FLUSH_INTERVAL};
 use super::zygote::Watch;
 use super::{Runner, Running, StopReason};
@@ -97,7 +97,7 @@ impl Runner {
     /// Starts the job's program (prepared while its claim committed, its
     /// gate opened once it was): returns once it runs (its pid known, to be
     /// stored by `follow`) or could not start.
-    pub(super) async fn start_job(&self, job: &Claimed) -> Result<Attached, String> {
+    pub(super) async fn start_job(&self, job: &Claimed) -> Result<Attached, NotStarted> {
         let Ready {
             mut watch,
             first,
@@ -119,6 +119,13 @@ impl Runner {
         // or follow() finds the job lost. Otherwise the program runs since
         // its gate opened (its pid known, its `exec` under way).
         let Some(spawned_at) = opened_at else {
+            if first == "error cannot fork a supervisor" {
+                // The zygote is out of descriptors or processes for now.
+                return Err(NotStarted {
+                    error: "could not start: the zygote could not fork a supervisor".into(),
+                    passing: true,
+                });
+            }
             return Ok(attached(watch));
         };
         let Some(pid) = first

@@ -22,6 +22,39 @@ use crate::supervisor::files::{RunDir, Spec};
 /// How long a supervisor may take to start the program and say so.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a job's program could not start.
+#[derive(Debug)]
+pub(super) struct NotStarted {
+    pub error: String,
+    /// For want of descriptors or memory (`files::passing`), a moment's
+    /// lack: nothing ran, and the job is queued again.
+    pub passing: bool,
+}
+
+impl From<String> for NotStarted {
+    fn from(error: String) -> NotStarted {
+        NotStarted {
+            error,
+            passing: false,
+        }
+    }
+}
+
+impl From<&str> for NotStarted {
+    fn from(error: &str) -> NotStarted {
+        NotStarted::from(error.to_string())
+    }
+}
+
+impl NotStarted {
+    fn io(what: &str, e: &std::io::Error) -> NotStarted {
+        NotStarted {
+            error: format!("{what}: {e}"),
+            passing: crate::supervisor::files::passing(e),
+        }
+    }
+}
+
 /// Starts supervisors, and opens each program's gate once its claim is committed.
 pub struct Launcher {
     config: RunnerConfig,
@@ -49,7 +82,7 @@ struct Preparing {
     since: Instant,
     run: Arc<Run>,
     gate: Gate,
-    task: tokio::task::JoinHandle<Result<Ready, String>>,
+    task: tokio::task::JoinHandle<Result<Ready, NotStarted>>,
 }
 
 /// Decides `gate` unless it is decided already; whether it is open.
@@ -146,7 +179,7 @@ impl Launcher {
 
     /// The job's program, past its gate (or with nothing to open): the one
     /// prepared ahead, or a new one.
-    pub(super) async fn take(self: &Arc<Self>, job: &Claimed) -> Result<Ready, String> {
+    pub(super) async fn take(self: &Arc<Self>, job: &Claimed) -> Result<Ready, NotStarted> {
         let prepared = self.prepared.lock().unwrap().remove(&job.id);
         let run = &job.run;
         match prepared {
@@ -154,7 +187,7 @@ impl Launcher {
                 decide(&p.gate, true);
                 p.task
                     .await
-                    .unwrap_or_else(|e| Err(format!("could not start: {e}")))
+                    .unwrap_or_else(|e| Err(format!("could not start: {e}").into()))
             }
             other => {
                 if let Some(old) = other.filter(|p| !decide(&p.gate, false)) {
@@ -200,7 +233,7 @@ impl Launcher {
         id: &str,
         run: &Run,
         mut gate: watch::Receiver<Option<bool>>,
-    ) -> Result<Ready, String> {
+    ) -> Result<Ready, NotStarted> {
         let mut watch = self.prepare(id, run).await?;
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, watch.next())
             .await
@@ -232,7 +265,7 @@ impl Launcher {
     /// zygote's pipe (env values never touch the disk), and makes the run
     /// directory and its code file while the supervisor starts the program:
     /// both are there before any go.
-    async fn prepare(&self, id: &str, job: &Run) -> Result<Watch, String> {
+    async fn prepare(&self, id: &str, job: &Run) -> Result<Watch, NotStarted> {
         let run = RunDir::new(self.config.runs_dir.join(id));
         // A new attempt starts clean: nothing of an earlier one is mistaken
         // for its own. Removed before the supervisor can write there.
@@ -245,16 +278,16 @@ impl Launcher {
             })
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            .map_err(|e| format!("could not start: {e}"))?;
+            .map_err(|e| NotStarted::io("could not start", &e))?;
         }
         let (spec, code) = self
             .spec(job, &run)
-            .map_err(|e| format!("could not start: {e}"))?;
+            .map_err(|e| NotStarted::io("could not start", &e))?;
         let watch = self
             .supervisors
             .launch(run.path(), &spec)
             .await
-            .map_err(|e| format!("could not start a supervisor: {e}"))?;
+            .map_err(|e| NotStarted::io("could not start a supervisor", &e))?;
         // Here, not on a blocking thread: a `mkdir` and a small write cost
         // less than the trip there and back (two thread wake-ups).
         let made = std::fs::create_dir_all(run.path());
@@ -267,7 +300,7 @@ impl Launcher {
         });
         if let Err(e) = written {
             self.supervisors.send(watch.token, "drop").await;
-            return Err(format!("could not write the code: {e}"));
+            return Err(NotStarted::io("could not write the code", &e));
         }
         Ok(watch)
     }

@@ -35,6 +35,7 @@ use crate::domain::{seconds_between, Lane, Languages, Status};
 use crate::supervisor::files::RunDir;
 use job::{Attached, Followed};
 pub use launch::Launcher;
+use launch::NotStarted;
 use registry::{Registry, Running, StopReason};
 pub use runs_dir::RunsDir;
 
@@ -104,6 +105,11 @@ pub struct Runner {
 /// Times in a row a job whose program was abandoned at its gate is queued
 /// again before it is lost instead.
 const UNSTARTED_TRIES: u32 = 10;
+
+/// How long a job that could not start for want of descriptors or memory
+/// keeps its slot before it is queued again (at most `UNSTARTED_TRIES`
+/// times in a row).
+const PASSING_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -336,7 +342,15 @@ impl Runner {
         } else {
             match self.start_job(&job).await {
                 Ok(attached) => self.follow(&fence, attached, handle).await,
-                Err(error) => Followed::Ended(
+                // Nothing ran: queued again once the moment may have passed.
+                Err(NotStarted {
+                    error,
+                    passing: true,
+                }) => {
+                    tokio::time::sleep(PASSING_PAUSE).await;
+                    Followed::Unstarted(error)
+                }
+                Err(NotStarted { error, .. }) => Followed::Ended(
                     Finish {
                         status: Status::Failed,
                         exit_code: None,

@@ -1109,3 +1109,30 @@ async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_re
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
 }
+
+#[tokio::test]
+async fn a_job_that_cannot_start_for_want_of_descriptors_runs_once_they_are_back() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent =
+        agent_with_few_descriptors(data.path(), port, 128, &["--max-connections", "1000"]).await;
+    // The agent's client keeps its connection from the start-up's polls.
+    let flood: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": "echo ran", "language": "bash", "timeout": 60 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(flood);
+    let p = wait_until(&agent, &id, Duration::from_secs(20), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["stdout"], "ran\n");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data.path()).await;
+}
