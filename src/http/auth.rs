@@ -42,7 +42,16 @@ impl Auth {
                 let mut validation = Validation::new(Algorithm::HS256);
                 validation.validate_aud = false;
                 validation.validate_nbf = true;
-                jsonwebtoken::decode::<serde_json::Value>(presented, key, &validation).is_ok()
+                jsonwebtoken::decode::<serde_json::Value>(presented, key, &validation).is_ok_and(
+                    // jsonwebtoken checks a numeric `nbf` only: one of
+                    // another type would let a token in before its time.
+                    |token| {
+                        token
+                            .claims
+                            .get("nbf")
+                            .is_none_or(serde_json::Value::is_number)
+                    },
+                )
             }
             Auth::Disabled => true,
         }
@@ -114,5 +123,24 @@ mod tests {
         assert!(!auth.accepts(&jwt("another-secret-of-16+", later)));
         assert!(!auth.accepts(&jwt(secret, chrono::Utc::now().timestamp() - 600)));
         assert!(!auth.accepts("not.a.jwt"));
+    }
+
+    #[test]
+    fn a_jwt_whose_nbf_is_not_a_number_is_refused() {
+        let secret = "0123456789abcdef-secret";
+        let auth = Auth::jwt(secret);
+        let now = chrono::Utc::now().timestamp();
+        let with_nbf = |nbf: serde_json::Value| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &json!({ "sub": "t", "exp": now + 600, "nbf": nbf }),
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        assert!(auth.accepts(&with_nbf(json!(now - 10))));
+        assert!(!auth.accepts(&with_nbf(json!(now + 3600))));
+        assert!(!auth.accepts(&with_nbf(json!((now + 3600).to_string()))));
+        assert!(!auth.accepts(&with_nbf(json!((now - 10).to_string()))));
     }
 }
