@@ -53,6 +53,10 @@ pub struct Db {
 pub enum OpenError {
     #[error("cannot open database {path}: {source}")]
     Connect { path: String, source: sqlx::Error },
+    #[error(
+        "cannot open database {path}: a newer execd has migrated it (migration {version} is not one this version knows); run that version or a later one"
+    )]
+    Newer { path: String, version: i64 },
     #[error("cannot migrate database {path}: {source}")]
     Migrate {
         path: String,
@@ -85,7 +89,7 @@ impl OpenError {
                     | sqlx::migrate::MigrateError::ExecuteMigration(source, _),
                 ..
             } => source,
-            OpenError::Migrate { .. } => return false,
+            OpenError::Migrate { .. } | OpenError::Newer { .. } => return false,
         };
         let code = source.as_database_error().and_then(|e| e.code());
         // Extended result codes: the primary code is the low byte.
@@ -143,9 +147,15 @@ impl Db {
         MIGRATOR
             .run(&migrations)
             .await
-            .map_err(|source| OpenError::Migrate {
-                path: shown.clone(),
-                source,
+            .map_err(|source| match source {
+                sqlx::migrate::MigrateError::VersionMissing(version) => OpenError::Newer {
+                    path: shown.clone(),
+                    version,
+                },
+                source => OpenError::Migrate {
+                    path: shown.clone(),
+                    source,
+                },
             })?;
         migrations.close().await;
         let conn = options(path)

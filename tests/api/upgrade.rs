@@ -123,3 +123,23 @@ async fn an_upgraded_database_reads_its_old_output_the_same_and_gives_the_old_pa
     drop(conn);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_a_newer_agent_migrated_is_refused_saying_so() {
+    let app = helpers::spawn_app().await;
+    let data_dir = app.stop().await;
+    let db = data_dir.path().join("execd.db");
+    helpers::sqlite3(
+        &db,
+        "INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time)
+         VALUES (9999, 'from the future', CURRENT_TIMESTAMP, 1, x'00', 0)",
+    );
+    let mut config = Config::for_data_dir(data_dir.path());
+    config.token = Some(TOKEN.into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = execd::app::serve(config, listener, std::future::pending()).await;
+    let error = refused.expect_err("a newer schema").to_string();
+    assert!(error.contains("a newer execd has migrated it"), "{error}");
+    assert!(error.contains("9999"), "{error}");
+    assert!(!data_dir.path().join("runs").exists(), "a runs link left");
+}
