@@ -4,9 +4,9 @@
 use sqlx::{SqliteConnection, SqlitePool};
 
 /// Deletes up to `batch` executions that finished before `cutoff`, keeping
-/// any whose callback is still waiting, and any whose callback is dead and
-/// that finished after `dead_cutoff` (dead callbacks are kept longer, for
-/// an operator to look at). The newest execution is always kept: its `seq`
+/// any whose callback is still waiting, and any whose callback died after
+/// `dead_cutoff` (a dead callback is kept longer, from its death, for an
+/// operator to look at: its retries may have outlasted the cutoff). The newest execution is always kept: its `seq`
 /// would be given to the next one, and a list cursor handed out before
 /// would then page to a newer row. Returns how many were deleted.
 pub async fn prune(
@@ -23,9 +23,9 @@ pub async fn prune(
                 AND e.seq < (SELECT MAX(seq) FROM executions)
                 AND NOT EXISTS (SELECT 1 FROM callbacks c
                                  WHERE c.execution_id = e.id AND c.status IN ('pending', 'failed'))
-                AND (e.completed_at < ?2
-                     OR NOT EXISTS (SELECT 1 FROM callbacks c
-                                     WHERE c.execution_id = e.id AND c.status = 'dead'))
+                AND NOT EXISTS (SELECT 1 FROM callbacks c
+                                 WHERE c.execution_id = e.id AND c.status = 'dead'
+                                   AND c.updated_at >= ?2)
               LIMIT ?3)"#,
         cutoff,
         dead_cutoff,

@@ -134,3 +134,45 @@ async fn a_cursor_handed_out_before_a_pruning_never_pages_to_a_newer_row() {
     );
     app.stop().await;
 }
+
+/// A dead callback is kept its retention from when it died, not from when
+/// its execution finished: retries that outlast that retention left the
+/// operator nothing to look at.
+#[tokio::test]
+async fn a_dead_callback_is_kept_its_retention_from_its_death() {
+    let app = spawn_app_with(|c| {
+        c.retention = Duration::from_millis(500);
+        c.retention_interval = Duration::from_millis(200);
+        c.dead_callback_retention = Duration::from_secs(3);
+        c.callback_retry_schedule = "2s".into();
+        c.callback_jitter = 0.0;
+        c.poll_interval_secs = 0.2;
+    })
+    .await;
+    let (_, out) = app
+        .post_json(
+            "/execute/async",
+            json!({ "code": "echo x", "language": "bash", "callback_url": "http://127.0.0.1:9/x" }),
+        )
+        .await;
+    let id = out["execution_id"].as_str().unwrap().to_string();
+    let path = format!("/execute/processes/{id}/callback");
+    poll_until(
+        Duration::from_secs(10),
+        || async { app.get_json(&path).await.1 },
+        |info| info["callback"]["status"] == "dead",
+    )
+    .await;
+    // Not the newest, which is always kept.
+    let newer = app.background(json!({ "code": "print(1)" })).await;
+    app.wait_terminal(&newer, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, info) = app.get_json(&path).await;
+    assert_eq!(status, 200, "pruned 2 s after its callback died: {info}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.get_json(&path).await.0 != 404 {
+        assert!(Instant::now() < deadline, "kept past its retention");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
