@@ -6,7 +6,7 @@ WORKDIR /src
 ENV SQLX_OFFLINE=true
 # Dependencies first, against a dummy main, so a source change does not
 # rebuild them (this layer is cached while Cargo.toml/Cargo.lock stay the same).
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs \
  && cargo build --release --locked && rm -rf src
 COPY .sqlx ./.sqlx

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "execd",
-    version,
+    version = crate::VERSION,
     about = "A durable execution agent with a HopX-compatible REST API",
     // `--kill-grace -1` is a bad value, not an unknown flag.
     allow_negative_numbers = true

@@ -27,3 +27,10 @@ pub mod metrics;
 pub mod retention;
 pub mod runner;
 pub mod supervisor;
+
+/// This build: the package version, and the commit when built from a git
+/// checkout (`0.1.0 (3f2a…)`; see `build.rs`).
+pub const VERSION: &str = match option_env!("EXECD_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -152,6 +152,8 @@ pub struct LanguageOut {
 pub struct InfoOut {
     name: String,
     version: String,
+    /// The commit built, when built from a git checkout.
+    commit: Option<String>,
     languages: Vec<LanguageOut>,
     /// Each configured limit, by name (bytes, or seconds for `max_timeout`).
     limits: std::collections::BTreeMap<String, f64>,

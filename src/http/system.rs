@@ -41,6 +41,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "name": "execd",
         "version": env!("CARGO_PKG_VERSION"),
+        "commit": option_env!("EXECD_COMMIT"),
         "languages": languages,
         "limits": {
             "max_body_bytes": state.max_body_bytes,

@@ -479,3 +479,26 @@ fn the_cli_refuses_a_url_without_a_scheme_and_a_server_that_is_not_the_agent() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("not JSON"), "{stderr}");
 }
+
+/// An operator can tell which build runs: the commit is in `--version` and
+/// `/info` (every version said 0.1.0).
+#[tokio::test]
+async fn the_version_names_the_commit_built() {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git");
+    let head = String::from_utf8(head.stdout).unwrap().trim().to_string();
+    assert_eq!(head.len(), 12, "not a git checkout?");
+    let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_execd")).arg("--version"));
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        printed,
+        format!("execd {} ({head})", env!("CARGO_PKG_VERSION"))
+    );
+    let app = crate::helpers::spawn_app().await;
+    let (_, info) = app.get_json("/info").await;
+    assert_eq!(info["commit"], head.as_str(), "{info}");
+    app.stop().await;
+}
