@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use crate::db::callbacks::Source;
-use crate::domain::seconds_between;
+use crate::domain::{fit_json, seconds_between};
 
 /// One stream's text for the payload: the tail that was kept, and whether
 /// anything before it (or past the agent's storage cap) is missing.
@@ -18,31 +18,6 @@ fn tail_text(tail: &StreamTail) -> String {
     crate::db::output::tail_text(&tail.bytes, tail.cut)
 }
 
-/// The bytes `c` takes in a JSON string: control characters are escaped,
-/// most as `\u00XX` (six bytes for one).
-fn json_len(c: char) -> usize {
-    match c {
-        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
-        c if (c as u32) < 0x20 => 6,
-        c => c.len_utf8(),
-    }
-}
-
-/// The end of `text` that takes at most `cap` bytes in the JSON body, and
-/// whether that cut anything: the payload's streams are capped as sent, so
-/// output of control characters cannot make a body six times the cap.
-fn fit(text: String, cap: usize) -> (String, bool) {
-    let (mut size, mut start) = (0, text.len());
-    for (at, c) in text.char_indices().rev() {
-        size += json_len(c);
-        if size > cap {
-            return (text[start..].to_string(), true);
-        }
-        start = at;
-    }
-    (text, false)
-}
-
 /// The JSON body of API.md's callback, frozen at `timestamp`; each stream
 /// at most `cap` bytes as sent (its tail).
 pub fn build(
@@ -52,8 +27,8 @@ pub fn build(
     cap: usize,
     timestamp: &str,
 ) -> String {
-    let (out, out_cut) = fit(tail_text(stdout), cap);
-    let (err, err_cut) = fit(tail_text(stderr), cap);
+    let (out, out_cut) = fit_json(tail_text(stdout), cap);
+    let (err, err_cut) = fit_json(tail_text(stderr), cap);
     json!({
         "execution_id": source.id,
         "process_id": source.process_id,

@@ -29,6 +29,36 @@ impl Stream {
     }
 }
 
+/// The bytes `c` takes in a JSON string: control characters are escaped,
+/// most as `\u00XX` (six bytes for one).
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The bytes `text` takes as a JSON string's contents.
+pub fn json_size(text: &str) -> usize {
+    text.chars().map(json_len).sum()
+}
+
+/// The end of `text` that takes at most `cap` bytes in a JSON body, and
+/// whether that cut anything: output is capped as sent, so that output of
+/// control characters cannot make a body six times its cap.
+pub fn fit_json(text: String, cap: usize) -> (String, bool) {
+    let (mut size, mut start) = (0, text.len());
+    for (at, c) in text.char_indices().rev() {
+        size += json_len(c);
+        if size > cap {
+            return (text[start..].to_string(), true);
+        }
+        start = at;
+    }
+    (text, false)
+}
+
 /// Seconds between two stored timestamps (or from `from` to now).
 pub fn seconds_between(from: Option<&str>, to: Option<&str>) -> Option<f64> {
     let parse = |t: &str| {

@@ -14,7 +14,7 @@ use sqlx::SqliteConnection;
 use super::{parse_json, timestamp_now, ApiError, AppState};
 use crate::db::executions::{self, ExecutionRow, ListFilter};
 use crate::db::output;
-use crate::domain::{seconds_between, Status, Stream};
+use crate::domain::{fit_json, json_size, seconds_between, Status, Stream};
 use crate::runner::KillOutcome;
 
 pub fn router() -> Router<AppState> {
@@ -103,7 +103,9 @@ async fn read_stream(
         OutputView::Tail(max) => {
             let (bytes, cut) =
                 output::read_tail(&mut *conn, &row.id, row.attempt, stream, max).await?;
-            (output::tail_text(&bytes, cut), cut)
+            // At most `max` as sent: escaped control characters take six.
+            let (text, fitted) = fit_json(output::tail_text(&bytes, cut), max);
+            (text, cut || fitted)
         }
     };
     let flagged = match stream {
@@ -233,7 +235,7 @@ pub(super) async fn list(
         let share = budget / (2 * left);
         let view = OutputView::Tail(state.list_output_bytes.min(share));
         let process = ProcessOut::load(&mut tx, row, view).await?;
-        budget = budget.saturating_sub(process.stdout.len() + process.stderr.len());
+        budget = budget.saturating_sub(json_size(&process.stdout) + json_size(&process.stderr));
         left -= 1;
         processes.push(process);
     }

@@ -742,6 +742,37 @@ async fn a_list_page_shares_its_output_budget_among_its_rows() {
     app.stop().await;
 }
 
+/// The page's budget is counted as sent: a control character takes six
+/// bytes escaped, and a 16 MiB page of them was a 100 MB response.
+#[tokio::test]
+async fn a_list_pages_output_budget_counts_escaped_control_characters_as_sent() {
+    let app = spawn_app_with(|c| c.list_page_output_bytes = 30_000).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let code = "import sys; sys.stdout.write(chr(1) * 40000)";
+        ids.push(
+            app.background(json!({ "code": code, "language": "python" }))
+                .await,
+        );
+    }
+    for id in &ids {
+        app.wait_terminal(id, Duration::from_secs(20)).await;
+    }
+    let response = app.get("/execute/processes").await;
+    let body = response.text().await.unwrap();
+    assert!(
+        body.len() < 30_000 + 5_000,
+        "a response of {} bytes for a page of 30000",
+        body.len()
+    );
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for p in list["processes"].as_array().unwrap() {
+        assert!(!p["stdout"].as_str().unwrap().is_empty(), "{p}");
+        assert_eq!(p["stdout_truncated"], true, "{p}");
+    }
+    app.stop().await;
+}
+
 /// An operator's `sqlite3` holds the write lock past the busy timeout
 /// while jobs end, a kill comes and a client submits. The submission gets
 /// 503 `DATABASE_UNAVAILABLE` (it was a 500); the kill signals the running
