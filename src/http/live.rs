@@ -32,8 +32,12 @@ pub fn router() -> Router<AppState> {
         .route("/execute/stream", get(stream))
 }
 
-/// How often a follower looks for new output.
+/// How often a follower looks for new output of a job this agent does not
+/// follow (queued, or being recovered).
 const POLL: Duration = Duration::from_millis(50);
+/// How often a follower of a running job looks without being woken (it is
+/// woken when output is stored, and at the end).
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Chunks read per look, and their bytes at most (past the first chunk;
 /// chunks stored before chunks were cut at 64 KiB may hold up to 1 MiB): a
 /// reader that reads slowly, or not at all, holds about this much, whatever
@@ -151,6 +155,14 @@ impl Follower {
 
     async fn look(&mut self) -> Result<Step, ApiError> {
         loop {
+            // Listening before looking: output stored while we look wakes
+            // the wait below.
+            let signal = self.state.runner.stored_signal(&self.id);
+            let stored = signal.as_ref().map(|s| s.notified());
+            let mut stored = std::pin::pin!(stored);
+            if let Some(stored) = stored.as_mut().as_pin_mut() {
+                stored.enable();
+            }
             // The status first: output stored before a terminal status is
             // all the output there is.
             let row = executions::get(&self.state.db.readers, &self.id)
@@ -195,7 +207,12 @@ impl Follower {
             if self.state.runner.is_stopping() {
                 return Ok(Step::Stopping);
             }
-            tokio::time::sleep(POLL).await;
+            match stored.as_mut().as_pin_mut() {
+                Some(stored) => {
+                    let _ = tokio::time::timeout(IDLE_POLL, stored).await;
+                }
+                None => tokio::time::sleep(POLL).await,
+            }
         }
     }
 }

@@ -211,7 +211,7 @@ impl Runner {
                     match reason {
                         StopReason::Shutdown => {
                             // The pid with the last output, or alone.
-                            self.pump(fence, &mut job, false).await;
+                            self.pump(fence, &mut job, handle, false).await;
                             self.store_pid(fence, &mut job).await;
                             return Followed::Detached;
                         }
@@ -232,9 +232,9 @@ impl Runner {
                     }
                 }
                 () = supervisor_end => break,
-                () = output_waiting => self.pump(fence, &mut job, false).await,
+                () = output_waiting => self.pump(fence, &mut job, handle, false).await,
                 _ = tick.tick() => {
-                    self.pump(fence, &mut job, false).await;
+                    self.pump(fence, &mut job, handle, false).await;
                     // Without a report (adopted; or the supervisor was
                     // killed before it could say so), the run directory
                     // tells; what cannot be read now tells nothing yet.
@@ -273,7 +273,7 @@ impl Runner {
             None => {
                 // The program is gone: all it wrote is stored, the start
                 // of a character it never finished too.
-                self.pump(fence, &mut job, true).await;
+                self.pump(fence, &mut job, handle, true).await;
                 self.store_pid(fence, &mut job).await;
                 kill_leftovers(&job.run);
                 Followed::Lost("the process was lost: its supervisor ended without recording how the job ended".into())
@@ -284,7 +284,8 @@ impl Runner {
     /// Stores the new output, and with its first write the program's pid
     /// if that is not stored yet (the API shows it before the output); with
     /// no new output, the pid alone once it is due. `gone`: as `Tail::pump`.
-    async fn pump(&self, fence: &Fence, job: &mut Attached, gone: bool) {
+    /// Live readers waiting on `handle` are woken when anything was stored.
+    async fn pump(&self, fence: &Fence, job: &mut Attached, handle: &Running, gone: bool) {
         // Both streams get it: whichever stores output first writes it (both
         // do, once, when both have output in the same pump). Deciding here
         // which has output would race with the program printing.
@@ -295,7 +296,11 @@ impl Runner {
         }
         let writer = &self.db.writer;
         let [out, err] = &mut job.tails;
+        let before = (out.stored(), err.stored());
         tokio::join!(out.pump(fence, writer, gone), err.pump(fence, writer, gone));
+        if (out.stored(), err.stored()) != before {
+            handle.stored.notify_waiters();
+        }
         // Neither stored output: kept for the next write or the end, or
         // stored alone once due.
         if let (Some(spawned), Some(_)) = (out.along.take(), err.along.take()) {

@@ -37,8 +37,12 @@ impl Registry {
         self.0.lock().unwrap().get(id).cloned()
     }
 
+    /// Drops `id`'s switch, waking whoever waits for its output: its end
+    /// is written.
     pub(super) fn remove(&self, id: &str) {
-        self.0.lock().unwrap().remove(id);
+        if let Some(running) = self.0.lock().unwrap().remove(id) {
+            running.stored.notify_waiters();
+        }
     }
 
     pub(super) fn all(&self) -> Vec<Arc<Running>> {
@@ -66,6 +70,9 @@ pub(super) struct Running {
     /// Cancelled to stop following the job; `reason` says why.
     pub(super) stop: CancellationToken,
     pub(super) reason: Mutex<StopReason>,
+    /// Notified when output of the job is stored, and at its end: live
+    /// readers wait on it instead of asking the database every 50 ms.
+    pub(super) stored: Arc<tokio::sync::Notify>,
 }
 
 impl Running {
@@ -73,6 +80,7 @@ impl Running {
         Arc::new(Running {
             stop: CancellationToken::new(),
             reason: Mutex::new(StopReason::Killed),
+            stored: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }

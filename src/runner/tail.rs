@@ -54,6 +54,11 @@ pub struct Tail {
 }
 
 impl Tail {
+    /// How many chunks of the stream are stored (or handed to a write).
+    pub fn stored(&self) -> i64 {
+        self.seq
+    }
+
     pub fn new(run: &RunDir, stream: Stream, offset: u64, seq: i64) -> Tail {
         Tail {
             stream,
