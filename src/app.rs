@@ -60,6 +60,9 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let started = Instant::now();
     config.validate()?;
+    if let Some((from, to)) = crate::runner::raise_open_files().filter(|(from, to)| from < to) {
+        tracing::info!(from, to, "open-file limit raised (programs keep the first)");
+    }
     // Private when the agent makes it: the database holds what programs
     // and callbacks need (env values, signature secrets, header values).
     if !config.data_dir.exists() {

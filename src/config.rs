@@ -262,6 +262,10 @@ pub struct Config {
 }
 
 /// A configuration value that cannot work.
+/// The most client connections there can be: the kernel's own ceiling on
+/// open files (`nr_open`) is 1,048,576 by default.
+const MAX_CONNECTIONS: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
@@ -338,8 +342,13 @@ impl Config {
                 )));
             }
         }
-        if self.max_connections == Some(0) {
-            return bad("--max-connections must be greater than 0");
+        if self
+            .max_connections
+            .is_some_and(|n| n == 0 || n > MAX_CONNECTIONS)
+        {
+            return Err(ConfigError(format!(
+                "--max-connections must be from 1 to {MAX_CONNECTIONS}"
+            )));
         }
         if self.callback_concurrency == 0 {
             return bad("--callback-concurrency must be greater than 0");
@@ -444,7 +453,9 @@ impl Config {
             let (soft, _) =
                 nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                     .unwrap_or((1024, 1024));
-            usize::try_from(soft / 4 * 3).unwrap_or(usize::MAX).max(16)
+            usize::try_from(soft / 4 * 3)
+                .unwrap_or(usize::MAX)
+                .clamp(16, MAX_CONNECTIONS)
         })
     }
 

@@ -359,6 +359,7 @@ impl Launcher {
             timeout_ms: u64::try_from(job.timeout_ms).unwrap_or(1),
             kill_grace_ms: self.config.kill_grace.as_millis() as u64,
             max_output_bytes: self.config.max_output_bytes,
+            open_files: super::program_open_files(),
         };
         Ok((spec, code))
     }

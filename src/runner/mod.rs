@@ -102,6 +102,30 @@ pub struct Runner {
     unstarted: std::sync::Mutex<HashMap<String, u32>>,
 }
 
+/// The open-file soft limit this process was started with, before
+/// `raise_open_files`.
+static STARTED_OPEN_FILES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Raises this process's open-file soft limit to its hard limit (the agent's
+/// connections and database, and the zygote's socket per running job, need
+/// more than the common 1,024), once; the limit it had is what programs
+/// get (`program_open_files`). Returns the limits before and after.
+pub fn raise_open_files() -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let started = *STARTED_OPEN_FILES.get_or_init(|| soft);
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
+    }
+    Some((started, hard))
+}
+
+/// The open-file soft limit programs run with: the one the agent was
+/// started with, once it raised its own.
+fn program_open_files() -> Option<u64> {
+    STARTED_OPEN_FILES.get().copied()
+}
+
 /// Times in a row a job whose program was abandoned at its gate is queued
 /// again before it is lost instead.
 const UNSTARTED_TRIES: u32 = 10;

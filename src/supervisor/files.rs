@@ -33,6 +33,11 @@ pub struct Spec {
     pub kill_grace_ms: u64,
     /// Bytes kept per stream.
     pub max_output_bytes: u64,
+    /// The program's open-file soft limit: the one the agent was started
+    /// with (it raises its own to the hard limit, for connections and the
+    /// zygote's sockets; programs keep what they would have had).
+    #[serde(default)]
+    pub open_files: Option<u64>,
 }
 
 /// Who runs the job, identified beyond the pid (pids are reused).

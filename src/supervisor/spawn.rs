@@ -68,6 +68,15 @@ pub(super) fn spawn(spec: &Spec, gated: &Gated, execution_id: &str) -> std::io::
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut line = [0u8; 64];
     let failed = AtomicI32::new(0);
+    // The program's open-file limit, made here: the child allocates nothing.
+    let open_files = spec.open_files.map(|soft| {
+        let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(soft, |(_, hard)| hard);
+        libc::rlimit {
+            rlim_cur: soft.min(hard),
+            rlim_max: hard,
+        }
+    });
     // Pages of its own, mapped as they are touched: a `vec!` would zero
     // (and fault in) all of it first.
     let mut stack = memmap2::MmapMut::map_anon(STACK_BYTES + STACK_PER_ARG * argv.len())?;
@@ -83,6 +92,7 @@ pub(super) fn spawn(spec: &Spec, gated: &Gated, execution_id: &str) -> std::io::
                 gated,
                 &mut line,
                 envp.as_ptr(),
+                open_files.as_ref(),
             )
             .and_then(|()| {
                 libc::execvp(program.as_ptr(), argv.as_ptr());
@@ -141,6 +151,7 @@ unsafe fn before_exec(
     gated: &Gated,
     line: &mut [u8; 64],
     envp: *const *const libc::c_char,
+    open_files: Option<&libc::rlimit>,
 ) -> Result<(), i32> {
     let check = |r: libc::c_int| {
         if r < 0 {
@@ -155,6 +166,9 @@ unsafe fn before_exec(
     // Negative: the working directory, not the program, is what failed.
     check(libc::chdir(cwd.as_ptr())).map_err(|errno| -errno)?;
     check(libc::setpgid(0, 0))?;
+    if let Some(limit) = open_files {
+        check(libc::setrlimit(libc::RLIMIT_NOFILE, limit))?;
+    }
     // The supervisor's blocked signals (its signalfd's) and ignored ones
     // are the program's own business again: an ignored disposition would
     // survive the `exec`. Dispositions are the child's own copy (no

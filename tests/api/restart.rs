@@ -976,11 +976,21 @@ async fn a_callback_in_flight_at_a_stop_is_finished_and_not_sent_again() {
 
 /// The agent as a child process with `nofile` descriptors at most.
 async fn agent_with_few_descriptors(data: &Path, port: u16, nofile: u64, extra: &[&str]) -> Agent {
+    agent_with_open_files(data, port, (nofile, nofile), extra).await
+}
+
+/// The agent as a child process with open-file limits `(soft, hard)`.
+async fn agent_with_open_files(
+    data: &Path,
+    port: u16,
+    (soft, hard): (u64, u64),
+    extra: &[&str],
+) -> Agent {
     Agent::start_with(data, port, extra, move |command| {
         use std::os::unix::process::CommandExt;
         let limit = nix::libc::rlimit {
-            rlim_cur: nofile,
-            rlim_max: nofile,
+            rlim_cur: soft,
+            rlim_max: hard,
         };
         // SAFETY: setrlimit is async-signal-safe and reads only `limit`.
         unsafe {
@@ -1135,4 +1145,26 @@ async fn a_job_that_cannot_start_for_want_of_descriptors_runs_once_they_are_back
     assert_eq!(p["stdout"], "ran\n");
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
+}
+
+/// The agent raises its open-file soft limit to the hard one (a common soft
+/// 1,024 left room for few connections and running jobs), and its programs
+/// keep the limit it was started with.
+#[tokio::test]
+async fn the_agent_raises_its_open_file_limit_and_programs_keep_the_one_it_was_given() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = agent_with_open_files(data.path(), port, (256, 4096), &[]).await;
+    let info = agent.get("/info").await;
+    assert_eq!(info["limits"]["max_connections"], 3072, "{info}");
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": "ulimit -Sn; ulimit -Hn", "language": "bash" }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
+    assert_eq!(p["stdout"], "256\n4096\n", "{p}");
+    assert!(agent.terminate().success());
 }

@@ -271,6 +271,7 @@ fn job_running(
         timeout_ms: 10_000,
         kill_grace_ms: 1_000,
         max_output_bytes: 1 << 20,
+        open_files: None,
     };
     let line = format!(
         "{}\t{}",
