@@ -114,9 +114,9 @@ pub struct Config {
     #[arg(long, env = "EXECD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
 
-    /// Client connections open at once; past it, new ones wait to be
-    /// accepted. Default: three quarters of the open-file limit, so that
-    /// connections never leave jobs and the database without descriptors.
+    /// Client connections open at once (a WebSocket's until it closes);
+    /// past it, new ones wait to be accepted. Default: the open-file limit
+    /// less a quarter of it (at least 256) for jobs and the database.
     #[arg(long, env = "EXECD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
@@ -446,14 +446,16 @@ impl Config {
         Duration::from_secs_f64(self.header_timeout_secs)
     }
 
-    /// `--max-connections`, or three quarters of the open-file limit (at
-    /// least 16): the rest is for the database, the runner and callbacks.
+    /// `--max-connections`, or the open-file limit less a reserve for the
+    /// database, the runner and callbacks (a quarter of it, and at least
+    /// 256), and at least 16.
     pub fn max_connections(&self) -> usize {
         self.max_connections.unwrap_or_else(|| {
             let (soft, _) =
                 nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                     .unwrap_or((1024, 1024));
-            usize::try_from(soft / 4 * 3)
+            let reserve = (soft / 4).max(256);
+            usize::try_from(soft.saturating_sub(reserve))
                 .unwrap_or(usize::MAX)
                 .clamp(16, MAX_CONNECTIONS)
         })

@@ -327,14 +327,22 @@ struct StreamIn {
 /// then `result {exit_code, execution_time}` and `complete {success}`, or
 /// `error {error, code}`. A GET that is no upgrade is 400 `INVALID_REQUEST`.
 #[utoipa::path(get, path = "/execute/stream", tag = "execd", responses((status = 101, description = "WebSocket: send {type: execute, code, language, timeout, workdir, env}"), crate::http::openapi::Errors))]
-pub(super) async fn stream(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+pub(super) async fn stream(
+    State(state): State<AppState>,
+    slot: Option<axum::Extension<super::ConnectionSlot>>,
+    ws: WebSocketUpgrade,
+) -> Response {
     // A frame is a request body: `--max-body-bytes` holds here too.
     let limit = state.max_body_bytes;
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
             let streams = state.streams.clone();
-            streams.track_future(run_stream(state, socket))
+            streams.track_future(async move {
+                run_stream(state, socket).await;
+                // Its connection counts against `--max-connections` until here.
+                drop(slot);
+            })
         })
 }
 

@@ -112,6 +112,7 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let connections = tokio_util::task::TaskTracker::new();
+    let closed = tokio_util::sync::CancellationToken::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -136,18 +137,31 @@ pub async fn serve(
             },
             () = stop.cancelled() => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // Each request carries the connection's slot: a WebSocket keeps it
+        // for as long as its upgraded connection lives.
+        let slot = ConnectionSlot {
+            _held: Arc::new(slot),
+        };
+        let (router, request_slot) = (router.clone(), slot.clone());
+        let service =
+            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(request_slot.clone());
+                tower::ServiceExt::oneshot(router.clone(), request)
+            });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
-        let stop = stop.clone();
+        let (stop, closed) = (stop.clone(), closed.clone());
         connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    tokio::select! {
+                        _ = connection => {}
+                        () = closed.cancelled() => {}
+                    }
                 }
             }
             drop(slot);
@@ -155,7 +169,29 @@ pub async fn serve(
     }
     drop(listener);
     connections.close();
-    connections.wait().await;
+    // A request whose client stalls (a body never sent) does not hold the
+    // stop up: past the grace its connection is closed.
+    if tokio::time::timeout(STOP_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open at the stop: closed"
+        );
+        closed.cancel();
+        connections.wait().await;
+    }
+}
+
+/// How long a stop waits for connections to finish their requests.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A connection's place among `--max-connections`, carried by each of its
+/// requests: the WebSocket keeps it while its upgraded connection lives.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _held: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 fn is_connection_error(e: &std::io::Error) -> bool {
@@ -208,32 +244,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 "the request body must be JSON with Content-Type: application/json",
             ));
         }
-        let limit = state.max_body_bytes;
-        let too_large = || {
-            ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                format!("the request body is larger than the limit of {limit} bytes"),
-            )
-            .with_details(serde_json::json!({ "limit": limit }))
-        };
-        // Said up front: refused before a byte of it is waited for.
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limit as u64) {
-            return Err(too_large());
-        }
         let path = request.uri().path().to_string();
-        let bytes = axum::body::Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    return too_large();
-                }
-                ApiError::new(rejection.status(), "INVALID_REQUEST", rejection.body_text())
-            })?;
+        let BoundedBody(bytes) = BoundedBody::from_request(request, state).await?;
         let value = parse_json(&bytes)?;
         let hash = hex::encode(
             Sha256::new()
@@ -243,6 +255,43 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 .finalize(),
         );
         Ok(JsonBody { value, hash })
+    }
+}
+
+/// A request body of at most `--max-body-bytes`: a larger one is a 413
+/// with the error body, at once when its `Content-Length` says so (before
+/// a byte of it is waited for).
+pub struct BoundedBody(pub axum::body::Bytes);
+
+impl FromRequest<AppState> for BoundedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.max_body_bytes;
+        let too_large = || {
+            ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("the request body is larger than the limit of {limit} bytes"),
+            )
+            .with_details(serde_json::json!({ "limit": limit }))
+        };
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(too_large());
+        }
+        axum::body::Bytes::from_request(request, state)
+            .await
+            .map(BoundedBody)
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    return too_large();
+                }
+                ApiError::new(rejection.status(), "INVALID_REQUEST", rejection.body_text())
+            })
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
@@ -11,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::SqliteConnection;
 
-use super::{parse_json, timestamp_now, ApiError, AppState};
+use super::{parse_json, timestamp_now, ApiError, AppState, BoundedBody};
 use crate::db::executions::{self, ExecutionRow, ListFilter};
 use crate::db::output;
 use crate::domain::{fit_json, json_size, seconds_between, Status, Stream};
@@ -301,7 +300,7 @@ pub(super) struct KillIn {
 pub(super) async fn kill_query_or_body(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
-    body: Bytes,
+    BoundedBody(body): BoundedBody,
 ) -> Result<Json<Value>, ApiError> {
     // An empty id is no id.
     let given = |id: Option<&String>| id.filter(|id| !id.is_empty()).cloned();

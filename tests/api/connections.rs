@@ -78,10 +78,17 @@ async fn connections_past_the_limit_wait_and_are_served_once_one_closes() {
 #[tokio::test]
 async fn a_body_declared_past_the_limit_is_refused_before_it_is_sent() {
     let app = spawn_app_with(|c| c.max_body_bytes = 1 << 20).await;
-    let mut stream = connect(&app);
+    for route in ["POST /execute", "DELETE /execute/kill"] {
+        refused_before_it_is_sent(&app, route).await;
+    }
+    app.stop().await;
+}
+
+async fn refused_before_it_is_sent(app: &TestApp, route: &str) {
+    let mut stream = connect(app);
     let started = Instant::now();
     let request = format!(
-        "POST /execute HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+        "{route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
     );
     let answer = tokio::task::spawn_blocking(move || {
@@ -110,7 +117,73 @@ async fn a_body_declared_past_the_limit_is_refused_before_it_is_sent() {
     assert_eq!(body["details"]["limit"], json!(1 << 20));
     let (_, list) = app.get_json("/execute/processes").await;
     assert_eq!(list["count"], 0, "nothing stored: {list}");
+}
+
+/// A WebSocket keeps its connection's place among `--max-connections`
+/// while it is open: streams got past the limit and took descriptors
+/// running jobs needed.
+#[tokio::test]
+async fn an_open_websocket_counts_against_the_connection_limit() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = spawn_app_with(|c| c.max_connections = Some(2)).await;
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let mut request = (app.url.replace("http://", "ws://") + "/execute/stream")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let frame = json!({ "type": "execute", "code": "sleep 3", "language": "bash" });
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                frame.to_string().into(),
+            ))
+            .await
+            .unwrap();
+        sockets.push(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = reqwest::Client::new()
+        .get(app.path("/health"))
+        .timeout(Duration::from_millis(700))
+        .send()
+        .await;
+    assert!(waiting.is_err(), "served past the limit: {waiting:?}");
+    drop(sockets);
+    let served = reqwest::Client::new()
+        .get(app.path("/health"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
     app.stop().await;
+}
+
+/// A client that stalls in the middle of its body does not hold a stop up.
+#[tokio::test]
+async fn a_stop_is_not_held_by_a_client_stalled_in_its_body() {
+    let app = spawn_app().await;
+    let mut stream = connect(&app);
+    let request = format!(
+        "POST /execute HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"code\": "
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), app.stop())
+        .await
+        .expect("the stop waited for the stalled client");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "stopped after {:?}",
+        stopping.elapsed()
+    );
+    drop(stream);
 }
 
 /// CPU time (user + system) of process `pid` so far, in clock ticks.
