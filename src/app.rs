@@ -251,11 +251,7 @@ pub async fn serve(
     .await;
     // A WebSocket stream sees the stop within its poll and tells its client
     // that the run goes on; bounded, should a client not read.
-    streams.close();
-    if tokio::time::timeout(STREAMS_GRACE, streams.wait())
-        .await
-        .is_err()
-    {
+    if !http::all_ended_within(&streams, STREAMS_GRACE).await {
         tracing::warn!(
             open = streams.len(),
             "WebSocket streams still open at the stop"

@@ -168,13 +168,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    connections.close();
     // A request whose client stalls (a body never sent) does not hold the
     // stop up: past the grace its connection is closed.
-    if tokio::time::timeout(STOP_GRACE, connections.wait())
-        .await
-        .is_err()
-    {
+    if !all_ended_within(&connections, STOP_GRACE).await {
         tracing::warn!(
             open = connections.len(),
             "connections still open at the stop: closed"
@@ -182,6 +178,16 @@ pub async fn serve(
         closed.cancel();
         connections.wait().await;
     }
+}
+
+/// Closes `tasks` to new ones and waits up to `grace` for the rest to end:
+/// whether they all did.
+pub async fn all_ended_within(
+    tasks: &tokio_util::task::TaskTracker,
+    grace: std::time::Duration,
+) -> bool {
+    tasks.close();
+    tokio::time::timeout(grace, tasks.wait()).await.is_ok()
 }
 
 /// How long a stop waits for connections to finish their requests.

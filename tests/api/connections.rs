@@ -125,17 +125,10 @@ async fn refused_before_it_is_sent(app: &TestApp, route: &str) {
 #[tokio::test]
 async fn an_open_websocket_counts_against_the_connection_limit() {
     use futures::SinkExt;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = spawn_app_with(|c| c.max_connections = Some(2)).await;
     let mut sockets = Vec::new();
     for _ in 0..2 {
-        let mut request = (app.url.replace("http://", "ws://") + "/execute/stream")
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut socket = open_stream(&app.url, TOKEN).await;
         let frame = json!({ "type": "execute", "code": "sleep 3", "language": "bash" });
         socket
             .send(tokio_tungstenite::tungstenite::Message::Text(

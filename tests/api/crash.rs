@@ -196,7 +196,6 @@ async fn a_callback_cut_off_by_kill_9_is_delivered_after_restart() {
 #[tokio::test]
 async fn json_logs_at_trace_are_json_and_hold_no_env_value() {
     use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let data = tempfile::tempdir().unwrap();
@@ -226,14 +225,7 @@ async fn json_logs_at_trace_are_json_and_hold_no_env_value() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let token = std::fs::read_to_string(data.path().join("d").join("token")).unwrap();
-    let mut request = (url.replace("http://", "ws://") + "/execute/stream")
-        .into_client_request()
-        .unwrap();
-    let bearer = format!("Bearer {}", token.trim());
-    request
-        .headers_mut()
-        .insert("authorization", bearer.parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut socket = crate::helpers::open_stream(&url, token.trim()).await;
     let frame = json!({ "type": "execute", "code": "echo $A_SECRET | wc -c", "language": "bash",
                         "env": { "A_SECRET": "ENV_VALUE_IN_TRACE" } });
     socket

@@ -322,3 +322,19 @@ pub fn supervisor_of_program(pid: i64) -> i32 {
     let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"));
     ppid.unwrap().trim().parse().unwrap()
 }
+
+/// A WebSocket to `/execute/stream` of the agent at `url` (`http://…`),
+/// authenticated with `token`.
+pub async fn open_stream(
+    url: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = (url.replace("http://", "ws://") + "/execute/stream")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}

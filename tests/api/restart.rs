@@ -51,6 +51,16 @@ fn terminal(p: &Value) -> bool {
     !matches!(p["status"].as_str(), Some("queued" | "running"))
 }
 
+/// Waits (20 s at most) for job `id` to end, checks that it completed with
+/// `stdout`, stops the agent, and checks that nothing of `data` runs on.
+async fn ends_completed(agent: Agent, data: &Path, id: &str, stdout: &str) {
+    let p = wait_until(&agent, id, Duration::from_secs(20), terminal).await;
+    assert_eq!(p["status"], "completed", "{p}");
+    assert_eq!(p["stdout"], stdout, "every line once and in order: {p}");
+    assert!(agent.terminate().success());
+    assert_nothing_left(data).await;
+}
+
 /// After a test: no supervisor or program of its data dir is left.
 async fn assert_nothing_left(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -148,11 +158,7 @@ async fn a_restart_waits_for_a_database_lock_another_process_holds_and_takes_its
     tokio::task::spawn_blocking(move || lock.wait().unwrap())
         .await
         .unwrap();
-    let p = wait_until(&agent, &id, Duration::from_secs(20), terminal).await;
-    assert_eq!(p["status"], "completed", "{p}");
-    assert_eq!(p["stdout"], "before\nafter\n");
-    assert!(agent.terminate().success());
-    assert_nothing_left(data.path()).await;
+    ends_completed(agent, data.path(), &id, "before\nafter\n").await;
 }
 
 #[tokio::test]
@@ -876,19 +882,12 @@ async fn assert_lost_with_all_it_wrote(agent: &Agent, id: &str) {
 #[tokio::test]
 async fn a_stream_cut_off_by_a_stop_names_its_run_which_goes_on() {
     use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     let agent = Agent::start(data.path(), port, &[]).await;
-    let url = agent.url.replace("http://", "ws://") + "/execute/stream";
-    let mut request = url.into_client_request().unwrap();
-    let bearer = format!("Bearer {}", crate::helpers::TOKEN);
-    request
-        .headers_mut()
-        .insert("authorization", bearer.parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut socket = crate::helpers::open_stream(&agent.url, TOKEN).await;
     socket
         .send(Message::Ping(b"hi".to_vec().into()))
         .await
@@ -923,12 +922,8 @@ async fn a_stream_cut_off_by_a_stop_names_its_run_which_goes_on() {
     assert!(last["process_id"].as_str().unwrap().starts_with("proc_"));
 
     let agent = Agent::start(data.path(), port, &[]).await;
-    let p = wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
-    assert_eq!(p["status"], "completed", "{p}");
-    let lines: Vec<String> = (1..=20).map(|i| format!("line-{i}\n")).collect();
-    assert_eq!(p["stdout"], lines.concat());
-    assert!(agent.terminate().success());
-    assert_nothing_left(data.path()).await;
+    let lines: String = (1..=20).map(|i| format!("line-{i}\n")).collect();
+    ends_completed(agent, data.path(), &id, &lines).await;
 }
 
 /// A callback POST in flight when the agent is stopped may end and is
@@ -1034,12 +1029,8 @@ async fn a_running_job_is_not_taken_for_lost_while_the_agent_is_out_of_descripto
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(flood);
-    let p = wait_until(&agent, &id, Duration::from_secs(20), terminal).await;
-    assert_eq!(p["status"], "completed", "{p}");
     let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(p["stdout"], expected, "every line once and in order");
-    assert!(agent.terminate().success());
-    assert_nothing_left(data.path()).await;
+    ends_completed(agent, data.path(), &id, &expected).await;
 }
 
 #[tokio::test]
@@ -1140,11 +1131,7 @@ async fn a_job_that_cannot_start_for_want_of_descriptors_runs_once_they_are_back
     let id = out["process_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(flood);
-    let p = wait_until(&agent, &id, Duration::from_secs(20), terminal).await;
-    assert_eq!(p["status"], "completed", "{p}");
-    assert_eq!(p["stdout"], "ran\n");
-    assert!(agent.terminate().success());
-    assert_nothing_left(data.path()).await;
+    ends_completed(agent, data.path(), &id, "ran\n").await;
 }
 
 /// The agent raises its open-file soft limit to the hard one (a common soft

@@ -341,7 +341,6 @@ async fn a_sync_run_that_cannot_start_in_time_is_answered_503_and_never_runs() {
 #[tokio::test]
 async fn a_sync_run_is_killed_unrun_at_its_start_deadline_even_with_no_one_waiting() {
     use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let (app, busy) = one_busy_sync_slot("sleep 4").await;
@@ -356,13 +355,7 @@ async fn a_sync_run_is_killed_unrun_at_its_start_deadline_even_with_no_one_waiti
         .send()
         .await;
     assert!(gave_up.is_err(), "the client gave up while queued");
-    let mut request = (app.url.replace("http://", "ws://") + "/execute/stream")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut socket = open_stream(&app.url, TOKEN).await;
     let streamed = app.data_dir.path().join("ws-ran");
     let frame = json!({ "type": "execute", "code": format!("touch {}", streamed.display()), "language": "bash" });
     socket
