@@ -1095,6 +1095,7 @@ async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_re
     .await;
     let pid = first["pid"].as_i64().unwrap();
     assert!(agent.terminate().success());
+    let before = std::fs::read_link(data.path().join("runs")).unwrap();
     // Restarted with its run directories elsewhere: the first attempt's
     // cannot be followed, and must not run on beside the second.
     let moved = data.path().join("moved-runs");
@@ -1109,6 +1110,8 @@ async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_re
     wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
+    // The first place is no agent's now (in memory, it outlives the test).
+    std::fs::remove_dir_all(before).unwrap();
 }
 
 #[tokio::test]
