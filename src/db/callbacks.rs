@@ -313,10 +313,13 @@ pub struct AttemptRow {
 }
 
 /// Every attempt of every delivery of an execution, in order.
-pub async fn attempts(
-    pool: &SqlitePool,
+pub async fn attempts<'c, E>(
+    executor: E,
     execution_id: &str,
-) -> Result<Vec<AttemptRow>, sqlx::Error> {
+) -> Result<Vec<AttemptRow>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     sqlx::query_as!(
         AttemptRow,
         r#"SELECT a.callback_id, a.attempt, a.started_at, a.duration_ms, a.http_status, a.outcome,
@@ -325,7 +328,7 @@ pub async fn attempts(
             WHERE c.execution_id = ? ORDER BY a.started_at, a.attempt"#,
         execution_id
     )
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await
 }
 

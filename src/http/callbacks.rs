@@ -85,12 +85,15 @@ pub(super) async fn list_attempts(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let row = find_async(&state, &id).await?;
-    let deliveries: Vec<CallbackOut> = callbacks::deliveries(&state.db.readers, &row.id)
+    // One read transaction: an attempt recorded between two reads showed
+    // beside its delivery as it was before (`pending`, no attempts).
+    let mut tx = state.db.readers.begin().await?;
+    let deliveries: Vec<CallbackOut> = callbacks::deliveries(&mut *tx, &row.id)
         .await?
         .into_iter()
         .map(Into::into)
         .collect();
-    let attempts: Vec<Value> = callbacks::attempts(&state.db.readers, &row.id)
+    let attempts: Vec<Value> = callbacks::attempts(&mut *tx, &row.id)
         .await?
         .into_iter()
         .map(|a| {
