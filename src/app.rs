@@ -63,6 +63,9 @@ pub async fn serve(
     if let Some((from, to)) = crate::runner::raise_open_files().filter(|(from, to)| from < to) {
         tracing::info!(from, to, "open-file limit raised (programs keep the first)");
     }
+    // Read (and kept) while descriptors are plenty: a first read under a
+    // shortage would wait for it on a runtime thread.
+    crate::supervisor::files::boot_id();
     // Private when the agent makes it: the database holds what programs
     // and callbacks need (env values, signature secrets, header values).
     if !config.data_dir.exists() {

@@ -261,11 +261,11 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// A configuration value that cannot work.
 /// The most client connections there can be: the kernel's own ceiling on
 /// open files (`nr_open`) is 1,048,576 by default.
 const MAX_CONNECTIONS: usize = 1 << 20;
 
+/// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);

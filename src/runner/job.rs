@@ -119,7 +119,7 @@ impl Runner {
         // or follow() finds the job lost. Otherwise the program runs since
         // its gate opened (its pid known, its `exec` under way).
         let Some(spawned_at) = opened_at else {
-            if first == "error cannot fork a supervisor" {
+            if first == crate::supervisor::CANNOT_FORK {
                 // The zygote is out of descriptors or processes for now.
                 return Err(NotStarted {
                     error: "could not start: the zygote could not fork a supervisor".into(),

@@ -171,13 +171,13 @@ impl Runner {
         })
     }
 
-    /// Whether the agent is stopping.
     /// What wakes a live reader of job `id` (output stored, or its end),
     /// while this agent follows the job.
     pub fn stored_signal(&self, id: &str) -> Option<Arc<tokio::sync::Notify>> {
         self.running.get(id).map(|running| running.stored.clone())
     }
 
+    /// Whether the agent is stopping.
     pub fn is_stopping(&self) -> bool {
         self.stopping.is_cancelled()
     }

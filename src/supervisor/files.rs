@@ -138,15 +138,21 @@ pub fn passing(e: &std::io::Error) -> bool {
     )
 }
 
+/// What a read found: `None` when it failed for any reason but one that
+/// says nothing (`passing`), which stays an error.
+fn told<T>(read: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match read {
+        Ok(found) => Ok(Some(found)),
+        Err(e) if passing(&e) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The file at `path` as JSON: `None` when it is missing or unreadable as
 /// such (they are written whole, by a rename); an error when it cannot be
 /// told now (`passing`).
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-        Err(e) if passing(&e) => Err(e),
-        Err(_) => Ok(None),
-    }
+    Ok(told(std::fs::read(path))?.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
 }
 
 /// `read` until it can tell, for a few seconds at most, in a process
@@ -181,10 +187,8 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
 /// The start time of process `pid` in clock ticks since boot, if it is alive
 /// (a zombie is not); an error when that cannot be told now (`passing`).
 pub fn process_start(pid: u32) -> std::io::Result<Option<u64>> {
-    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat,
-        Err(e) if passing(&e) => return Err(e),
-        Err(_) => return Ok(None),
+    let Some(stat) = told(std::fs::read_to_string(format!("/proc/{pid}/stat")))? else {
+        return Ok(None);
     };
     // The command name may hold spaces and parentheses: fields follow the last ')'.
     let Some((_, rest)) = stat.rsplit_once(')') else {
@@ -252,13 +256,10 @@ pub fn process_group(pid: u32) -> Option<u32> {
 pub fn boot_id() -> &'static str {
     static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT_ID.get_or_init(|| {
-        settled_blocking(
-            || match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
-                Ok(id) => Ok(id.trim().to_string()),
-                Err(e) if passing(&e) => Err(e),
-                Err(_) => Ok(String::new()),
-            },
-        )
+        settled_blocking(|| {
+            let id = told(std::fs::read_to_string("/proc/sys/kernel/random/boot_id"))?;
+            Ok(id.map(|id| id.trim().to_string()).unwrap_or_default())
+        })
     })
 }
 

@@ -48,6 +48,10 @@ pub fn main(_runs_dir: &Path) -> ExitCode {
 /// rather than leave it to the agent's next look.
 const NUDGE_BYTES: u64 = 1 << 20;
 
+/// The zygote's report for a job it could not fork a supervisor for: out
+/// of descriptors or processes for now (the agent queues the job again).
+pub const CANNOT_FORK: &str = "error cannot fork a supervisor";
+
 /// How a supervisor tells the agent how its job goes: lines on the
 /// zygote's stdout (shared by every supervisor), each naming the job by its
 /// token.

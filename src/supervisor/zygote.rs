@@ -160,7 +160,7 @@ pub(super) fn serve() -> ExitCode {
                     Some(gate) => {
                         pool.gates.insert(token.to_string(), (gate, Instant::now()));
                     }
-                    None => Reporter(token.to_string()).say("error cannot fork a supervisor"),
+                    None => Reporter(token.to_string()).say(super::CANNOT_FORK),
                 }
             }
         }

@@ -28,10 +28,24 @@ async fn wait_until(
 /// Submits background `body` and waits until its stdout is `printed`: the
 /// submission's answer, and the process as it was then.
 async fn running_and_printed(agent: &Agent, body: Value, printed: &str) -> (Value, Value) {
+    running_until(agent, body, |stdout| stdout == printed).await
+}
+
+/// Submits background `body` and waits until its stdout begins with
+/// `first` (it prints on): the submission's answer, and the process then.
+async fn running_and_begun(agent: &Agent, body: Value, first: &str) -> (Value, Value) {
+    running_until(agent, body, |stdout| stdout.starts_with(first)).await
+}
+
+async fn running_until(
+    agent: &Agent,
+    body: Value,
+    printed: impl Fn(&str) -> bool,
+) -> (Value, Value) {
     let out = agent.post("/execute/background", body).await;
     let id = out["process_id"].as_str().unwrap().to_string();
     let p = wait_until(agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == printed
+        p["stdout"].as_str().is_some_and(&printed)
     })
     .await;
     (out, p)
@@ -138,17 +152,9 @@ async fn a_restart_waits_for_a_database_lock_another_process_holds_and_takes_its
     let port = free_port();
     let agent = Agent::start(data.path(), port, &[]).await;
     let code = "echo before; sleep 8; echo after";
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": code, "language": "bash", "timeout": 60 }),
-        )
-        .await;
+    let body = json!({ "code": code, "language": "bash", "timeout": 60 });
+    let (out, _) = running_and_printed(&agent, body, "before\n").await;
     let id = out["process_id"].as_str().unwrap().to_string();
-    wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"] == "before\n"
-    })
-    .await;
     agent.kill9();
     // Longer than the busy timeout (5 s): the restart exited "database is
     // locked".
@@ -1009,19 +1015,9 @@ async fn a_running_job_is_not_taken_for_lost_while_the_agent_is_out_of_descripto
     let agent =
         agent_with_few_descriptors(data.path(), port, 128, &["--max-connections", "1000"]).await;
     let code = "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done";
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": code, "language": "bash", "timeout": 60 }),
-        )
-        .await;
+    let body = json!({ "code": code, "language": "bash", "timeout": 60 });
+    let (out, _) = running_and_begun(&agent, body, "line 1\n").await;
     let id = out["process_id"].as_str().unwrap().to_string();
-    wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("line 1\n"))
-    })
-    .await;
     // Idle connections until the agent has no descriptor left, held for
     // a second and a half of the job's four.
     let flood: Vec<std::net::TcpStream> = (0..200)
@@ -1080,19 +1076,9 @@ async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_re
     let port = free_port();
     let agent = Agent::start(data.path(), port, &[]).await;
     let code = "for i in $(seq 1 300); do echo \"line $i\"; sleep 0.1; done";
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": code, "language": "bash", "timeout": 60, "max_attempts": 2 }),
-        )
-        .await;
+    let body = json!({ "code": code, "language": "bash", "timeout": 60, "max_attempts": 2 });
+    let (out, first) = running_and_begun(&agent, body, "line 1\n").await;
     let id = out["process_id"].as_str().unwrap().to_string();
-    let first = wait_until(&agent, &id, Duration::from_secs(10), |p| {
-        p["stdout"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("line 1\n"))
-    })
-    .await;
     let pid = first["pid"].as_i64().unwrap();
     assert!(agent.terminate().success());
     let before = std::fs::read_link(data.path().join("runs")).unwrap();
