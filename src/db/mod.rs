@@ -20,6 +20,8 @@
 //!   tried again where giving it up would lose something: a job's end.)
 //! - `journal_size_limit=64MiB`: a WAL that grew while an operator's long read
 //!   held it is cut back after the next checkpoint.
+//! - `wal_autocheckpoint`: on the writer, only past about 64 MiB of WAL;
+//!   checkpoints run on a connection of their own (see `writer`).
 
 pub mod callbacks;
 pub mod executions;
@@ -160,9 +162,14 @@ impl Db {
         migrations.close().await;
         let conn = options(path)
             .synchronous(SqliteSynchronous::Normal)
+            .pragma(
+                "wal_autocheckpoint",
+                writer::WRITER_CHECKPOINT_PAGES.to_string(),
+            )
             .connect()
             .await
             .map_err(connect_err)?;
+        let checkpoints = options(path).connect().await.map_err(connect_err)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -171,7 +178,7 @@ impl Db {
             .map_err(connect_err)?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
-        let (writer, task) = Writer::start(conn, wal.into(), shutdown);
+        let (writer, task) = Writer::start(conn, checkpoints, wal.into(), shutdown);
         Ok((Db { writer, readers }, task))
     }
 }

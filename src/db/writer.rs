@@ -19,6 +19,17 @@
 //! An fsync that fails leaves the disk and the page cache disagreeing about
 //! what is written; the agent then stops at once, and its restart recovers
 //! from what the disk holds.
+//!
+//! Checkpoints (copying the WAL's pages into the database file, with an
+//! fsync of each) run on a connection of their own, at most once every
+//! `CHECKPOINT_EVERY` after a commit, beside the writer rather than inside
+//! it: SQLite's automatic checkpoint runs in the connection whose commit
+//! crossed the threshold, and so held every write behind two fsyncs and the
+//! copy (a job's 10 MiB of output kept its end from being written for
+//! 40–50 ms). The writer still checkpoints by itself past
+//! `WRITER_CHECKPOINT_PAGES`: under writes that never pause, a checkpoint
+//! beside them never catches up, and only a complete one lets the WAL
+//! start over from its beginning.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -35,6 +46,12 @@ const MAX_BATCH: usize = 512;
 const QUEUE: usize = 4096;
 /// Committed batches waiting for their sync before the writer waits too.
 const SYNC_AHEAD: usize = 64;
+/// How long after a commit the checkpoint connection checkpoints: at most
+/// once per this, and only after commits.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The WAL's size, in pages, past which the writer's own commits checkpoint
+/// (SQLite's `wal_autocheckpoint`): about `journal_size_limit`.
+pub(super) const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
@@ -94,16 +111,18 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task on `conn` (opened with `synchronous=NORMAL`)
-    /// for the database whose WAL file is `wal`.
+    /// Starts the writer task on `conn` (opened with `synchronous=NORMAL`
+    /// and `wal_autocheckpoint` at `WRITER_CHECKPOINT_PAGES`) for the
+    /// database whose WAL file is `wal`, and the checkpoints on `checkpoints`.
     pub(super) fn start(
         conn: SqliteConnection,
+        checkpoints: SqliteConnection,
         wal: PathBuf,
         shutdown: CancellationToken,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let hooks = Arc::new(Mutex::new(Hooks::default()));
-        let task = tokio::spawn(run(conn, rx, hooks.clone(), wal, shutdown));
+        let task = tokio::spawn(run(conn, checkpoints, rx, hooks.clone(), wal, shutdown));
         (Writer { jobs: tx, hooks }, task)
     }
 
@@ -180,12 +199,20 @@ impl Writer {
 #[tracing::instrument(name = "db_writer", skip_all)]
 async fn run(
     mut conn: SqliteConnection,
+    checkpoints: SqliteConnection,
     mut rx: mpsc::Receiver<Job>,
     hooks: Arc<Mutex<Hooks>>,
     wal: PathBuf,
     shutdown: CancellationToken,
 ) {
     let (committed, syncer) = WalSync::start(wal.clone());
+    let wrote = Arc::new(tokio::sync::Notify::new());
+    let checkpoints_done = CancellationToken::new();
+    let checkpointer = tokio::spawn(checkpoint(
+        checkpoints,
+        wrote.clone(),
+        checkpoints_done.clone(),
+    ));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -206,6 +233,12 @@ async fn run(
             }
         }
         commit_batch(&mut conn, &mut batch, &hooks, &committed).await;
+        wrote.notify_one();
+    }
+    // Before the last checkpoint, which must not find this one under way.
+    checkpoints_done.cancel();
+    if checkpointer.await.is_err() {
+        tracing::error!("the checkpoint task panicked");
     }
     if let Err(e) = final_checkpoint(&mut conn).await {
         tracing::warn!(error = %e, "the final checkpoint failed");
@@ -327,6 +360,47 @@ async fn commit_batch(
     }
     for reply in replies {
         reply(outcome.clone());
+    }
+}
+
+/// Checkpoints on `conn`, a connection of its own, `CHECKPOINT_EVERY`
+/// after a commit (`wrote`), without waiting for readers or the writer
+/// (`PASSIVE`: what a reader still reads stays in the WAL for the next),
+/// until `done`; then closes `conn`.
+async fn checkpoint(
+    mut conn: SqliteConnection,
+    wrote: Arc<tokio::sync::Notify>,
+    done: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => break,
+            () = wrote.notified() => {}
+        }
+        tokio::select! {
+            () = done.cancelled() => break,
+            () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+        }
+        let started = std::time::Instant::now();
+        // busy, WAL pages, pages in the database file.
+        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut conn)
+            .await;
+        match done {
+            Ok((busy, wal, copied)) => tracing::trace!(
+                busy,
+                wal,
+                copied,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "checkpoint"
+            ),
+            // Another checkpoint under way (an operator's, or the writer's
+            // own): the next commit asks again.
+            Err(e) => tracing::debug!(error = %e, "checkpoint not done"),
+        }
+    }
+    if let Err(e) = conn.close().await {
+        tracing::warn!(error = %e, "closing the checkpoint connection failed");
     }
 }
 

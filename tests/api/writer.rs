@@ -258,3 +258,49 @@ async fn a_one_statement_write_failing_after_its_statement_leaves_nothing() {
     assert_eq!(stored.contains(&"a".to_string()), a, "{stored:?}");
     assert_eq!(stored.contains(&"b".to_string()), b, "{stored:?}");
 }
+
+/// Rows of `k` in the database file alone, as a copy of `execd.db` made
+/// without its `-wal` holds them: opened immutable, so nothing of the WAL
+/// is read (0 too before the table itself is there).
+async fn count_in_file_alone(dir: &Path, k: &str) -> i64 {
+    use sqlx::{ConnectOptions, Connection};
+    let copy = dir.join("copy.db");
+    std::fs::copy(dir.join("execd.db"), &copy).unwrap();
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&copy)
+        .immutable(true)
+        .connect()
+        .await
+        .unwrap();
+    let count = sqlx::query_scalar("SELECT count(*) FROM scratch WHERE k = ?")
+        .bind(k)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(0);
+    conn.close().await.unwrap();
+    count
+}
+
+/// A commit reaches the database file itself within seconds of its write,
+/// though the WAL is far short of SQLite's own threshold for a checkpoint
+/// (1,000 pages): a checkpoint runs beside the writer after commits.
+#[tokio::test]
+async fn a_commit_reaches_the_database_file_itself_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    assert!(put(&db, "late", false, Duration::ZERO).await);
+    let mut found = 0;
+    // Bounded: 6 s at most.
+    for _ in 0..60 {
+        found = count_in_file_alone(dir.path(), "late").await;
+        if found == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        found, 1,
+        "the commit is in execd.db itself, not only in its WAL"
+    );
+    assert_eq!(stored(&db).await, vec!["late".to_string()]);
+}
