@@ -83,6 +83,10 @@ struct Job {
     /// it returned, say); then the whole batch is rolled back, and every
     /// caller in it told so.
     guarded: bool,
+    /// False for a job answered once committed, before the sync: one that
+    /// nothing outside the agent acts on until a later write's sync covers
+    /// it too (output, before its job's end).
+    synced: bool,
 }
 
 /// What runs once the write job that asked for it is committed (or synced).
@@ -174,6 +178,33 @@ impl Writer {
             + Send
             + 'static,
     {
+        self.submit(guarded, true, f).await
+    }
+
+    /// Like `write`, but answered as soon as it is committed, before its
+    /// sync: for a write that nothing outside the agent acts on before a
+    /// later write, whose own sync covers this one too (the WAL is synced in
+    /// order). A job's output, say, whose end comes after it: the output
+    /// of a program writing fast is stored while the last of it syncs.
+    /// (A sync that fails stops the agent: no commit answered here is
+    /// later undone while it runs.)
+    pub async fn write_committed<T, F>(&self, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 'static,
+    {
+        self.submit(true, false, f).await
+    }
+
+    async fn submit<T, F>(&self, guarded: bool, synced: bool, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+            + Send
+            + 'static,
+    {
         let (reply_tx, reply_rx) = oneshot::channel();
         let run: Run = Box::new(move |conn| {
             Box::pin(async move {
@@ -190,7 +221,11 @@ impl Writer {
                 (ok, reply)
             })
         });
-        let job = Job { run, guarded };
+        let job = Job {
+            run,
+            guarded,
+            synced,
+        };
         self.jobs.send(job).await.map_err(|_| WriteError::NotDone)?;
         reply_rx.await.map_err(|_| WriteError::NotDone)?
     }
@@ -274,6 +309,8 @@ async fn commit_batch(
     let size = batch.len();
     let started = std::time::Instant::now();
     let mut replies = Vec::with_capacity(size);
+    // Answered once committed, before the sync.
+    let mut unsynced = Vec::new();
     let begun = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await;
     if let Err(e) = begun {
         // Run nothing; dropping a job answers its caller with `NotDone`.
@@ -313,7 +350,10 @@ async fn commit_batch(
             hooks.commit.truncate(asked_before.0);
             hooks.sync.truncate(asked_before.1);
         }
-        replies.push(reply);
+        match job.synced {
+            true => replies.push(reply),
+            false => unsynced.push(reply),
+        }
     }
     let asked = std::mem::take(&mut *hooks.lock().unwrap());
     let outcome = if failed_alone {
@@ -350,6 +390,9 @@ async fn commit_batch(
         for hook in asked.commit {
             hook();
         }
+        for reply in unsynced {
+            reply(Ok(()));
+        }
         // Answered once synced, while this task runs the next batch.
         if committed.send((asked.sync, replies)).await.is_err() {
             // The sync thread is gone (it stops the agent when a sync
@@ -358,7 +401,7 @@ async fn commit_batch(
         }
         return;
     }
-    for reply in replies {
+    for reply in replies.into_iter().chain(unsynced) {
         reply(outcome.clone());
     }
 }

@@ -202,7 +202,10 @@ impl Tail {
         })
     }
 
-    /// Stores `batch` in a write of its own; whether to go on.
+    /// Stores `batch` in a write of its own; whether to go on. Answered
+    /// once committed, not synced: the job's end, synced, comes after it
+    /// (and nothing else acts on output), so the next batch is stored
+    /// while this one's sync runs.
     async fn store(&mut self, fence: &Fence, writer: &Writer, batch: Batch) -> bool {
         let Batch {
             chunks, progress, ..
@@ -210,7 +213,7 @@ impl Tail {
         let fence = fence.clone();
         let pid = self.along.clone();
         let written = writer
-            .write(move |c| {
+            .write_committed(move |c| {
                 Box::pin(async move {
                     if let Some(Spawned { pid, at }) = &pid {
                         executions::set_pid(c, &fence, *pid, at).await?;

@@ -304,3 +304,64 @@ async fn a_commit_reaches_the_database_file_itself_within_seconds() {
     );
     assert_eq!(stored(&db).await, vec!["late".to_string()]);
 }
+
+/// A write answered once committed (`write_committed`, a job's output) is
+/// answered while the sync of an earlier commit is still under way (here
+/// held up by that commit's after-sync hook), and is in the database by
+/// then; a write answered once synced waits for that sync.
+#[tokio::test]
+async fn a_write_answered_on_commit_does_not_wait_for_the_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    let path = dir.path().join("execd.db");
+    // The sync thread runs this hook, and so syncs nothing more, until released.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let writer = db.writer.clone();
+    let first = tokio::spawn({
+        let db = db.clone();
+        async move {
+            put_with(&db, "first", false, Duration::ZERO, move || {
+                writer.after_sync(move || {
+                    let _ = held.recv_timeout(Duration::from_secs(20));
+                })
+            })
+            .await
+        }
+    });
+    // `first` is committed once its row can be read elsewhere.
+    let committed = async {
+        while count_elsewhere(&path, "first") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), committed)
+        .await
+        .expect("the first write is committed");
+    let on_commit = db.writer.write_committed(|c| {
+        Box::pin(async move {
+            sqlx::query("INSERT INTO scratch (k) VALUES ('output')")
+                .execute(&mut *c)
+                .await
+                .map(drop)
+        })
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(10), on_commit).await;
+    assert!(
+        matches!(answered, Ok(Ok(()))),
+        "answered while the sync is held up: {answered:?}"
+    );
+    assert_eq!(count_elsewhere(&path, "output"), 1);
+    // A synced write waits for the sync the hook holds up.
+    let synced = put(&db, "synced", false, Duration::ZERO);
+    tokio::pin!(synced);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut synced)
+            .await
+            .is_err(),
+        "a synced write was answered while the sync was held up"
+    );
+    release.send(()).unwrap();
+    assert!(synced.await);
+    assert!(first.await.unwrap());
+    assert_eq!(stored(&db).await, ["first", "output", "synced"]);
+}
