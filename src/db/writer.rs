@@ -26,13 +26,17 @@
 //! it: SQLite's automatic checkpoint runs in the connection whose commit
 //! crossed the threshold, and so held every write behind two fsyncs and the
 //! copy (a job's 10 MiB of output kept its end from being written for
-//! 40–50 ms). The writer still checkpoints by itself past
-//! `WRITER_CHECKPOINT_PAGES`: under writes that never pause, a checkpoint
-//! beside them never catches up, and only a complete one lets the WAL
-//! start over from its beginning.
+//! 40–50 ms). But the WAL starts over from its beginning only after a
+//! checkpoint that left nothing behind, and under steady writes one beside
+//! them always does (what was committed while it copied): so once the WAL
+//! holds `FOLD_PAGES`, the writer checkpoints that little rest itself
+//! between two batches, and the WAL starts over at the next commit. Past
+//! `WRITER_CHECKPOINT_PAGES` (readers holding the rest back), the writer
+//! checkpoints after its commits, as SQLite would by itself.
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -48,10 +52,14 @@ const QUEUE: usize = 4096;
 const SYNC_AHEAD: usize = 64;
 /// How long after a commit the checkpoint connection checkpoints: at most
 /// once per this, and only after commits.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// The WAL's size, in pages, past which the writer's own commits checkpoint
 /// (SQLite's `wal_autocheckpoint`): about `journal_size_limit`.
 pub(super) const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
+/// The WAL's size, in pages, from which the writer checkpoints what a
+/// checkpoint beside it left, so that the WAL starts over (SQLite's own
+/// threshold for a checkpoint: about 4 MiB).
+const FOLD_PAGES: i64 = 1_000;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
@@ -242,10 +250,12 @@ async fn run(
 ) {
     let (committed, syncer) = WalSync::start(wal.clone());
     let wrote = Arc::new(tokio::sync::Notify::new());
+    let fold = Arc::new(AtomicBool::new(false));
     let checkpoints_done = CancellationToken::new();
     let checkpointer = tokio::spawn(checkpoint(
         checkpoints,
         wrote.clone(),
+        fold.clone(),
         checkpoints_done.clone(),
     ));
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -266,6 +276,9 @@ async fn run(
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
+        }
+        if fold.swap(false, Ordering::Relaxed) {
+            fold_rest(&mut conn).await;
         }
         commit_batch(&mut conn, &mut batch, &hooks, &committed).await;
         wrote.notify_one();
@@ -409,10 +422,12 @@ async fn commit_batch(
 /// Checkpoints on `conn`, a connection of its own, `CHECKPOINT_EVERY`
 /// after a commit (`wrote`), without waiting for readers or the writer
 /// (`PASSIVE`: what a reader still reads stays in the WAL for the next),
-/// until `done`; then closes `conn`.
+/// and asks the writer to `fold` the rest in once the WAL holds
+/// `FOLD_PAGES`; until `done`, then closes `conn`.
 async fn checkpoint(
     mut conn: SqliteConnection,
     wrote: Arc<tokio::sync::Notify>,
+    fold: Arc<AtomicBool>,
     done: CancellationToken,
 ) {
     loop {
@@ -426,17 +441,22 @@ async fn checkpoint(
         }
         let started = std::time::Instant::now();
         // busy, WAL pages, pages in the database file.
-        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&mut conn)
             .await;
-        match done {
-            Ok((busy, wal, copied)) => tracing::trace!(
-                busy,
-                wal,
-                copied,
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "checkpoint"
-            ),
+        match result {
+            Ok((busy, wal, copied)) => {
+                tracing::trace!(
+                    busy,
+                    wal,
+                    copied,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "checkpoint"
+                );
+                if wal >= FOLD_PAGES {
+                    fold.store(true, Ordering::Relaxed);
+                }
+            }
             // Another checkpoint under way (an operator's, or the writer's
             // own): the next commit asks again.
             Err(e) => tracing::debug!(error = %e, "checkpoint not done"),
@@ -444,6 +464,26 @@ async fn checkpoint(
     }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the checkpoint connection failed");
+    }
+}
+
+/// Checkpoints on the writer's connection, between two batches, what the
+/// checkpoint beside it left (the commits made while it copied): a few
+/// pages, and the WAL starts over at the next commit.
+async fn fold_rest(conn: &mut SqliteConnection) {
+    let started = std::time::Instant::now();
+    let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(conn)
+        .await;
+    match result {
+        Ok((busy, wal, copied)) => tracing::trace!(
+            busy,
+            wal,
+            copied,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "the rest checkpointed"
+        ),
+        Err(e) => tracing::debug!(error = %e, "the rest not checkpointed"),
     }
 }
 

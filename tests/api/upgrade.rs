@@ -89,7 +89,7 @@ async fn an_upgraded_database_reads_its_old_output_the_same_and_gives_the_old_pa
         json!(free)
     };
     helpers::poll_until(Duration::from_secs(10), free, |n| *n == 0).await;
-    // The file is cut at the checkpoint that follows, a second or so later
+    // The file is cut at the checkpoint that follows, a moment later
     // (its size in bytes, for 8 MiB of output).
     let size = || async { json!(std::fs::metadata(&db_path).unwrap().len()) };
     helpers::poll_until(Duration::from_secs(10), size, |n| {
