@@ -60,6 +60,9 @@ pub(super) const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
 /// checkpoint beside it left, so that the WAL starts over (SQLite's own
 /// threshold for a checkpoint: about 4 MiB).
 const FOLD_PAGES: i64 = 1_000;
+/// Checkpoint passes in a row at most, while each finds much committed
+/// since the last (a sixteenth of `FOLD_PAGES`).
+const CHECKPOINT_PASSES: usize = 4;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
@@ -439,27 +442,41 @@ async fn checkpoint(
             () = done.cancelled() => break,
             () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
         }
-        let started = std::time::Instant::now();
-        // busy, WAL pages, pages in the database file.
-        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&mut conn)
-            .await;
-        match result {
-            Ok((busy, wal, copied)) => {
-                tracing::trace!(
-                    busy,
-                    wal,
-                    copied,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "checkpoint"
-                );
-                if wal >= FOLD_PAGES {
-                    fold.store(true, Ordering::Relaxed);
+        // Again while the last pass left much behind (what was committed
+        // while it copied), so that what the writer folds in is little.
+        let mut seen = 0;
+        for _ in 0..CHECKPOINT_PASSES {
+            let started = std::time::Instant::now();
+            // busy, WAL pages, pages in the database file.
+            let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut conn)
+                .await;
+            match result {
+                Ok((busy, wal, copied)) => {
+                    tracing::trace!(
+                        busy,
+                        wal,
+                        copied,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "checkpoint"
+                    );
+                    let new = wal - seen;
+                    seen = wal;
+                    if new < FOLD_PAGES / 16 {
+                        break;
+                    }
+                }
+                // Another checkpoint under way (an operator's, or the
+                // writer's own): the next commit asks again.
+                Err(e) => {
+                    tracing::debug!(error = %e, "checkpoint not done");
+                    seen = 0;
+                    break;
                 }
             }
-            // Another checkpoint under way (an operator's, or the writer's
-            // own): the next commit asks again.
-            Err(e) => tracing::debug!(error = %e, "checkpoint not done"),
+        }
+        if seen >= FOLD_PAGES {
+            fold.store(true, Ordering::Relaxed);
         }
     }
     if let Err(e) = conn.close().await {
