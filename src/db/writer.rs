@@ -21,12 +21,12 @@
 //! from what the disk holds.
 //!
 //! Checkpoints (copying the WAL's pages into the database file, with an
-//! fsync of each) run on a connection of their own, at most once every
-//! `CHECKPOINT_EVERY` after a commit, beside the writer rather than inside
-//! it: SQLite's automatic checkpoint runs in the connection whose commit
-//! crossed the threshold, and so held every write behind two fsyncs and the
-//! copy (a job's 10 MiB of output kept its end from being written for
-//! 40–50 ms). But the WAL starts over from its beginning only after a
+//! fsync of each) run on a connection of their own, `CHECKPOINT_EVERY`
+//! after commits (in up to `CHECKPOINT_PASSES` passes), beside the writer
+//! rather than inside it: SQLite's automatic checkpoint runs in the
+//! connection whose commit crossed the threshold, and so held every write
+//! behind two fsyncs and the copy (a job's 10 MiB of output kept its end
+//! from being written for 40–50 ms). But the WAL starts over from its beginning only after a
 //! checkpoint that left nothing behind, and under steady writes one beside
 //! them always does (what was committed while it copied): so once the WAL
 //! holds `FOLD_PAGES`, the writer checkpoints that little rest itself
@@ -446,33 +446,16 @@ async fn checkpoint(
         // while it copied), so that what the writer folds in is little.
         let mut seen = 0;
         for _ in 0..CHECKPOINT_PASSES {
-            let started = std::time::Instant::now();
-            // busy, WAL pages, pages in the database file.
-            let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(&mut conn)
-                .await;
-            match result {
-                Ok((busy, wal, copied)) => {
-                    tracing::trace!(
-                        busy,
-                        wal,
-                        copied,
-                        elapsed_us = started.elapsed().as_micros() as u64,
-                        "checkpoint"
-                    );
-                    let new = wal - seen;
-                    seen = wal;
-                    if new < FOLD_PAGES / 16 {
-                        break;
-                    }
-                }
-                // Another checkpoint under way (an operator's, or the
-                // writer's own): the next commit asks again.
-                Err(e) => {
-                    tracing::debug!(error = %e, "checkpoint not done");
-                    seen = 0;
-                    break;
-                }
+            // Another checkpoint under way (an operator's, or the writer's
+            // own): the next commit asks again.
+            let Some(wal) = checkpoint_passive(&mut conn, "beside the writer").await else {
+                seen = 0;
+                break;
+            };
+            let new = wal - seen;
+            seen = wal;
+            if new < FOLD_PAGES / 16 {
+                break;
             }
         }
         if seen >= FOLD_PAGES {
@@ -488,19 +471,33 @@ async fn checkpoint(
 /// checkpoint beside it left (the commits made while it copied): a few
 /// pages, and the WAL starts over at the next commit.
 async fn fold_rest(conn: &mut SqliteConnection) {
+    checkpoint_passive(conn, "the writer's rest").await;
+}
+
+/// A `PASSIVE` checkpoint on `conn` (`by` says whose, in the log): the
+/// pages in the WAL as it began, or `None` if it could not run.
+async fn checkpoint_passive(conn: &mut SqliteConnection, by: &str) -> Option<i64> {
     let started = std::time::Instant::now();
+    // busy, WAL pages, pages in the database file.
     let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
         .fetch_one(conn)
         .await;
     match result {
-        Ok((busy, wal, copied)) => tracing::trace!(
-            busy,
-            wal,
-            copied,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "the rest checkpointed"
-        ),
-        Err(e) => tracing::debug!(error = %e, "the rest not checkpointed"),
+        Ok((busy, wal, copied)) => {
+            tracing::trace!(
+                by,
+                busy,
+                wal,
+                copied,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "checkpoint"
+            );
+            Some(wal)
+        }
+        Err(e) => {
+            tracing::debug!(by, error = %e, "checkpoint not done");
+            None
+        }
     }
 }
 

@@ -15,18 +15,16 @@ async fn open(dir: &std::path::Path) -> Db {
     let (db, _writer) = Db::open(&dir.join("execd.db"), CancellationToken::new())
         .await
         .unwrap();
+    run_sql(&db, "CREATE TABLE scratch (k TEXT NOT NULL)").await;
+    db
+}
+
+/// Runs one statement through the writer, which must succeed.
+async fn run_sql(db: &Db, sql: &'static str) {
     db.writer
-        .write(|c| {
-            Box::pin(async move {
-                sqlx::query("CREATE TABLE scratch (k TEXT NOT NULL)")
-                    .execute(&mut *c)
-                    .await
-                    .map(drop)
-            })
-        })
+        .write(move |c| Box::pin(async move { sqlx::query(sql).execute(&mut *c).await.map(drop) }))
         .await
         .unwrap();
-    db
 }
 
 /// Writes `k`, then fails when `fail`, after waiting `hold` (the writer is
@@ -375,31 +373,11 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path()).await;
     let wal = dir.path().join("execd.db-wal");
-    db.writer
-        .write(|c| {
-            Box::pin(async move {
-                sqlx::query("CREATE TABLE blobs (b BLOB NOT NULL)")
-                    .execute(&mut *c)
-                    .await
-                    .map(drop)
-            })
-        })
-        .await
-        .unwrap();
+    run_sql(&db, "CREATE TABLE blobs (b BLOB NOT NULL)").await;
     let mut largest = 0;
     // 48 MiB in 64 KiB rows, one write after the other.
     for _ in 0..768 {
-        db.writer
-            .write(|c| {
-                Box::pin(async move {
-                    sqlx::query("INSERT INTO blobs (b) VALUES (randomblob(65536))")
-                        .execute(&mut *c)
-                        .await
-                        .map(drop)
-                })
-            })
-            .await
-            .unwrap();
+        run_sql(&db, "INSERT INTO blobs (b) VALUES (randomblob(65536))").await;
         largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
     }
     assert!(
