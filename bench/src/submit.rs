@@ -150,6 +150,11 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
     }
     let rss_kib = agent::status_kib(pid, "VmHWM").unwrap_or(0);
     let db = agent.db_path();
+    // SQLite reuses its WAL file from the start rather than shrink it (the
+    // agent's stop empties it): its size now is the most the WAL held.
+    let mut wal = db.clone().into_os_string();
+    wal.push("-wal");
+    let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
     let backlog_jobs = other_lane_under_backlog(ctx, &agent).await?;
     agent.stop().await?;
     let stored: i64 = report::open_db_read(&db)?.query_row(
@@ -188,6 +193,10 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
         agent_cpu * 1e6 / accepted.max(1) as f64,
         own_cpu / window.as_secs_f64(),
         rss_kib / 1024
+    ));
+    out.note(format!(
+        "the WAL file after the window: {:.1} MiB (the most the WAL held: it is reused from its start, not shrunk)",
+        wal_bytes as f64 / (1 << 20) as f64
     ));
 
     // Baseline: one fsynced transaction per row, same disk, same schema.

@@ -39,7 +39,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
-pub use writer::{WriteError, Writer};
+pub use writer::{WriteError, WriteFn, Writer};
 
 /// The migrations in `migrations/`, embedded in the binary and run at start.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

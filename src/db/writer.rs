@@ -115,6 +115,20 @@ struct Hooks {
 /// A committed batch, for the sync thread: its hooks, then its callers.
 type Committed = (Vec<Hook>, Vec<Reply>);
 
+/// A write job's statements, run on the writer's connection in its
+/// transaction.
+pub trait WriteFn<T>:
+    for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>> + Send + 'static
+{
+}
+
+impl<T, F> WriteFn<T> for F where
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
+        + Send
+        + 'static
+{
+}
+
 /// A handle to the writer task; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
@@ -161,9 +175,7 @@ impl Writer {
     pub async fn write<T, F>(&self, f: F) -> Result<T, WriteError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
-            + Send
-            + 'static,
+        F: WriteFn<T>,
     {
         self.write_as(true, f).await
     }
@@ -173,9 +185,7 @@ impl Writer {
     pub async fn write_one<T, F>(&self, f: F) -> Result<T, WriteError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
-            + Send
-            + 'static,
+        F: WriteFn<T>,
     {
         self.write_as(false, f).await
     }
@@ -185,9 +195,7 @@ impl Writer {
     pub async fn write_as<T, F>(&self, guarded: bool, f: F) -> Result<T, WriteError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
-            + Send
-            + 'static,
+        F: WriteFn<T>,
     {
         self.submit(guarded, true, f).await
     }
@@ -202,9 +210,7 @@ impl Writer {
     pub async fn write_committed<T, F>(&self, f: F) -> Result<T, WriteError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
-            + Send
-            + 'static,
+        F: WriteFn<T>,
     {
         self.submit(true, false, f).await
     }
@@ -212,9 +218,7 @@ impl Writer {
     async fn submit<T, F>(&self, guarded: bool, synced: bool, f: F) -> Result<T, WriteError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>
-            + Send
-            + 'static,
+        F: WriteFn<T>,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
         let run: Run = Box::new(move |conn| {

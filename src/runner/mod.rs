@@ -22,8 +22,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use sqlx::SqliteConnection;
 use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -717,11 +715,7 @@ impl Runner {
     ) -> Result<(Vec<String>, T), db::WriteError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(
-                &'c mut SqliteConnection,
-            ) -> BoxFuture<'c, Result<(Vec<String>, T), sqlx::Error>>
-            + Send
-            + 'static,
+        F: db::WriteFn<(Vec<String>, T)>,
     {
         let cap = self.config.callback_output_bytes;
         let lease = self.deliverer.lease();
