@@ -475,6 +475,9 @@ pub struct ExecutionRow {
     pub started_at: Option<String>,
     pub spawned_at: Option<String>,
     pub completed_at: Option<String>,
+    /// Output stored of the attempt shown, per stream.
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub callback_url: Option<String>,
@@ -492,7 +495,8 @@ where
                   status, attempt, max_attempts, pid, exit_code, error, timeout_ms, created_at, started_at,
                   spawned_at, completed_at,
                   stdout_truncated AS "stdout_truncated: bool",
-                  stderr_truncated AS "stderr_truncated: bool", callback_url
+                  stderr_truncated AS "stderr_truncated: bool", callback_url,
+                  stdout_bytes, stderr_bytes
              FROM executions WHERE id = ?1 OR process_id = ?1"#,
         id
     )
@@ -528,7 +532,8 @@ where
                           status, attempt, max_attempts, pid, exit_code, error, timeout_ms, created_at, started_at,
                   spawned_at, completed_at,
                           stdout_truncated AS "stdout_truncated: bool",
-                          stderr_truncated AS "stderr_truncated: bool", callback_url
+                          stderr_truncated AS "stderr_truncated: bool", callback_url,
+                  stdout_bytes, stderr_bytes
                      FROM executions
                     WHERE status = ?1 AND seq < ?2 AND (?3 IS NULL OR name = ?3)
                     ORDER BY seq DESC LIMIT ?4 OFFSET ?5"#,
@@ -549,7 +554,8 @@ where
                           status, attempt, max_attempts, pid, exit_code, error, timeout_ms, created_at, started_at,
                   spawned_at, completed_at,
                           stdout_truncated AS "stdout_truncated: bool",
-                          stderr_truncated AS "stderr_truncated: bool", callback_url
+                          stderr_truncated AS "stderr_truncated: bool", callback_url,
+                  stdout_bytes, stderr_bytes
                      FROM executions
                     WHERE seq < ?1 AND (?2 IS NULL OR name = ?2)
                     ORDER BY seq DESC LIMIT ?3 OFFSET ?4"#,

@@ -110,6 +110,7 @@ pub async fn read<'c, E>(
     execution_id: &str,
     attempt: i64,
     stream: Stream,
+    expected: u64,
 ) -> Result<Vec<u8>, sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
@@ -123,11 +124,22 @@ where
         stream
     )
     .fetch(executor);
-    let mut out = Vec::new();
+    // Room for what the row counts, at once: grown a chunk at a time, the
+    // buffer would pass through sizes up to twice the output, each copied
+    // into the next. (Bounded: a count edited by hand reserves no more.)
+    let mut out = Vec::with_capacity(expected.min(EXPECTED_AT_MOST) as usize);
     while let Some(data) = rows.try_next().await? {
         out.extend_from_slice(&data);
     }
     Ok(out)
+}
+
+/// The most `read` reserves ahead for what a row says it stored.
+const EXPECTED_AT_MOST: u64 = 1 << 30;
+
+/// Output as text, invalid UTF-8 replaced; valid output is not copied.
+pub fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A tail (`read_tail`) as text. Where the cut (`cut`) split a character,

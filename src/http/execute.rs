@@ -38,7 +38,7 @@ pub(super) async fn execute_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<ExecuteIn>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let submission = Submission::parse(body.value, Lane::Sync, &state.limits)?;
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
@@ -48,7 +48,7 @@ pub(super) async fn command_sync(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: JsonBody<CommandIn>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let submission = Submission::parse_command(body.value, Lane::Sync, &state.limits)?;
     run_to_end(&state, submission, idempotency(&headers, &body.hash)?).await
 }
@@ -357,7 +357,7 @@ async fn run_to_end(
     state: &AppState,
     submission: Submission,
     idempotency: Option<Idempotency>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let wait = submission.timeout + state.kill_grace + SYNC_SLACK.max(state.sync_start_within);
     let deadline = tokio::time::Instant::now() + wait;
     let submitted = submit(state, submission, idempotency).await?;
@@ -397,8 +397,9 @@ async fn run_to_end(
     let mut out = json!({
         "success": row.status == "completed",
         "status": row.status,
-        "stdout": stdout,
-        "stderr": stderr,
+        // Moved in, not copied (as `json!` would a `String`).
+        "stdout": Value::String(stdout),
+        "stderr": Value::String(stderr),
         "stdout_truncated": stdout_truncated,
         "stderr_truncated": stderr_truncated,
         "exit_code": row.exit_code,
@@ -438,6 +439,6 @@ async fn run_to_end(
             ),
         )
         .with_details(out)),
-        _ => Ok(Json(out)),
+        _ => super::streamed::with_output(out),
     }
 }

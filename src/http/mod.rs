@@ -8,6 +8,7 @@ mod execute;
 mod live;
 pub mod openapi;
 mod processes;
+mod streamed;
 mod system;
 
 use std::sync::Arc;

@@ -96,8 +96,13 @@ async fn read_stream(
 ) -> Result<(String, bool), ApiError> {
     let (text, cut) = match view {
         OutputView::Full => {
-            let bytes = output::read(&mut *conn, &row.id, row.attempt, stream).await?;
-            (String::from_utf8_lossy(&bytes).into_owned(), false)
+            let counted = match stream {
+                Stream::Stdout => row.stdout_bytes,
+                Stream::Stderr => row.stderr_bytes,
+            };
+            let counted = u64::try_from(counted).unwrap_or(0);
+            let bytes = output::read(&mut *conn, &row.id, row.attempt, stream, counted).await?;
+            (output::into_text(bytes), false)
         }
         OutputView::Tail(max) => {
             let (bytes, cut) =
@@ -250,15 +255,23 @@ pub(super) async fn list(
 pub(super) async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<ProcessOut>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     // One read transaction: the row shown with its own output.
     let mut tx = state.db.readers.begin().await?;
     let row = executions::get(&mut *tx, &id)
         .await?
         .ok_or_else(|| ApiError::process_not_found(&id))?;
-    Ok(Json(
-        ProcessOut::load(&mut tx, row, OutputView::Full).await?,
-    ))
+    let mut process = ProcessOut::load(&mut tx, row, OutputView::Full).await?;
+    drop(tx);
+    // The output moved, not copied, into the object sent.
+    let (stdout, stderr) = (
+        std::mem::take(&mut process.stdout),
+        std::mem::take(&mut process.stderr),
+    );
+    let mut object = serde_json::to_value(&process).map_err(ApiError::internal)?;
+    object["stdout"] = Value::String(stdout);
+    object["stderr"] = Value::String(stderr);
+    super::streamed::with_output(object)
 }
 
 #[utoipa::path(post, path = "/execute/kill/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished (nothing changed)", body = crate::http::openapi::KillOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]

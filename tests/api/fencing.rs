@@ -96,7 +96,7 @@ async fn a_stale_writer_changes_nothing_after_the_row_was_taken_over() {
         (row.pid, row.exit_code, row.error.as_deref()),
         (None, None, None)
     );
-    assert!(output::read(&db.readers, &id, attempt, Stream::Stdout)
+    assert!(output::read(&db.readers, &id, attempt, Stream::Stdout, 0)
         .await
         .unwrap()
         .is_empty());

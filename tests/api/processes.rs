@@ -447,6 +447,47 @@ async fn read_events(mut response: reqwest::Response) -> Vec<(String, String, Va
         .collect()
 }
 
+/// A process's whole output comes back as stored, in one process and in a
+/// sync run's result alike: the answer is sent a piece at a time, and no
+/// escape or character is broken where one piece meets the next.
+#[tokio::test]
+async fn the_whole_output_comes_back_as_stored_past_many_pieces_of_the_answer() {
+    let app = spawn_app().await;
+    // About 1.4 MB on each stream: quotes, backslashes, control characters,
+    // two-, three- and four-byte characters, and invalid bytes.
+    let code = "import sys\n\
+                unit = 'a\"b\\\\c\\n\\t\\x01\u{e9}\u{20ac}\u{1f600}'.encode()\n\
+                sys.stdout.buffer.write(unit * 60000)\n\
+                sys.stderr.buffer.write((b'x\\xff' + unit) * 50000)";
+    let unit = "a\"b\\c\n\t\u{1}\u{e9}\u{20ac}\u{1f600}";
+    let stdout = unit.repeat(60_000);
+    let stderr = format!("x\u{fffd}{unit}").repeat(50_000);
+
+    let id = app
+        .background(json!({ "code": code, "language": "python" }))
+        .await;
+    let process = app.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(process["status"], "completed", "{}", process["error"]);
+    assert!(process["stdout"] == stdout.as_str(), "stdout differs");
+    assert!(process["stderr"] == stderr.as_str(), "stderr differs");
+    assert_eq!(process["process_id"], id.as_str());
+
+    let (status, run) = app
+        .post_json("/execute", json!({ "code": code, "language": "python" }))
+        .await;
+    assert_eq!(status, 200, "{}", run["error"]);
+    assert!(
+        run["stdout"] == stdout.as_str(),
+        "a sync run's stdout differs"
+    );
+    assert!(
+        run["stderr"] == stderr.as_str(),
+        "a sync run's stderr differs"
+    );
+    assert_eq!(run["success"], true);
+    app.stop().await;
+}
+
 /// Each event's text is whole: a character the program writes in two parts,
 /// or one on the boundary of two stored chunks, is never split in two.
 #[tokio::test]
