@@ -134,6 +134,94 @@ where
     Ok(out)
 }
 
+/// One stream's output as it was when `Pages::of` was called (its chunks up
+/// to then), read a page at a time: an answer that sends a large output
+/// reads it as it goes, instead of holding all of it at once.
+#[derive(Debug)]
+pub struct Pages {
+    pool: SqlitePool,
+    execution_id: String,
+    attempt: i64,
+    stream: Stream,
+    /// The last chunk then (`None`: there was none), and the last one read.
+    last: Option<i64>,
+    read_to: Option<i64>,
+    /// The chunks not read yet were gone when looked for: the execution was
+    /// deleted meanwhile (all its output goes in one statement).
+    pub gone: bool,
+}
+
+/// Chunks in one page of `Pages` (each at most 64 KiB).
+const PAGE_CHUNKS: i64 = 16;
+
+impl Pages {
+    /// The chunks of one stream of `execution_id`'s `attempt` up to now
+    /// (on `conn`, in the transaction its row was read in), to be read
+    /// later from `pool`.
+    pub async fn of(
+        conn: &mut SqliteConnection,
+        pool: &SqlitePool,
+        execution_id: &str,
+        attempt: i64,
+        stream: Stream,
+    ) -> Result<Pages, sqlx::Error> {
+        let name = stream.as_str();
+        let last = sqlx::query_scalar!(
+            r#"SELECT MAX(seq) AS "last: i64" FROM output_chunks
+                WHERE execution_id = ? AND attempt = ? AND stream = ?"#,
+            execution_id,
+            attempt,
+            name
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(Pages {
+            pool: pool.clone(),
+            execution_id: execution_id.to_string(),
+            attempt,
+            stream,
+            last,
+            read_to: None,
+            gone: false,
+        })
+    }
+
+    /// The next page's bytes; `None` once past the last chunk, or when the
+    /// rest is `gone`.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        let Some(last) = self.last.filter(|last| self.read_to < Some(*last)) else {
+            return Ok(None);
+        };
+        let (stream, after) = (self.stream.as_str(), self.read_to.unwrap_or(i64::MIN));
+        let chunks = sqlx::query!(
+            r#"SELECT seq AS "seq!", data AS "data!: Vec<u8>" FROM output_chunks
+                WHERE execution_id = ? AND attempt = ? AND stream = ? AND seq > ? AND seq <= ?
+                ORDER BY seq LIMIT ?"#,
+            self.execution_id,
+            self.attempt,
+            stream,
+            after,
+            last,
+            PAGE_CHUNKS
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(end) = chunks.last().map(|c| c.seq) else {
+            self.read_to = Some(last);
+            self.gone = true;
+            return Ok(None);
+        };
+        self.read_to = Some(end);
+        Ok(Some(
+            chunks
+                .into_iter()
+                .map(|c| c.data)
+                .collect::<Vec<_>>()
+                .concat(),
+        ))
+    }
+}
+
 /// The most `read` reserves ahead for what a row says it stored.
 const EXPECTED_AT_MOST: u64 = 1 << 30;
 

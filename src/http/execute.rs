@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::processes::{read_output, OutputView};
+use super::processes::whole_output;
 use super::{timestamp_now, ApiError, AppState, JsonBody};
 use crate::db::executions::{self, Idempotency, Inserted, Run};
 use crate::db::{self};
@@ -386,10 +386,10 @@ async fn run_to_end(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         row = runner.wait_terminal(id, left).await?.ok_or_else(vanished)?;
     }
-    let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = read_output(
+    let output = whole_output(
         &mut *state.db.readers.acquire().await?,
+        &state.db.readers,
         &row,
-        OutputView::Full,
     )
     .await?;
     let execution_time =
@@ -397,11 +397,8 @@ async fn run_to_end(
     let mut out = json!({
         "success": row.status == "completed",
         "status": row.status,
-        // Moved in, not copied (as `json!` would a `String`).
-        "stdout": Value::String(stdout),
-        "stderr": Value::String(stderr),
-        "stdout_truncated": stdout_truncated,
-        "stderr_truncated": stderr_truncated,
+        "stdout_truncated": row.stdout_truncated,
+        "stderr_truncated": row.stderr_truncated,
         "exit_code": row.exit_code,
         "execution_time": execution_time,
         "language": row.language,
@@ -414,6 +411,14 @@ async fn run_to_end(
         out["command"] = json!(row.command);
         out["pid"] = json!(row.pid);
     }
+    let ended = !matches!(row.status.as_str(), "queued" | "running" | "timeout");
+    if ended {
+        return super::streamed::with_output(out, output);
+    }
+    // An error's details carry the output so far, whole.
+    let [stdout, stderr] = output;
+    out["stdout"] = Value::String(stdout.into_string().await?);
+    out["stderr"] = Value::String(stderr.into_string().await?);
     match row.status.as_str() {
         // Not a 5xx: a client would retry it and run the code a second time.
         "queued" | "running" if state.runner.is_stopping() => Err(ApiError::new(
@@ -439,6 +444,6 @@ async fn run_to_end(
             ),
         )
         .with_details(out)),
-        _ => super::streamed::with_output(out),
+        _ => unreachable!("an ended run is answered above"),
     }
 }

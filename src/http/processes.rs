@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::SqliteConnection;
 
+use super::streamed::Text;
 use super::{parse_json, timestamp_now, ApiError, AppState, BoundedBody};
 use crate::db::executions::{self, ExecutionRow, ListFilter};
 use crate::db::output;
@@ -67,10 +68,40 @@ pub struct ProcessOut {
 /// How much output to show.
 #[derive(Clone, Copy)]
 pub enum OutputView {
-    /// Everything stored.
-    Full,
     /// The last bytes of each stream.
     Tail(usize),
+    /// None here: it is sent on its own (`whole_output`).
+    Apart,
+}
+
+/// Output larger than this, per stream, is read a page at a time as the
+/// answer is sent, not all at once before.
+const WHOLE_AT_MOST: u64 = 1 << 20;
+
+/// The two streams of `row`, whole, as an answer sends them (`streamed`):
+/// a small one read now, a large one's chunks as they are now, to be read
+/// while the answer is sent. On `conn`, in the transaction `row` was read in.
+pub async fn whole_output(
+    conn: &mut SqliteConnection,
+    pool: &sqlx::SqlitePool,
+    row: &ExecutionRow,
+) -> Result<[Text; 2], ApiError> {
+    let mut texts = Vec::with_capacity(2);
+    for (stream, counted) in [
+        (Stream::Stdout, row.stdout_bytes),
+        (Stream::Stderr, row.stderr_bytes),
+    ] {
+        let counted = u64::try_from(counted).unwrap_or(0);
+        texts.push(match counted > WHOLE_AT_MOST {
+            true => Text::Pages(
+                output::Pages::of(&mut *conn, pool, &row.id, row.attempt, stream).await?,
+            ),
+            false => Text::Whole(output::into_text(
+                output::read(&mut *conn, &row.id, row.attempt, stream, counted).await?,
+            )),
+        });
+    }
+    Ok(texts.try_into().ok().expect("two streams"))
 }
 
 /// The two streams of an execution as text (invalid UTF-8 replaced), with
@@ -95,15 +126,6 @@ async fn read_stream(
     view: OutputView,
 ) -> Result<(String, bool), ApiError> {
     let (text, cut) = match view {
-        OutputView::Full => {
-            let counted = match stream {
-                Stream::Stdout => row.stdout_bytes,
-                Stream::Stderr => row.stderr_bytes,
-            };
-            let counted = u64::try_from(counted).unwrap_or(0);
-            let bytes = output::read(&mut *conn, &row.id, row.attempt, stream, counted).await?;
-            (output::into_text(bytes), false)
-        }
         OutputView::Tail(max) => {
             let (bytes, cut) =
                 output::read_tail(&mut *conn, &row.id, row.attempt, stream, max).await?;
@@ -111,6 +133,7 @@ async fn read_stream(
             let (text, fitted) = fit_json(output::tail_text(&bytes, cut), max);
             (text, cut || fitted)
         }
+        OutputView::Apart => (String::new(), false),
     };
     let flagged = match stream {
         Stream::Stdout => row.stdout_truncated,
@@ -261,17 +284,11 @@ pub(super) async fn one(
     let row = executions::get(&mut *tx, &id)
         .await?
         .ok_or_else(|| ApiError::process_not_found(&id))?;
-    let mut process = ProcessOut::load(&mut tx, row, OutputView::Full).await?;
+    let output = whole_output(&mut tx, &state.db.readers, &row).await?;
+    let process = ProcessOut::load(&mut tx, row, OutputView::Apart).await?;
     drop(tx);
-    // The output moved, not copied, into the object sent.
-    let (stdout, stderr) = (
-        std::mem::take(&mut process.stdout),
-        std::mem::take(&mut process.stderr),
-    );
-    let mut object = serde_json::to_value(&process).map_err(ApiError::internal)?;
-    object["stdout"] = Value::String(stdout);
-    object["stderr"] = Value::String(stderr);
-    super::streamed::with_output(object)
+    let object = serde_json::to_value(&process).map_err(ApiError::internal)?;
+    super::streamed::with_output(object, output)
 }
 
 #[utoipa::path(post, path = "/execute/kill/{id}", tag = "execd", params(("id" = String, Path, description = "The process_id or execution_id")), responses((status = 200, description = "Killed, or already finished (nothing changed)", body = crate::http::openapi::KillOut), (status = 404, description = "PROCESS_NOT_FOUND", body = crate::http::openapi::ErrorOut), crate::http::openapi::Errors))]

@@ -448,20 +448,22 @@ async fn read_events(mut response: reqwest::Response) -> Vec<(String, String, Va
 }
 
 /// A process's whole output comes back as stored, in one process and in a
-/// sync run's result alike: the answer is sent a piece at a time, and no
-/// escape or character is broken where one piece meets the next.
+/// sync run's result alike: the answer is sent a piece at a time, a large
+/// output read a page at a time, and no escape or character is broken
+/// where one piece or page meets the next.
 #[tokio::test]
 async fn the_whole_output_comes_back_as_stored_past_many_pieces_of_the_answer() {
     let app = spawn_app().await;
-    // About 1.4 MB on each stream: quotes, backslashes, control characters,
-    // two-, three- and four-byte characters, and invalid bytes.
+    // About 1.4 MB on stdout (past the 1 MiB read at once) and 0.5 MB on
+    // stderr: quotes, backslashes, control characters, two-, three- and
+    // four-byte characters, and invalid bytes.
     let code = "import sys\n\
                 unit = 'a\"b\\\\c\\n\\t\\x01\u{e9}\u{20ac}\u{1f600}'.encode()\n\
-                sys.stdout.buffer.write(unit * 60000)\n\
-                sys.stderr.buffer.write((b'x\\xff' + unit) * 50000)";
+                sys.stdout.buffer.write(unit * 80000)\n\
+                sys.stderr.buffer.write((b'x\\xff' + unit) * 25000)";
     let unit = "a\"b\\c\n\t\u{1}\u{e9}\u{20ac}\u{1f600}";
-    let stdout = unit.repeat(60_000);
-    let stderr = format!("x\u{fffd}{unit}").repeat(50_000);
+    let stdout = unit.repeat(80_000);
+    let stderr = format!("x\u{fffd}{unit}").repeat(25_000);
 
     let id = app
         .background(json!({ "code": code, "language": "python" }))
@@ -485,6 +487,59 @@ async fn the_whole_output_comes_back_as_stored_past_many_pieces_of_the_answer() 
         "a sync run's stderr differs"
     );
     assert_eq!(run["success"], true);
+    app.stop().await;
+}
+
+/// A large output is read while it is sent: when the execution is deleted
+/// meanwhile (an operator's `sqlite3`, say), the answer breaks off rather
+/// than end as whole JSON with a hole in the output.
+#[tokio::test]
+async fn an_output_deleted_while_it_is_sent_breaks_the_answer_off() {
+    let app = spawn_app().await;
+    let code = "import sys\nsys.stdout.write('x' * (8 << 20))";
+    let id = app
+        .background(json!({ "code": code, "language": "python" }))
+        .await;
+    let process = app
+        .wait_for(&id, Duration::from_secs(30), |p| {
+            p["status"] != "queued" && p["status"] != "running"
+        })
+        .await;
+    assert_eq!(process["status"], "completed", "{}", process["error"]);
+    let execution_id = process["execution_id"].as_str().unwrap().to_string();
+
+    // Read a little, and stop reading: the rest waits in the agent.
+    let mut response = app.get(&format!("/execute/processes/{id}")).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response
+        .chunk()
+        .await
+        .expect("a first piece")
+        .expect("a first piece")
+        .to_vec();
+    sqlite3(
+        &app.data_dir.path().join("execd.db"),
+        &format!("PRAGMA foreign_keys = ON; DELETE FROM executions WHERE id = '{execution_id}';"),
+    );
+    let ended = loop {
+        match response.chunk().await {
+            Ok(Some(piece)) => body.extend_from_slice(&piece),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "the answer ended as if whole");
+    assert!(
+        body.len() < (8 << 20),
+        "all the output was sent: {} bytes",
+        body.len()
+    );
+    assert!(
+        serde_json::from_slice::<Value>(&body).is_err(),
+        "whole JSON"
+    );
+    let (status, _) = app.get_json(&format!("/execute/processes/{id}")).await;
+    assert_eq!(status, 404);
     app.stop().await;
 }
 
