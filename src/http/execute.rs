@@ -411,29 +411,19 @@ async fn run_to_end(
         out["command"] = json!(row.command);
         out["pid"] = json!(row.pid);
     }
-    let ended = !matches!(row.status.as_str(), "queued" | "running" | "timeout");
-    if ended {
-        return super::streamed::with_output(out, output);
-    }
-    // An error's details carry the output so far, whole.
-    let [stdout, stderr] = output;
-    out["stdout"] = Value::String(stdout.into_string().await?);
-    out["stderr"] = Value::String(stderr.into_string().await?);
-    match row.status.as_str() {
+    let error = match row.status.as_str() {
         // Not a 5xx: a client would retry it and run the code a second time.
-        "queued" | "running" if state.runner.is_stopping() => Err(ApiError::new(
+        "queued" | "running" if state.runner.is_stopping() => ApiError::new(
             StatusCode::CONFLICT,
             "SHUTTING_DOWN",
             run_goes_on(&row.id),
-        )
-        .with_details(out)),
-        "timeout" => Err(ApiError::new(
+        ),
+        "timeout" => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "EXECUTION_TIMEOUT",
             format!("execution timed out after {} s", row.timeout_ms as f64 / 1000.0),
-        )
-        .with_details(out)),
-        "queued" | "running" => Err(ApiError::new(
+        ),
+        "queued" | "running" => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "EXECUTION_TIMEOUT",
             format!(
@@ -442,8 +432,12 @@ async fn run_to_end(
                 wait.as_secs(),
                 row.id
             ),
-        )
-        .with_details(out)),
-        _ => unreachable!("an ended run is answered above"),
-    }
+        ),
+        _ => return super::streamed::with_output(out, output),
+    };
+    // An error's details carry the output so far, whole.
+    let [stdout, stderr] = output;
+    out["stdout"] = Value::String(stdout.into_string().await?);
+    out["stderr"] = Value::String(stderr.into_string().await?);
+    Err(error.with_details(out))
 }

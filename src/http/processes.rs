@@ -86,22 +86,26 @@ pub async fn whole_output(
     pool: &sqlx::SqlitePool,
     row: &ExecutionRow,
 ) -> Result<[Text; 2], ApiError> {
-    let mut texts = Vec::with_capacity(2);
-    for (stream, counted) in [
-        (Stream::Stdout, row.stdout_bytes),
-        (Stream::Stderr, row.stderr_bytes),
-    ] {
-        let counted = u64::try_from(counted).unwrap_or(0);
-        texts.push(match counted > WHOLE_AT_MOST {
-            true => Text::Pages(
-                output::Pages::of(&mut *conn, pool, &row.id, row.attempt, stream).await?,
-            ),
-            false => Text::Whole(output::into_text(
-                output::read(&mut *conn, &row.id, row.attempt, stream, counted).await?,
-            )),
-        });
-    }
-    Ok(texts.try_into().ok().expect("two streams"))
+    let stdout = whole_stream(conn, pool, row, Stream::Stdout, row.stdout_bytes).await?;
+    let stderr = whole_stream(conn, pool, row, Stream::Stderr, row.stderr_bytes).await?;
+    Ok([stdout, stderr])
+}
+
+/// One stream of `whole_output`, of which the row counts `counted` bytes.
+async fn whole_stream(
+    conn: &mut SqliteConnection,
+    pool: &sqlx::SqlitePool,
+    row: &ExecutionRow,
+    stream: Stream,
+    counted: i64,
+) -> Result<Text, ApiError> {
+    let counted = u64::try_from(counted).unwrap_or(0);
+    Ok(match counted > WHOLE_AT_MOST {
+        true => Text::Pages(output::Pages::of(conn, pool, &row.id, row.attempt, stream).await?),
+        false => Text::Whole(output::into_text(
+            output::read(&mut *conn, &row.id, row.attempt, stream, counted).await?,
+        )),
+    })
 }
 
 /// The two streams of an execution as text (invalid UTF-8 replaced), with

@@ -39,6 +39,9 @@ impl Text {
                 while let Some(page) = pages.next().await? {
                     text.push_str(&lossy.push(&page));
                 }
+                if pages.gone {
+                    return Err(sqlx::Error::RowNotFound);
+                }
                 text.push_str(&lossy.finish());
                 Ok(text)
             }
@@ -114,10 +117,14 @@ async fn send(
                         }
                         Ok(None) if pages.gone => {
                             let why = format!("{name}: the output is gone (deleted meanwhile)");
+                            tracing::warn!(error = %why, "an answer with output broken off");
                             return put(Err(std::io::Error::other(why))).await;
                         }
                         Ok(None) => break,
-                        Err(e) => return put(Err(std::io::Error::other(e))).await,
+                        Err(e) => {
+                            tracing::error!(error = %e, "an answer with output broken off");
+                            return put(Err(std::io::Error::other(e))).await;
+                        }
                     }
                 }
                 for piece in escaped(&lossy.finish()) {
