@@ -229,8 +229,10 @@ async fn idle_live_readers_of_a_silent_job_cost_next_to_nothing_and_still_see_it
     let before = cpu_ticks(agent.pid());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let spent = cpu_ticks(agent.pid()) - before;
-    // Clock ticks are hundredths of a second: 20 would be 10 % of a core.
-    assert!(spent < 20, "{spent} ticks in 2 s for 100 idle readers");
+    // Clock ticks are hundredths of a second: 30 would be 15 % of a core.
+    // (Asking every 50 ms, 100 readers took 88 % of a core, about 176;
+    // waiting, 12-16 alone and up to 21 beside the rest of the suite.)
+    assert!(spent < 30, "{spent} ticks in 2 s for 100 idle readers");
     // And each sees the output when it comes, and the end.
     let last = readers.pop().unwrap();
     let body = tokio::time::timeout(Duration::from_secs(10), last.text())
