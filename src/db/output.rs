@@ -165,22 +165,13 @@ impl Pages {
         attempt: i64,
         stream: Stream,
     ) -> Result<Pages, sqlx::Error> {
-        let name = stream.as_str();
-        let last = sqlx::query_scalar!(
-            r#"SELECT MAX(seq) AS "last: i64" FROM output_chunks
-                WHERE execution_id = ? AND attempt = ? AND stream = ?"#,
-            execution_id,
-            attempt,
-            name
-        )
-        .fetch_one(&mut *conn)
-        .await?;
+        let next = next_seq(&mut *conn, execution_id, attempt, stream).await?;
         Ok(Pages {
             pool: pool.clone(),
             execution_id: execution_id.to_string(),
             attempt,
             stream,
-            last,
+            last: (next > 0).then(|| next - 1),
             read_to: None,
             gone: false,
         })
@@ -287,12 +278,15 @@ where
 
 /// Where capture of one stream resumes after an agent restart: the next
 /// chunk number of the attempt. (The byte offset is the row's `*_bytes`.)
-pub async fn next_seq(
-    pool: &SqlitePool,
+pub async fn next_seq<'c, E>(
+    executor: E,
     execution_id: &str,
     attempt: i64,
     stream: Stream,
-) -> Result<i64, sqlx::Error> {
+) -> Result<i64, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
     let stream = stream.as_str();
     let next = sqlx::query_scalar!(
         r#"SELECT COALESCE(MAX(seq) + 1, 0) AS "next!: i64" FROM output_chunks
@@ -301,7 +295,7 @@ pub async fn next_seq(
         attempt,
         stream
     )
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await?;
     Ok(next)
 }

@@ -500,11 +500,7 @@ async fn an_output_deleted_while_it_is_sent_breaks_the_answer_off() {
     let id = app
         .background(json!({ "code": code, "language": "python" }))
         .await;
-    let process = app
-        .wait_for(&id, Duration::from_secs(30), |p| {
-            p["status"] != "queued" && p["status"] != "running"
-        })
-        .await;
+    let process = app.wait_terminal(&id, Duration::from_secs(30)).await;
     assert_eq!(process["status"], "completed", "{}", process["error"]);
     let execution_id = process["execution_id"].as_str().unwrap().to_string();
 
