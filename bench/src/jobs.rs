@@ -722,10 +722,24 @@ pub async fn output(ctx: &Ctx) -> Result<Outcome> {
         && process["stdout"].as_str().map(str::len) == Some(cap as usize);
     stored_ok &= api_ok;
     let after_get = agent::status_kib(agent.pid(), "VmHWM").unwrap_or(0);
+    // And four at once, as clients reading the same output would.
+    let path = format!("/execute/processes/{last_id}");
+    let four = tokio::join!(
+        agent.get(&path),
+        agent.get(&path),
+        agent.get(&path),
+        agent.get(&path)
+    );
+    for got in [four.0, four.1, four.2, four.3] {
+        stored_ok &= got?["stdout"].as_str().map(str::len) == Some(cap as usize);
+    }
+    let after_four = agent::status_kib(agent.pid(), "VmHWM").unwrap_or(0);
     out.note(format!(
-        "agent VmHWM {:.1} MB after the runs; {:.1} MB after one GET of the 10 MiB process",
+        "agent VmHWM {:.1} MB after the runs; {:.1} MB after one GET of the 10 MiB process, \
+         {:.1} MB after four more at once",
         agent_hwm as f64 * 1024.0 / 1e6,
-        after_get as f64 * 1024.0 / 1e6
+        after_get as f64 * 1024.0 / 1e6,
+        after_four as f64 * 1024.0 / 1e6
     ));
     agent.stop().await?;
 

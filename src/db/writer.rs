@@ -26,9 +26,10 @@
 //! rather than inside it: SQLite's automatic checkpoint runs in the
 //! connection whose commit crossed the threshold, and so held every write
 //! behind two fsyncs and the copy (a job's 10 MiB of output kept its end
-//! from being written for 40–50 ms). But the WAL starts over from its beginning only after a
-//! checkpoint that left nothing behind, and under steady writes one beside
-//! them always does (what was committed while it copied): so once the WAL
+//! from being written for 40–50 ms). But the WAL starts over from its
+//! beginning only after a checkpoint that left nothing behind, and under
+//! steady writes one beside them always does (what was committed while it
+//! copied): so once the WAL
 //! holds `FOLD_PAGES`, the writer checkpoints that little rest itself
 //! between two batches, and the WAL starts over at the next commit. Past
 //! `WRITER_CHECKPOINT_PAGES` (readers holding the rest back), the writer
@@ -284,8 +285,11 @@ async fn run(
                 Err(_) => break,
             }
         }
+        // What the checkpoint beside the writer left (the commits made
+        // while it copied): a few pages, and the WAL starts over at the
+        // next commit.
         if fold.swap(false, Ordering::Relaxed) {
-            fold_rest(&mut conn).await;
+            checkpoint_passive(&mut conn, "the writer's rest").await;
         }
         commit_batch(&mut conn, &mut batch, &hooks, &committed).await;
         wrote.notify_one();
@@ -469,13 +473,6 @@ async fn checkpoint(
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the checkpoint connection failed");
     }
-}
-
-/// Checkpoints on the writer's connection, between two batches, what the
-/// checkpoint beside it left (the commits made while it copied): a few
-/// pages, and the WAL starts over at the next commit.
-async fn fold_rest(conn: &mut SqliteConnection) {
-    checkpoint_passive(conn, "the writer's rest").await;
 }
 
 /// A `PASSIVE` checkpoint on `conn` (`by` says whose, in the log): the
