@@ -115,7 +115,7 @@ pub async fn wait_terminal(
 }
 
 /// The interpreter the agent resolved for `language`, from `/info`.
-async fn agent_interpreter(agent: &Agent, language: &str) -> Option<String> {
+pub async fn agent_interpreter(agent: &Agent, language: &str) -> Option<String> {
     let info = agent.get("/info").await.ok()?;
     info["languages"]
         .as_array()?
@@ -437,6 +437,21 @@ fn direct_spawns(
     parallel: usize,
     limit: Duration,
 ) -> Result<(usize, Duration, f64)> {
+    let args = ["-c", "print(1)"].map(std::ffi::OsStr::new);
+    spawn_directly(python, &args, b"1\n", n, parallel, limit)
+}
+
+/// `n` runs of `program args`, `parallel` at a time, stdin on /dev/null and
+/// output captured (each must print `expect`), stopping at `limit`;
+/// returns the runs done, the wall time and the programs' CPU seconds.
+pub fn spawn_directly(
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    expect: &[u8],
+    n: usize,
+    parallel: usize,
+    limit: Duration,
+) -> Result<(usize, Duration, f64)> {
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let cpu0 = children_cpu_seconds();
@@ -446,13 +461,14 @@ fn direct_spawns(
             .map(|_| {
                 s.spawn(|| -> Result<()> {
                     while start.elapsed() < limit && next.fetch_add(1, Ordering::Relaxed) < n {
-                        let output = Command::new(python)
-                            .args(["-c", "print(1)"])
+                        let output = Command::new(program)
+                            .args(args)
                             .stdin(Stdio::null())
                             .output()?;
-                        if output.stdout != b"1\n" {
+                        if output.stdout != expect {
                             bail!(
-                                "python printed {:?}",
+                                "{} printed {:?}",
+                                program.display(),
                                 String::from_utf8_lossy(&output.stdout)
                             );
                         }
