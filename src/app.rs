@@ -223,6 +223,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         max_connections,
         header_timeout: config.header_timeout(),
+        body_timeout: config.body_timeout(),
         max_output_bytes: config.max_output_bytes,
         started,
         streams: streams.clone(),

@@ -129,6 +129,16 @@ pub struct Config {
     )]
     pub header_timeout_secs: f64,
 
+    /// Longest a client may take to send a request's body once its headers
+    /// are in, in seconds: past it the answer is a 408 and the connection
+    /// is closed.
+    #[arg(
+        long = "body-timeout",
+        env = "EXECD_BODY_TIMEOUT",
+        default_value_t = 30.0
+    )]
+    pub body_timeout_secs: f64,
+
     /// Largest `code` (or command) accepted, in bytes.
     #[arg(long, env = "EXECD_MAX_CODE_BYTES", default_value_t = 1 << 20)]
     pub max_code_bytes: usize,
@@ -329,6 +339,7 @@ impl Config {
             ("--kill-grace", self.kill_grace_secs, true),
             ("--sync-start-within", self.sync_start_within_secs, false),
             ("--header-timeout", self.header_timeout_secs, false),
+            ("--body-timeout", self.body_timeout_secs, false),
         ] {
             let low = if zero { value >= 0.0 } else { value > 0.0 };
             if !(value.is_finite() && low && value <= MAX_SECONDS) {
@@ -446,6 +457,10 @@ impl Config {
         Duration::from_secs_f64(self.header_timeout_secs)
     }
 
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.body_timeout_secs)
+    }
+
     /// `--max-connections`, or the open-file limit less a reserve for the
     /// database, the runner and callbacks (a quarter of it, and at least
     /// 256), and at least 16.
@@ -494,6 +509,7 @@ impl fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_connections", &self.max_connections)
             .field("header_timeout_secs", &self.header_timeout_secs)
+            .field("body_timeout_secs", &self.body_timeout_secs)
             .field("max_code_bytes", &self.max_code_bytes)
             .field("max_env_bytes", &self.max_env_bytes)
             .field(

@@ -52,6 +52,8 @@ pub struct Inner {
     pub max_connections: usize,
     /// For a request's headers, and between requests.
     pub header_timeout: std::time::Duration,
+    /// For a request's body, once its headers are in.
+    pub body_timeout: std::time::Duration,
     pub max_output_bytes: u64,
     pub started: Instant,
     /// The WebSocket streams: hyper's graceful shutdown does not wait for
@@ -267,7 +269,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
 /// A request body of at most `--max-body-bytes`: a larger one is a 413
 /// with the error body, at once when its `Content-Length` says so (before
-/// a byte of it is waited for).
+/// a byte of it is waited for). One not all in within `--body-timeout` is
+/// a 408, and its connection is closed (hyper keeps no connection whose
+/// request body was left unread).
 pub struct BoundedBody(pub axum::body::Bytes);
 
 impl FromRequest<AppState> for BoundedBody {
@@ -290,15 +294,25 @@ impl FromRequest<AppState> for BoundedBody {
         if declared.is_some_and(|length| length > limit as u64) {
             return Err(too_large());
         }
-        axum::body::Bytes::from_request(request, state)
-            .await
-            .map(BoundedBody)
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    return too_large();
-                }
-                ApiError::new(rejection.status(), "INVALID_REQUEST", rejection.body_text())
-            })
+        let timeout = state.body_timeout;
+        let read = axum::body::Bytes::from_request(request, state);
+        let Ok(read) = tokio::time::timeout(timeout, read).await else {
+            return Err(ApiError::new(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                "REQUEST_TIMEOUT",
+                format!(
+                    "the request body did not all arrive within {} s",
+                    timeout.as_secs_f64()
+                ),
+            )
+            .with_details(serde_json::json!({ "timeout": timeout.as_secs_f64() })));
+        };
+        read.map(BoundedBody).map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                return too_large();
+            }
+            ApiError::new(rejection.status(), "INVALID_REQUEST", rejection.body_text())
+        })
     }
 }
 

@@ -176,6 +176,11 @@ pub enum Errors {
     #[response(status = 405, description = "METHOD_NOT_ALLOWED")]
     MethodNotAllowed(ErrorOut),
     #[response(
+        status = 408,
+        description = "REQUEST_TIMEOUT: the body did not all arrive within `--body-timeout`; the connection is closed"
+    )]
+    TimedOut(ErrorOut),
+    #[response(
         status = 413,
         description = "PAYLOAD_TOO_LARGE: the body or the code is over its limit"
     )]

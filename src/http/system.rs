@@ -47,6 +47,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
             "max_body_bytes": state.max_body_bytes,
             "max_connections": state.max_connections,
             "header_timeout": state.header_timeout.as_secs_f64(),
+            "body_timeout": state.body_timeout.as_secs_f64(),
             "max_code_bytes": state.limits.max_code_bytes,
             "max_env_bytes": state.limits.max_env_bytes,
             "max_callback_headers_bytes": state.limits.max_callback_headers_bytes,

@@ -92,18 +92,13 @@ async fn a_body_declared_past_the_limit_is_refused_before_it_is_sent() {
     app.stop().await;
 }
 
-async fn refused_before_it_is_sent(app: &TestApp, route: &str) {
-    let mut stream = connect(app);
-    let started = Instant::now();
-    let request = format!(
-        "{route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
-    );
-    let answer = tokio::task::spawn_blocking(move || {
+/// Writes `request` (its head and as much of its body as given), then reads
+/// the answer's head and JSON body (or what came within 10 s).
+async fn answer_to(mut stream: TcpStream, request: String) -> (TcpStream, String) {
+    tokio::task::spawn_blocking(move || {
         stream.write_all(request.as_bytes()).unwrap();
         let mut answer = Vec::new();
         let mut buf = [0u8; 4096];
-        // The whole answer: its head, and its body of the length given.
         while let Ok(n) = stream.read(&mut buf) {
             if n == 0 {
                 break;
@@ -114,17 +109,70 @@ async fn refused_before_it_is_sent(app: &TestApp, route: &str) {
                 break;
             }
         }
-        String::from_utf8_lossy(&answer).into_owned()
+        (stream, String::from_utf8_lossy(&answer).into_owned())
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// The JSON body of an answer read by `answer_to`.
+fn body_of(answer: &str) -> Value {
+    serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no JSON body ({e}): {answer}"))
+}
+
+async fn refused_before_it_is_sent(app: &TestApp, route: &str) {
+    let started = Instant::now();
+    let request = format!(
+        "{route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+    );
+    let (_, answer) = answer_to(connect(app), request).await;
     assert!(started.elapsed() < Duration::from_secs(5), "{answer}");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let body = body_of(&answer);
     assert_eq!(body["code"], "PAYLOAD_TOO_LARGE", "{body}");
     assert_eq!(body["details"]["limit"], json!(1 << 20));
     let (_, list) = app.get_json("/execute/processes").await;
     assert_eq!(list["count"], 0, "nothing stored: {list}");
+}
+
+/// A client that stalls in the middle of its body is answered 408 with the
+/// error body once `--body-timeout` has passed, and its connection closed:
+/// it does not hold a connection (of `--max-connections`) for as long as it
+/// likes. Nothing of it is stored, and other clients are served meanwhile.
+#[tokio::test]
+async fn a_body_stalled_past_the_body_timeout_is_answered_408_and_its_connection_closed() {
+    let app = spawn_app_with(|c| c.body_timeout_secs = 1.0).await;
+    let request = format!(
+        "POST /execute/background HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"code\": "
+    );
+    let started = Instant::now();
+    let stalled = tokio::spawn(answer_to(connect(&app), request));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = app.get_json("/health").await;
+    assert_eq!(status, 200, "another client is served meanwhile");
+    let (stream, answer) = stalled.await.unwrap();
+    let waited = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+    let body = body_of(&answer);
+    assert_eq!(body["code"], "REQUEST_TIMEOUT", "{body}");
+    assert_eq!(body["details"]["timeout"], json!(1.0), "{body}");
+    let closed = tokio::task::spawn_blocking(move || closed_after(stream))
+        .await
+        .unwrap();
+    assert!(
+        closed < Duration::from_secs(3),
+        "open {closed:?} after the 408"
+    );
+    let (_, list) = app.get_json("/execute/processes").await;
+    assert_eq!(list["count"], 0, "nothing stored: {list}");
+    app.stop().await;
 }
 
 /// A WebSocket keeps its connection's place among `--max-connections`

@@ -594,6 +594,7 @@ async fn info_shows_the_limits_as_configured() {
     let app = spawn_app_with(|c| {
         c.max_code_bytes = 1234;
         c.max_env_bytes = 5678;
+        c.body_timeout_secs = 7.5;
     })
     .await;
     let (status, info) = app.get_json("/info").await;
@@ -602,9 +603,10 @@ async fn info_shows_the_limits_as_configured() {
     assert_eq!(
         (
             limits["max_code_bytes"].as_u64(),
-            limits["max_env_bytes"].as_u64()
+            limits["max_env_bytes"].as_u64(),
+            limits["body_timeout"].as_f64()
         ),
-        (Some(1234), Some(5678)),
+        (Some(1234), Some(5678), Some(7.5)),
         "{info}"
     );
     app.stop().await;
