@@ -70,7 +70,8 @@ pub async fn callbacks(ctx: &Ctx) -> Result<Outcome> {
         .await
         .context("the agent's /info names no bash")?;
     let machine0 = machine_cpu_seconds();
-    let (agent_cpu0, own_cpu0) = (agent_cpu(&agent), own_cpu_seconds());
+    let agent_cpu0 = cpu_seconds(agent.pid()).unwrap_or_default().0;
+    let own_cpu0 = own_cpu_seconds();
     let start = Instant::now();
     let body = json!({"code": "true", "language": "bash", "callback_url": url});
     submit_many(&agent.api, "/execute/async", body.clone(), n, 8).await?;
@@ -86,7 +87,8 @@ pub async fn callbacks(ctx: &Ctx) -> Result<Outcome> {
     }
     let wall = start.elapsed();
     let agent_machine = machine_cpu_seconds() - machine0;
-    let (agent_cpu, own_cpu) = (agent_cpu(&agent) - agent_cpu0, own_cpu_seconds() - own_cpu0);
+    let agent_cpu = cpu_seconds(agent.pid()).unwrap_or_default().0 - agent_cpu0;
+    let own_cpu = own_cpu_seconds() - own_cpu0;
     let writer1 = agent.api.writer_totals().await?;
     wait_terminal(&db, n, Duration::from_millis(10), Duration::from_secs(10)).await?;
     // Let the last attempts be recorded before stopping.
@@ -358,11 +360,6 @@ fn ceiling(ctx: &Ctx, bash: &Path, n: usize, completions: f64) -> Result<(f64, S
         completions / direct,
     );
     Ok((direct, note))
-}
-
-/// The agent's own CPU seconds so far.
-fn agent_cpu(agent: &Agent) -> f64 {
-    cpu_seconds(agent.pid()).map_or(0.0, |(own, _)| own)
 }
 
 fn count_where(db: &rusqlite::Connection, sql: &str) -> Result<i64> {

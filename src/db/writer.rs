@@ -29,9 +29,9 @@
 //! from being written for 40–50 ms). But the WAL starts over from its
 //! beginning only after a checkpoint that left nothing behind, and under
 //! steady writes one beside them always does (what was committed while it
-//! copied): so once the WAL
-//! holds `FOLD_PAGES`, the writer checkpoints that little rest itself
-//! between two batches, and the WAL starts over at the next commit. Past
+//! copied): so once the WAL holds `FOLD_PAGES`, the writer checkpoints that
+//! little rest itself between two batches, and the WAL starts over at the
+//! next commit. Past
 //! `WRITER_CHECKPOINT_PAGES` (readers holding the rest back), the writer
 //! checkpoints after its commits, as SQLite would by itself.
 
