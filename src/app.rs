@@ -156,6 +156,7 @@ pub async fn serve(
                 (Lane::Async, config.async_concurrency),
             ],
             callback_output_bytes: config.callback_output_bytes,
+            warm_python: config.warm_python,
         },
         deliverer.clone(),
         stop.clone(),
@@ -225,6 +226,7 @@ pub async fn serve(
         header_timeout: config.header_timeout(),
         body_timeout: config.body_timeout(),
         max_output_bytes: config.max_output_bytes,
+        warm_python: config.warm_python,
         started,
         streams: streams.clone(),
     });

@@ -159,19 +159,25 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
             }
         };
     let named = ctx.pythons.len() > 1;
-    for (i, python) in ctx.pythons.iter().enumerate() {
-        trivial_with(ctx, python, named.then_some(i), supervision, &mut out).await?;
+    // As the agent ships (each job starts its interpreter), then with
+    // `--warm-python` (each is forked from a started one).
+    for warm in [false, true] {
+        for (i, python) in ctx.pythons.iter().enumerate() {
+            trivial_with(ctx, python, named.then_some(i), warm, supervision, &mut out).await?;
+        }
     }
     Ok(out)
 }
 
 /// Scenario 3 with one interpreter; `named` (its index) when there are
-/// several, so its rows and notes say which. `supervision`: what one job's
-/// supervision costs the machine (ms of CPU), measured alone before.
+/// several, so its rows and notes say which; `warm`: the agent runs with
+/// `--warm-python`. `supervision`: what one job's supervision costs the
+/// machine (ms of CPU), measured alone before.
 async fn trivial_with(
     ctx: &Ctx,
     python: &Python,
     named: Option<usize>,
+    warm: bool,
     supervision: Option<f64>,
     out: &mut Outcome,
 ) -> Result<()> {
@@ -181,17 +187,23 @@ async fn trivial_with(
     // slow interpreter; a share of it per round); the rate is then over the
     // jobs done by then.
     let limit = Duration::from_secs(ctx.pick(100, 30));
-    let which = match named {
+    let mut which = match named {
         Some(_) => format!(", {}", python.path.display()),
         None => String::new(),
     };
+    if warm {
+        which.push_str(", --warm-python");
+    }
     for c in [2usize, 4] {
         let token = random_hex(16);
-        let flags = ["--background-concurrency", &c.to_string()].map(String::from);
+        let mut flags = vec!["--background-concurrency".to_string(), c.to_string()];
+        if warm {
+            flags.push("--warm-python".into());
+        }
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let agent = Agent::start(
             &python.agent,
-            &ctx.data_dir(&format!("s3-c{c}-{}", named.unwrap_or(0))),
+            &ctx.data_dir(&format!("s3-c{c}-{}-{warm}", named.unwrap_or(0))),
             &token,
             &flags,
         )
@@ -292,16 +304,20 @@ async fn trivial_with(
             direct_machine * 1e3 / direct_done.max(1) as f64,
         ));
         out.note(format!("C={c}{which}: {}", timeline(&db, c, wall)?));
-        out.note(format!(
-            "C={c}{which}: {}",
-            Budget {
-                cores: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
-                direct: (direct, direct_done, direct_machine),
-                agent: (wall, done, machine),
-                agent_cpu,
-                supervision,
-            }
-        ));
+        // Forked jobs skip the interpreter's start-up that the budget
+        // sets the agent's overhead against.
+        if !warm {
+            out.note(format!(
+                "C={c}{which}: {}",
+                Budget {
+                    cores: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+                    direct: (direct, direct_done, direct_machine),
+                    agent: (wall, done, machine),
+                    agent_cpu,
+                    supervision,
+                }
+            ));
+        }
         let per_job = |x: f64| x / done.max(1) as f64;
         out.note(match writer {
             Some(w) => format!(

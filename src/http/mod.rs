@@ -55,6 +55,8 @@ pub struct Inner {
     /// For a request's body, once its headers are in.
     pub body_timeout: std::time::Duration,
     pub max_output_bytes: u64,
+    /// `--warm-python`, shown in `/info`.
+    pub warm_python: bool,
     pub started: Instant,
     /// The WebSocket streams: hyper's graceful shutdown does not wait for
     /// an upgraded connection, and the stop waits for each to say that its

@@ -57,6 +57,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<Value> {
             "list_page_output_bytes": state.list_page_output_bytes,
         },
         "default_working_dir": state.limits.default_workdir,
+        "warm_python": state.warm_python,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "timestamp": timestamp_now(),
     }))

@@ -316,6 +316,7 @@ impl Launcher {
         // without its environment. (Never quoted: values may be secret.)
         let mut env: std::collections::BTreeMap<String, String> = serde_json::from_str(&job.env)
             .map_err(|_| std::io::Error::other("the stored env is not a JSON object of strings"))?;
+        let mut warm = false;
         let (program, args) = if job.language == "command" {
             match &job.args {
                 Some(json) => (
@@ -349,6 +350,7 @@ impl Launcher {
                 env.insert(var.to_string(), value);
             }
             code = Some(file);
+            warm = self.config.warm_python && language == Language::Python;
             command
         };
         let spec = Spec {
@@ -360,6 +362,7 @@ impl Launcher {
             kill_grace_ms: self.config.kill_grace.as_millis() as u64,
             max_output_bytes: self.config.max_output_bytes,
             open_files: super::program_open_files(),
+            warm,
         };
         Ok((spec, code))
     }

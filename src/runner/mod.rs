@@ -56,6 +56,8 @@ pub struct RunnerConfig {
     pub concurrency: [(Lane, usize); 3],
     /// Output per stream in a callback payload.
     pub callback_output_bytes: usize,
+    /// Python jobs forked from a warm interpreter (`--warm-python`).
+    pub warm_python: bool,
 }
 
 /// What the metrics want to know of a job.

@@ -38,6 +38,10 @@ pub struct Spec {
     /// zygote's sockets; programs keep what they would have had).
     #[serde(default)]
     pub open_files: Option<u64>,
+    /// A Python job the supervisor may fork from its warm interpreter
+    /// (`--warm-python`; `warm`), when its start-up would be the same.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// Who runs the job, identified beyond the pid (pids are reused).

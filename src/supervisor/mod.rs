@@ -13,6 +13,7 @@
 
 pub mod files;
 mod spawn;
+mod warm;
 mod zygote;
 
 use std::fs::File;
@@ -93,7 +94,14 @@ fn listen() -> std::io::Result<SignalFd> {
 }
 
 /// Runs the job of `dir` (`spec`, as JSON) to its end.
-fn run(dir: RunDir, spec: &str, reporter: &Reporter, gate: OwnedFd, signals: &SignalFd) -> After {
+fn run(
+    dir: RunDir,
+    spec: &str,
+    reporter: &Reporter,
+    gate: OwnedFd,
+    signals: &SignalFd,
+    warm: &mut Option<warm::Warm>,
+) -> After {
     let spec: Spec = match serde_json::from_str(spec) {
         Ok(spec) => spec,
         Err(e) => {
@@ -103,7 +111,7 @@ fn run(dir: RunDir, spec: &str, reporter: &Reporter, gate: OwnedFd, signals: &Si
             return After::Exit(2);
         }
     };
-    match supervise(&dir, &spec, reporter, gate, signals) {
+    match supervise(&dir, &spec, reporter, gate, signals, warm) {
         Ok(true) => After::Next,
         Ok(false) => After::Exit(0),
         Err(e) => {
@@ -122,6 +130,7 @@ fn supervise(
     reporter: &Reporter,
     gate: OwnedFd,
     signals: &SignalFd,
+    warm: &mut Option<warm::Warm>,
 ) -> std::io::Result<bool> {
     // The program reports its pid on a copy of our stdout (its own
     // is the job's pipe by then), closed by its `exec`.
@@ -139,7 +148,10 @@ fn supervise(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let spawned = spawn::spawn(spec, &gated, execution_id);
+    // Forked from the warm interpreter when it may be, else started anew.
+    let spawned = spawn::environment(spec, execution_id).and_then(|envp| {
+        warm::spawn(warm, spec, &gated, &envp).unwrap_or_else(|| spawn::spawn(spec, &gated, &envp))
+    });
     drop((report, gate));
     let program = match spawned {
         Ok(program) => program,
@@ -366,7 +378,8 @@ fn descendants(root: u32) -> Vec<u32> {
                 continue;
             };
             for child in list.split_whitespace().filter_map(|c| c.parse().ok()) {
-                if !found.contains(&child) {
+                // The warm interpreter (and the fork it is making) is no job's.
+                if child != warm::server_pid() && !found.contains(&child) {
                     found.push(child);
                     next.push(child);
                 }
@@ -391,6 +404,7 @@ fn reap(pid: u32) -> Option<ExitStatus> {
         if reaped as u32 == pid {
             program = Some(ExitStatus::from_raw(status));
         }
+        warm::ended(reaped as u32);
     }
 }
 

@@ -53,15 +53,14 @@ pub(super) struct Gated<'a> {
 /// The errno of a program abandoned at its gate (see `spawn`).
 pub(super) const ABANDONED: i32 = libc::ECONNABORTED;
 
-pub(super) fn spawn(spec: &Spec, gated: &Gated, execution_id: &str) -> std::io::Result<Program> {
+pub(super) fn spawn(spec: &Spec, gated: &Gated, envp: &[CString]) -> std::io::Result<Program> {
     // The program is also its own `argv[0]`.
     let argv_owned: Vec<CString> = std::iter::once(cstring(spec.program.as_os_str()))
         .chain(spec.args.iter().map(|a| cstring(OsStr::new(a))))
         .collect::<std::io::Result<_>>()?;
     let program = &argv_owned[0];
     let argv = null_terminated(&argv_owned);
-    let envp_owned = environment(spec, execution_id)?;
-    let envp = null_terminated(&envp_owned);
+    let envp = null_terminated(envp);
     let cwd = cstring(spec.working_dir.as_os_str())?;
     let null = std::fs::File::open("/dev/null")?;
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -169,26 +168,7 @@ unsafe fn before_exec(
     if let Some(limit) = open_files {
         check(libc::setrlimit(libc::RLIMIT_NOFILE, limit))?;
     }
-    // The supervisor's blocked signals (its signalfd's) and ignored ones
-    // are the program's own business again: an ignored disposition would
-    // survive the `exec`. Dispositions are the child's own copy (no
-    // CLONE_SIGHAND); the mask is per thread.
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    check(libc::sigprocmask(
-        libc::SIG_SETMASK,
-        &empty,
-        std::ptr::null_mut(),
-    ))?;
-    // Every signal at its default, whatever the agent inherited ignored
-    // (`nohup`, a shell's `&`). SIGPIPE only once past the gate: the pid
-    // report below must fail, not kill, when no agent reads it any more.
-    // (Those that cannot be set, SIGKILL, SIGSTOP and glibc's own, fail.)
-    for signal in 1..=64 {
-        if signal != libc::SIGPIPE {
-            libc::signal(signal, libc::SIG_DFL);
-        }
-    }
+    check(default_signals())?;
     // If the supervisor dies, the program gets SIGKILL instead of running
     // on unsupervised.
     check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
@@ -218,9 +198,35 @@ unsafe fn before_exec(
     Ok(())
 }
 
+/// The supervisor's blocked signals (its signalfd's) and ignored ones are
+/// the program's own business again: an ignored disposition would survive
+/// the `exec`. Every signal at its default, whatever the agent inherited
+/// ignored (`nohup`, a shell's `&`), but SIGPIPE, which the caller sets
+/// once past the gate: the pid report must fail, not kill, when no agent
+/// reads it any more. (Those that cannot be set, SIGKILL, SIGSTOP and
+/// glibc's own, fail.) Dispositions are the child's own copy (no
+/// CLONE_SIGHAND); the mask is per thread. `sigprocmask`'s result.
+///
+/// # Safety
+/// Only in a child before its `exec`.
+pub(super) unsafe fn default_signals() -> libc::c_int {
+    // SAFETY: plain system calls on our own signal state.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        let masked = libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for signal in 1..=64 {
+            if signal != libc::SIGPIPE {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+        masked
+    }
+}
+
 /// The program's environment: the supervisor's, with the job's values on
 /// top, and its execution's id (`files::EXECUTION_ID_VAR`).
-fn environment(spec: &Spec, execution_id: &str) -> std::io::Result<Vec<CString>> {
+pub(super) fn environment(spec: &Spec, execution_id: &str) -> std::io::Result<Vec<CString>> {
     let mut vars: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
     for (key, value) in &spec.env {
         vars.insert(key.into(), value.into());

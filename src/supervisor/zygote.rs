@@ -291,6 +291,8 @@ fn work(zygote: UnixStream) -> u8 {
     // A job's orphans come here, not to init: its end takes them too
     // (`signal_job`).
     let _ = nix::sys::prctl::set_child_subreaper(true);
+    // Started with its first Python job that may use one (`--warm-python`).
+    let mut warm = None;
     for done in 1..=JOBS_PER_SUPERVISOR {
         let Some((job, gate)) = next_job(&zygote, &signals) else {
             return 0;
@@ -303,7 +305,14 @@ fn work(zygote: UnixStream) -> u8 {
             return 2;
         };
         let reporter = Reporter(token.to_string());
-        let after = run(RunDir::new(path), spec, &reporter, gate, &signals);
+        let after = run(
+            RunDir::new(path),
+            spec,
+            &reporter,
+            gate,
+            &signals,
+            &mut warm,
+        );
         // Free before the agent hears of the end: the next job can come to
         // this supervisor rather than to a fork.
         let freed = matches!(after, After::Next)

@@ -595,10 +595,12 @@ async fn info_shows_the_limits_as_configured() {
         c.max_code_bytes = 1234;
         c.max_env_bytes = 5678;
         c.body_timeout_secs = 7.5;
+        c.warm_python = true;
     })
     .await;
     let (status, info) = app.get_json("/info").await;
     assert_eq!(status, 200);
+    assert_eq!(info["warm_python"], true, "{info}");
     let limits = &info["limits"];
     assert_eq!(
         (

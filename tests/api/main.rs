@@ -17,5 +17,6 @@ mod retention;
 mod runner;
 mod upgrade;
 mod validation;
+mod warm;
 mod writer;
 mod zygote;

@@ -272,6 +272,7 @@ fn job_running(
         kill_grace_ms: 1_000,
         max_output_bytes: 1 << 20,
         open_files: None,
+        warm: false,
     };
     let line = format!(
         "{}\t{}",

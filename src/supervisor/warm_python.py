@@ -1,0 +1,125 @@
+# execd's warm Python (see src/supervisor/warm.rs): an interpreter started
+# once per supervisor, that forks a started copy of itself for each job
+# instead of starting the interpreter again. The supervisor sends a job on
+# fd 3 (a SOCK_SEQPACKET socket): NUL-separated fields (its pid, the working
+# directory, the code's file, the pid report's prefix, then the job's
+# environment as NAME=value), and six descriptors (stdin, stdout, stderr,
+# the pid report, the gate, the start report). The copy that runs the job is
+# a grandchild: its parent exits at once, so the job comes to the
+# supervisor (a child subreaper) as the cold program would be, its child.
+import os, sys, gc, _socket, ctypes
+
+
+def serve():
+    libc = ctypes.CDLL(None, use_errno=True)
+    jobs = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, 3)
+    # What each fork would otherwise set up for itself, in pages of its own:
+    # the compiler's first use, and a foreign call.
+    compile(b"print(1)\n", "warm.py", "exec", dont_inherit=True)
+    libc.prctl(2, ctypes.byref(ctypes.c_int()))  # PR_GET_PDEATHSIG
+    gc.freeze()
+    while True:
+        msg, ancillary, _, _ = jobs.recvmsg(1 << 20, _socket.CMSG_SPACE(6 * 4))
+        if not msg:
+            os._exit(0)
+        fds = []
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [int.from_bytes(data[i:i + 4], sys.byteorder)
+                        for i in range(0, len(data) - len(data) % 4, 4)]
+        if len(fds) == 6 and os.fork() == 0:
+            if os.fork() != 0:
+                os._exit(0)
+            jobs.close()
+            job(libc, msg.split(b"\0"), fds)
+        for fd in fds:
+            os.close(fd)
+        try:
+            os.wait()
+        except ChildProcessError:
+            pass
+
+
+def job(libc, fields, fds):
+    supervisor, cwd, script, prefix, env = int(fields[0]), fields[1], fields[2], fields[3], fields[4:]
+    null, out, err, report, gate, started = fds
+    # Ours once the forking parent is gone (a few microseconds).
+    for _ in range(100000):
+        if os.getppid() == supervisor:
+            break
+        os.sched_yield()
+    # Killed with the supervisor, as the cold program is.
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != supervisor:
+        os._exit(127)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    for fd in (null, out, err):
+        if fd > 2:
+            os.close(fd)
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        os.write(started, b"e%d" % e.errno)
+        os._exit(127)
+    os.setpgid(0, 0)
+    try:
+        os.write(report, prefix + b"%d\n" % os.getpid())
+    except BrokenPipeError:
+        os.write(started, b"a")
+        os._exit(127)
+    except OSError:
+        pass
+    while True:
+        try:
+            go = os.read(gate, 1)
+            break
+        except InterruptedError:
+            continue
+    if go != b"g":
+        os.write(started, b"c" if go else b"a")
+        os._exit(127)
+    os.close(report)
+    os.close(gate)
+    os.environb.clear()
+    for pair in env:
+        name, _, value = pair.partition(b"=")
+        os.environb[name] = value
+    script = os.fsdecode(script)
+    path = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)] \
+        if os.environ.get("PYTHONPATH") else []
+    sys.path[0:1] = [os.path.dirname(script)] + path
+    sys.argv = [script]
+    sys.orig_argv = sys.orig_argv[:-2] + [script]  # as started: its flags, its file
+    main = type(sys)("__main__")
+    main.__file__ = script
+    main.__cached__ = None
+    main.__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", script)
+    main.__annotations__ = {}
+    sys.modules["__main__"] = main
+    os.write(started, b"r%d" % os.getpid())
+    os.close(started)
+    try:
+        with open(script, "rb") as f:
+            source = f.read()
+        exec(compile(source, script, "exec", dont_inherit=True), main.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        # The traceback from the job's own frames, as the cold interpreter prints it.
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != script:
+            tb = tb.tb_next
+        e.__traceback__ = tb
+        sys.excepthook(type(e), e, tb)
+        if isinstance(e, KeyboardInterrupt):
+            import _signal
+            sys.stdout.flush()
+            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+            os.kill(os.getpid(), _signal.SIGINT)
+        raise SystemExit(1)
+    raise SystemExit(0)
+
+
+serve()

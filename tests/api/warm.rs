@@ -1,0 +1,119 @@
+//! `--warm-python`: Python jobs forked from a warm interpreter behave as
+//! jobs started cold, save what the one start-up shares.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{alive, spawn_app_with, TestApp};
+
+async fn agent(warm: bool) -> TestApp {
+    spawn_app_with(|c| c.warm_python = warm).await
+}
+
+/// What a user sees of a sync run, with the code file's own path (a run
+/// directory of its execution) written as `main.py`.
+async fn seen(app: &TestApp, body: Value) -> Value {
+    let (_, out) = app.post_json("/execute", body).await;
+    let strip = |s: &Value| {
+        let mut text = s.as_str().unwrap_or_default().to_string();
+        while let Some(end) = text.find("/main.py\"") {
+            let start = text[..end].rfind('"').map_or(0, |q| q + 1);
+            text.replace_range(start..end + "/main.py".len(), "main.py");
+        }
+        text
+    };
+    json!({
+        "status": out["status"],
+        "exit_code": out["exit_code"],
+        "stdout": strip(&out["stdout"]),
+        "stderr": strip(&out["stderr"]),
+    })
+}
+
+#[tokio::test]
+async fn a_warm_python_job_prints_fails_and_ends_as_a_cold_one() {
+    let programs = [
+        "print(6*7)",
+        "import os, sys\nprint(sys.argv[0] == __file__, sys.path[0] == os.path.dirname(__file__), __name__, os.path.basename(__file__))",
+        "import os\nprint(os.getcwd() == os.environ['PWD'], os.environ['GREETING'], os.environ['PYTHONPATH'] == os.getcwd(), os.getpgid(0) == os.getpid())",
+        "import sys\nprint(sys.stdin.read() == '', sys.stdout.write_through, sys.orig_argv[1:] == sys.argv)",
+        "def f():\n    raise KeyError('k')\nf()",
+        "print(",
+        "import sys\nsys.stdout.write('partial')\nsys.exit(3)",
+        "raise SystemExit('bye')",
+        "import atexit, threading, time\natexit.register(print, 'atexit')\nthreading.Thread(target=lambda: (time.sleep(0.1), print('thread'))).start()\nprint('main')",
+        "class A:\n    def __del__(self):\n        print('collected at the end')\na = A()\nprint('made')",
+        "raise KeyboardInterrupt",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
+    ];
+    let (cold, warm) = (agent(false).await, agent(true).await);
+    for code in programs {
+        let body = json!({ "code": code, "language": "python", "env": { "GREETING": "hi" } });
+        let (c, w) = (seen(&cold, body.clone()).await, seen(&warm, body).await);
+        assert_eq!(w, c, "warm and cold differ for {code:?}");
+    }
+    // Not a vacuous comparison: the programs ran.
+    let ran = seen(&warm, json!({ "code": "print(6*7)", "language": "python" })).await;
+    assert_eq!(ran["stdout"], "42\n");
+    cold.stop().await;
+    warm.stop().await;
+}
+
+async fn hash_of(app: &TestApp, env: Value) -> String {
+    let body = json!({ "code": "print(hash('execd'))", "language": "python", "env": env });
+    let (_, out) = app.post_json("/execute", body).await;
+    assert_eq!(out["status"], "completed", "{out}");
+    out["stdout"].as_str().unwrap().to_string()
+}
+
+/// The jobs of one warm interpreter share its hash seed (a cold start draws
+/// its own), which shows they were forked from it; a job whose start-up
+/// reads a variable the warm one did not see starts cold, with it.
+#[tokio::test]
+async fn warm_jobs_share_one_start_up_and_a_job_whose_start_up_differs_starts_cold() {
+    let cold = agent(false).await;
+    let drawn = [
+        hash_of(&cold, json!({})).await,
+        hash_of(&cold, json!({})).await,
+    ];
+    assert_ne!(drawn[0], drawn[1], "a cold start draws its own seed");
+    let seeded = hash_of(&cold, json!({ "PYTHONHASHSEED": "7" })).await;
+
+    let warm = agent(true).await;
+    let first = hash_of(&warm, json!({})).await;
+    assert_eq!(hash_of(&warm, json!({ "OTHER": "x" })).await, first);
+    assert_eq!(
+        hash_of(&warm, json!({ "PYTHONHASHSEED": "7" })).await,
+        seeded
+    );
+    assert_eq!(hash_of(&warm, json!({})).await, first);
+    cold.stop().await;
+    warm.stop().await;
+}
+
+/// A warm job's timeout ends it and what it started, as a cold one's does;
+/// the warm interpreter is no part of the job and serves the next.
+#[tokio::test]
+async fn a_warm_job_times_out_with_its_children_and_the_next_job_is_still_warm() {
+    let warm = agent(true).await;
+    let before = hash_of(&warm, json!({})).await;
+    let code = "import subprocess, time\np = subprocess.Popen(['sleep', '30'])\nprint(p.pid, flush=True)\ntime.sleep(30)";
+    let (status, out) = warm
+        .post_json(
+            "/execute",
+            json!({ "code": code, "language": "python", "timeout": 1 }),
+        )
+        .await;
+    assert_eq!(status, 408, "{out}");
+    let child: i64 = out["details"]["stdout"]
+        .as_str()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no child pid: {out}"));
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(5), || !alive(child)).await,
+        "the job's child outlived its timeout"
+    );
+    assert_eq!(hash_of(&warm, json!({})).await, before);
+    warm.stop().await;
+}
