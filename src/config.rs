@@ -164,12 +164,21 @@ pub struct Config {
     pub max_timeout_secs: f64,
 
     /// Run Python jobs in a fork of a warm interpreter (one per supervisor)
-    /// instead of starting the interpreter for each: a `print(1)` costs
-    /// about a millisecond instead of the interpreter's start-up. Jobs share
-    /// the warm one's hash seed and the modules its start-up imported; a job
-    /// whose start-up would differ (`PYTHON*`, locale, `HOME` or `TZ`
-    /// variables, a `sitecustomize` on its `PYTHONPATH`) starts cold.
-    #[arg(long, env = "EXECD_WARM_PYTHON", value_parser = clap::builder::BoolishValueParser::new())]
+    /// instead of starting the interpreter for each: a `print(1)` then
+    /// costs a few milliseconds of CPU, not the interpreter's start-up (10
+    /// to 50 ms here). Jobs share the warm one's hash seed and the modules
+    /// its start-up imported; a job whose start-up would differ (`PYTHON*`,
+    /// locale, `HOME` or `TZ` variables, a `sitecustomize` on its
+    /// `PYTHONPATH`) starts cold. `--warm-python false` starts every one cold.
+    #[arg(
+        long,
+        env = "EXECD_WARM_PYTHON",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub warm_python: bool,
 
     /// Seconds between SIGTERM and SIGKILL when a run is killed or times out.
@@ -567,6 +576,20 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:7070");
         assert_eq!(config.max_output_bytes, 10 << 20);
+    }
+
+    #[test]
+    fn python_jobs_are_warm_unless_turned_off() {
+        let warm = |args: &[&str]| {
+            let argv = std::iter::once("execd").chain(args.iter().copied());
+            Cli::parse_from(argv).into_config().warm_python
+        };
+        if std::env::var_os("EXECD_WARM_PYTHON").is_none() {
+            assert!(warm(&[]));
+        }
+        assert!(warm(&["--warm-python"]));
+        assert!(!warm(&["--warm-python", "false"]));
+        assert!(!warm(&["--warm-python=0"]));
     }
 
     #[test]

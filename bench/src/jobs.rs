@@ -159,9 +159,9 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
             }
         };
     let named = ctx.pythons.len() > 1;
-    // As the agent ships (each job starts its interpreter), then with
-    // `--warm-python` (each is forked from a started one).
-    for warm in [false, true] {
+    // As the agent ships (each job forked from a started interpreter), then
+    // with `--warm-python false` (each job starts its interpreter).
+    for warm in [true, false] {
         for (i, python) in ctx.pythons.iter().enumerate() {
             trivial_with(ctx, python, named.then_some(i), warm, supervision, &mut out).await?;
         }
@@ -170,9 +170,9 @@ pub async fn trivial(ctx: &Ctx) -> Result<Outcome> {
 }
 
 /// Scenario 3 with one interpreter; `named` (its index) when there are
-/// several, so its rows and notes say which; `warm`: the agent runs with
-/// `--warm-python`. `supervision`: what one job's supervision costs the
-/// machine (ms of CPU), measured alone before.
+/// several, so its rows and notes say which; `warm`: as the agent ships
+/// (`--warm-python`), else with `--warm-python false`. `supervision`: what
+/// one job's supervision costs the machine (ms of CPU), measured alone before.
 async fn trivial_with(
     ctx: &Ctx,
     python: &Python,
@@ -191,14 +191,14 @@ async fn trivial_with(
         Some(_) => format!(", {}", python.path.display()),
         None => String::new(),
     };
-    if warm {
-        which.push_str(", --warm-python");
+    if !warm {
+        which.push_str(", --warm-python false");
     }
     for c in [2usize, 4] {
         let token = random_hex(16);
         let mut flags = vec!["--background-concurrency".to_string(), c.to_string()];
-        if warm {
-            flags.push("--warm-python".into());
+        if !warm {
+            flags.extend(["--warm-python".into(), "false".into()]);
         }
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let agent = Agent::start(
