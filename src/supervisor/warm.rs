@@ -103,8 +103,8 @@ fn customizes(dirs: &[PathBuf]) -> bool {
 }
 
 impl Warm {
-    /// Starts the interpreter of `spec` on the server, with `envp` (less
-    /// `PYTHONPATH`) as its environment.
+    /// Starts the interpreter of `spec` on the server, for jobs whose
+    /// environment reads at start-up as `envp` does.
     pub(super) fn start(spec: &Spec, envp: &[CString]) -> std::io::Result<Warm> {
         let Some((flags, _)) = script(spec) else {
             return Err(std::io::Error::other("not a script"));
@@ -125,15 +125,18 @@ impl Warm {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        for pair in envp {
+        // The supervisor's own environment (the agent's, less `EXECD_*`)
+        // and only what of the job's its start-up reads: no job's values
+        // show in another's `/proc/<pid>/environ`, which is the one the
+        // process started with.
+        command.envs(std::env::vars_os());
+        for pair in startup(envp) {
             let bytes = pair.as_bytes();
             if let Some(at) = bytes.iter().position(|&b| b == b'=') {
-                if &bytes[..at] != b"PYTHONPATH" {
-                    command.env(
-                        OsString::from_vec(bytes[..at].to_vec()),
-                        OsString::from_vec(bytes[at + 1..].to_vec()),
-                    );
-                }
+                command.env(
+                    OsString::from_vec(bytes[..at].to_vec()),
+                    OsString::from_vec(bytes[at + 1..].to_vec()),
+                );
             }
         }
         let fd = theirs.as_raw_fd();

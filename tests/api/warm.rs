@@ -45,6 +45,15 @@ async fn a_warm_python_job_prints_fails_and_ends_as_a_cold_one() {
         "import atexit, threading, time\natexit.register(print, 'atexit')\nthreading.Thread(target=lambda: (time.sleep(0.1), print('thread'))).start()\nprint('main')",
         "class A:\n    def __del__(self):\n        print('collected at the end')\na = A()\nprint('made')",
         "raise KeyboardInterrupt",
+        "import sys\nsys.exit(256)",
+        "import sys\nsys.exit(-1)",
+        "import weakref\nclass A:\n    pass\na = A()\nweakref.finalize(a, print, 'finalized')\nprint('made')",
+        // Files written and never closed, by `__main__` and by a module of
+        // the job's: the interpreter's exit flushes them; the next job reads.
+        "f = open('by-main.txt', 'w')\nf.write('from main')",
+        "print(open('by-main.txt').read())",
+        "open('by_module.py', 'w').write(\"f = open('by-module.txt', 'w')\\nf.write('from a module')\\n\")\nimport by_module",
+        "print(open('by-module.txt').read())",
         "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
     ];
     let (cold, warm) = (agent(false).await, agent(true).await);
@@ -53,9 +62,11 @@ async fn a_warm_python_job_prints_fails_and_ends_as_a_cold_one() {
         let (c, w) = (seen(&cold, body.clone()).await, seen(&warm, body).await);
         assert_eq!(w, c, "warm and cold differ for {code:?}");
     }
-    // Not a vacuous comparison: the programs ran.
-    let ran = seen(&warm, json!({ "code": "print(6*7)", "language": "python" })).await;
-    assert_eq!(ran["stdout"], "42\n");
+    // Not a vacuous comparison: the programs ran, and their files hold
+    // what was never closed.
+    let code = "print(6*7, open('by-main.txt').read(), open('by-module.txt').read())";
+    let ran = seen(&warm, json!({ "code": code, "language": "python" })).await;
+    assert_eq!(ran["stdout"], "42 from main from a module\n", "{ran}");
     cold.stop().await;
     warm.stop().await;
 }
@@ -115,5 +126,22 @@ async fn a_warm_job_times_out_with_its_children_and_the_next_job_is_still_warm()
         "the job's child outlived its timeout"
     );
     assert_eq!(hash_of(&warm, json!({})).await, before);
+    warm.stop().await;
+}
+
+/// One job's `env` values reach no other job: not its `os.environ`, and not
+/// the environment its process shows (`/proc/<pid>/environ`, the one the
+/// warm interpreter started with).
+#[tokio::test]
+async fn a_warm_jobs_env_values_show_in_no_other_job() {
+    let warm = agent(true).await;
+    let first = json!({ "code": "print(1)", "language": "python", "env": { "WARM_SECRET": "first-job-value" } });
+    let (_, out) = warm.post_json("/execute", first).await;
+    assert_eq!(out["stdout"], "1\n", "{out}");
+    let code = "import os\nprint('first-job-value' in open('/proc/self/environ').read(), os.environ.get('WARM_SECRET'), os.environ['EXECD_EXECUTION_ID'] in open('/proc/self/environ').read())";
+    let (_, out) = warm
+        .post_json("/execute", json!({ "code": code, "language": "python" }))
+        .await;
+    assert_eq!(out["stdout"], "False None False\n", "{out}");
     warm.stop().await;
 }
