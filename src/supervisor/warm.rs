@@ -1,8 +1,8 @@
 //! Python jobs forked from a warm interpreter (`--warm-python`).
 //!
 //! Most of a trivial Python job is the interpreter's own start-up (10–50
-//! ms of CPU on the project's machine, most of it `site`). With the flag, a
-//! supervisor starts the job's interpreter once, with the job's flags, on
+//! ms of CPU on the project's machine, most of it `site`). With the flag
+//! (on by default), a supervisor starts the job's interpreter once, with the job's flags, on
 //! `warm_python.py`, and has it fork a started copy of itself for each
 //! Python job whose start-up would be the same (`Warm::fits`). The copy
 //! takes the job's descriptors, directory, environment, `sys.argv` and
@@ -76,11 +76,16 @@ fn startup(envp: &[CString]) -> Vec<CString> {
         .collect()
 }
 
-/// `PYTHONPATH`'s directories, as the job gives them.
+/// The directories of the job's `PYTHONPATH`, a relative one from its
+/// working directory (as its interpreter would take it).
 fn python_path(spec: &Spec) -> Vec<PathBuf> {
     spec.env
         .get("PYTHONPATH")
-        .map(|p| std::env::split_paths(p).collect())
+        .map(|p| {
+            std::env::split_paths(p)
+                .map(|dir| spec.working_dir.join(dir))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -91,9 +96,9 @@ fn script(spec: &Spec) -> Option<(&[String], &str)> {
     (spec.warm && !file.starts_with('-')).then_some((flags, file.as_str()))
 }
 
-/// Whether a job whose start-up would see `custom` on its path may be
-/// forked: a `sitecustomize` or `usercustomize` there would have run at its
-/// start, which the warm interpreter's did not.
+/// Whether `dirs` hold a `sitecustomize` or `usercustomize`: a job's own
+/// start-up would have run it, where the warm interpreter's did not, so
+/// such a job starts cold.
 fn customizes(dirs: &[PathBuf]) -> bool {
     dirs.iter().any(|dir| {
         ["sitecustomize", "usercustomize"]

@@ -97,6 +97,7 @@ def job(libc, fields, fds):
     main.__cached__ = None
     main.__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", script)
     main.__annotations__ = {}
+    main.__builtins__ = sys.modules["builtins"]  # the module, as in a started __main__
     sys.modules["__main__"] = main
     os.write(started, b"r%d" % os.getpid())
     os.close(started)

@@ -35,6 +35,7 @@ async fn seen(app: &TestApp, body: Value) -> Value {
 async fn a_warm_python_job_prints_fails_and_ends_as_a_cold_one() {
     let programs = [
         "print(6*7)",
+        "print(type(__builtins__).__name__, sorted(globals()))",
         "import os, sys\nprint(sys.argv[0] == __file__, sys.path[0] == os.path.dirname(__file__), __name__, os.path.basename(__file__))",
         "import os\nprint(os.getcwd() == os.environ['PWD'], os.environ['GREETING'], os.environ['PYTHONPATH'] == os.getcwd(), os.getpgid(0) == os.getpid())",
         "import sys\nprint(sys.stdin.read() == '', sys.stdout.write_through, sys.orig_argv[1:] == sys.argv)",
@@ -143,5 +144,20 @@ async fn a_warm_jobs_env_values_show_in_no_other_job() {
         .post_json("/execute", json!({ "code": code, "language": "python" }))
         .await;
     assert_eq!(out["stdout"], "False None False\n", "{out}");
+    warm.stop().await;
+}
+
+/// A `sitecustomize` on a job's `PYTHONPATH` (its working directory is on
+/// it) runs at a started interpreter's start-up: such a job starts cold, so
+/// it runs there too.
+#[tokio::test]
+async fn a_job_with_a_sitecustomize_on_its_path_starts_cold_and_runs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sitecustomize.py"), "print('customized')\n").unwrap();
+    let warm = agent(true).await;
+    let body = json!({ "code": "print('job')", "language": "python",
+                       "working_dir": dir.path().to_str().unwrap() });
+    let (_, out) = warm.post_json("/execute", body).await;
+    assert_eq!(out["stdout"], "customized\njob\n", "{out}");
     warm.stop().await;
 }
