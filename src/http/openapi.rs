@@ -158,6 +158,8 @@ pub struct InfoOut {
     /// Each configured limit, by name (bytes, or seconds for `max_timeout`).
     limits: std::collections::BTreeMap<String, f64>,
     default_working_dir: String,
+    /// Whether Python jobs are forked from a warm interpreter (`--warm-python`).
+    warm_python: bool,
     uptime_seconds: f64,
     timestamp: String,
 }
