@@ -108,12 +108,9 @@ fn customizes(dirs: &[PathBuf]) -> bool {
 }
 
 impl Warm {
-    /// Starts the interpreter of `spec` on the server, for jobs whose
-    /// environment reads at start-up as `envp` does.
-    pub(super) fn start(spec: &Spec, envp: &[CString]) -> std::io::Result<Warm> {
-        let Some((flags, _)) = script(spec) else {
-            return Err(std::io::Error::other("not a script"));
-        };
+    /// Starts the interpreter of `spec` with `flags` on the server, for
+    /// jobs whose environment reads at start-up as `envp` does.
+    fn start(spec: &Spec, flags: &[String], envp: &[CString]) -> std::io::Result<Warm> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -183,38 +180,31 @@ impl Warm {
         })
     }
 
-    /// Whether the job of `spec` (its whole environment `envp`) would start
-    /// as this interpreter did.
-    pub(super) fn fits(&self, spec: &Spec, envp: &[CString]) -> bool {
-        let size: usize = envp.iter().map(|p| p.as_bytes().len() + 1).sum();
-        script(spec).is_some_and(|(flags, _)| {
-            size <= MAX_MESSAGE
-                && spec.program == self.program
-                && flags == self.flags.as_slice()
-                && startup(envp) == self.startup
-                && !customizes(&python_path(spec))
-        })
+    /// Whether a job of `spec` with `flags` and its whole environment
+    /// `envp` would start as this interpreter did.
+    fn fits(&self, spec: &Spec, flags: &[String], envp: &[CString]) -> bool {
+        spec.program == self.program
+            && flags == self.flags.as_slice()
+            && startup(envp) == self.startup
     }
 
     /// Whether its interpreter is still there to fork.
-    pub(super) fn alive(&self) -> bool {
+    fn alive(&self) -> bool {
         SERVER_PID.load(Ordering::Relaxed) == self.pid
     }
 
-    /// Forks the program of `spec` (environment `envp`), as `spawn::spawn`
-    /// starts it: stdin on /dev/null and its output on two new pipes, in a
-    /// process group of its own; it reports its pid and waits at the gate.
-    /// `Err(None)`: the interpreter could not be asked (it is gone), and
-    /// nothing ran.
-    pub(super) fn spawn(
+    /// Forks the program of `spec` on the code's `file` (environment
+    /// `envp`), as `spawn::spawn` starts it: stdin on /dev/null and its
+    /// output on two new pipes, in a process group of its own; it reports
+    /// its pid and waits at the gate. `Err(None)`: the interpreter could not
+    /// be asked (it is gone), and nothing ran.
+    fn spawn(
         &self,
         spec: &Spec,
+        file: &str,
         gated: &Gated,
         envp: &[CString],
     ) -> Result<Program, Option<std::io::Error>> {
-        let Some((_, file)) = script(spec) else {
-            return Err(None);
-        };
         let pipe =
             || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
         let prepared = (|| {
@@ -287,7 +277,7 @@ impl Warm {
 impl Drop for Warm {
     fn drop(&mut self) {
         // Its socket closes with us, and it exits; `reap` takes it.
-        let _ = SERVER_PID.compare_exchange(self.pid, 0, Ordering::Relaxed, Ordering::Relaxed);
+        ended(self.pid);
     }
 }
 
@@ -305,21 +295,22 @@ pub(super) fn spawn(
     gated: &Gated,
     envp: &[CString],
 ) -> Option<std::io::Result<Program>> {
-    script(spec)?;
+    let (flags, file) = script(spec)?;
+    let size: usize = envp.iter().map(|p| p.as_bytes().len() + 1).sum();
+    if size > MAX_MESSAGE || customizes(&python_path(spec)) {
+        return None;
+    }
     if warm.as_ref().is_some_and(|w| !w.alive()) {
         *warm = None;
     }
     if warm.is_none() {
-        if customizes(&python_path(spec)) {
-            return None;
-        }
-        *warm = Warm::start(spec, envp).ok();
+        *warm = Warm::start(spec, flags, envp).ok();
     }
     let server = warm.as_ref()?;
-    if !server.fits(spec, envp) {
+    if !server.fits(spec, flags, envp) {
         return None;
     }
-    match server.spawn(spec, gated, envp) {
+    match server.spawn(spec, file, gated, envp) {
         Ok(program) => Some(Ok(program)),
         Err(Some(e)) => Some(Err(e)),
         // Gone before it could be asked: cold this time, a new one next.

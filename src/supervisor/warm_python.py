@@ -87,8 +87,8 @@ def job(libc, fields, fds):
         name, _, value = pair.partition(b"=")
         os.environb[name] = value
     script = os.fsdecode(script)
-    path = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)] \
-        if os.environ.get("PYTHONPATH") else []
+    pythonpath = os.environ.get("PYTHONPATH")
+    path = [os.path.abspath(p) for p in pythonpath.split(os.pathsep)] if pythonpath else []
     sys.path[0:1] = [os.path.dirname(script)] + path
     sys.argv = [script]
     sys.orig_argv = sys.orig_argv[:-2] + [script]  # as started: its flags, its file
@@ -163,7 +163,7 @@ def end(code, main):
     gc.collect()
     if not flushed():
         code = 120
-    os._exit(code & 0xFF if code >= 0 else code)
+    os._exit(code)
 
 
 def flushed():

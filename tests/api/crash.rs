@@ -14,6 +14,8 @@ pub struct Agent {
     child: Child,
     pub url: String,
     client: reqwest::Client,
+    /// `<data dir>/runs`, the link to its run directories on /dev/shm.
+    runs: std::path::PathBuf,
 }
 
 /// A loopback port that was free a moment ago.
@@ -59,6 +61,7 @@ impl Agent {
             child,
             url: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
+            runs: data_dir.join("runs"),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while agent
@@ -151,6 +154,13 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test never gets to the stop or restart that would take
+        // its run directories on /dev/shm: they go here instead.
+        if std::thread::panicking() {
+            if let Ok(target) = std::fs::read_link(&self.runs) {
+                let _ = std::fs::remove_dir_all(target);
+            }
+        }
     }
 }
 

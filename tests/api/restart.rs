@@ -1080,6 +1080,7 @@ async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_re
     let (out, first) = running_and_begun(&agent, body, "line 1\n").await;
     let id = out["process_id"].as_str().unwrap().to_string();
     let pid = first["pid"].as_i64().unwrap();
+    let supervisor = crate::helpers::supervisor_of_program(pid);
     assert!(agent.terminate().success());
     let before = std::fs::read_link(data.path().join("runs")).unwrap();
     // Restarted with its run directories elsewhere: the first attempt's
@@ -1096,7 +1097,11 @@ async fn a_job_lost_to_a_moved_runs_dir_is_killed_not_left_running_beside_its_re
     wait_until(&agent, &id, Duration::from_secs(10), terminal).await;
     assert!(agent.terminate().success());
     assert_nothing_left(data.path()).await;
-    // The first place is no agent's now (in memory, it outlives the test).
+    // The first place is no agent's now (in memory, it outlives the test),
+    // once the first attempt's supervisor is gone: one still ending would
+    // make its run directory again, for its complaint that the first was
+    // removed under it.
+    eventually(Duration::from_secs(10), || !alive(i64::from(supervisor))).await;
     std::fs::remove_dir_all(before).unwrap();
 }
 
