@@ -35,9 +35,11 @@ pub fn router() -> Router<AppState> {
 /// How often a follower looks for new output of a job this agent does not
 /// follow (queued, or being recovered).
 const POLL: Duration = Duration::from_millis(50);
-/// How often a follower of a running job looks without being woken (it is
-/// woken when output is stored, and at the end).
-const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often a follower of a running job looks without being woken: a look
+/// of last resort, so a silent job's readers cost next to nothing. It is
+/// woken when output is stored, and when the agent lets the job go (at its
+/// end, or at a stop of the agent).
+const IDLE_POLL: Duration = Duration::from_secs(10);
 /// Chunks read per look, and their bytes at most (past the first chunk;
 /// chunks stored before chunks were cut at 64 KiB may hold up to 1 MiB): a
 /// reader that reads slowly, or not at all, holds about this much, whatever
