@@ -100,7 +100,11 @@ fn decide(gate: &Gate, open: bool) -> bool {
 impl Launcher {
     pub fn new(config: RunnerConfig) -> Arc<Launcher> {
         Arc::new(Launcher {
-            supervisors: Supervisors::new(config.supervisor_bin.clone(), config.runs_dir.clone()),
+            supervisors: Supervisors::new(
+                config.supervisor_bin.clone(),
+                config.runs_dir.clone(),
+                warm_ahead(&config),
+            ),
             config,
             prepared: Mutex::default(),
         })
@@ -366,6 +370,29 @@ impl Launcher {
         };
         Ok((spec, code))
     }
+}
+
+/// With `--warm-python`, the spec (JSON) of a Python job with no `env` of
+/// its own, whose warm interpreter the zygote's spares start ahead of their
+/// first job: one forked for a job starts as this one does.
+fn warm_ahead(config: &RunnerConfig) -> Option<String> {
+    if !config.warm_python {
+        return None;
+    }
+    let interpreter = config.languages.get(Language::Python)?;
+    let (program, args) = Language::Python.command(&interpreter.path, Path::new("/dev/null"));
+    let spec = Spec {
+        program,
+        args,
+        working_dir: PathBuf::from("/"),
+        env: Default::default(),
+        timeout_ms: 1,
+        kill_grace_ms: 0,
+        max_output_bytes: 0,
+        open_files: super::program_open_files(),
+        warm: true,
+    };
+    serde_json::to_string(&spec).ok()
 }
 
 /// Lets a decided preparation finish (its task drops the program), then

@@ -89,6 +89,9 @@ pub struct Supervisors {
     next_token: AtomicU64,
     /// Jobs whose supervisor may still report, by token.
     waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
+    /// Told each zygote first (`warm\t<spec>`): the spec of a Python job
+    /// whose warm interpreter its spares start ahead (`--warm-python`).
+    warm: Option<String>,
 }
 
 struct Waiter {
@@ -124,13 +127,14 @@ impl Drop for Watch {
 }
 
 impl Supervisors {
-    pub fn new(bin: PathBuf, runs_dir: PathBuf) -> Supervisors {
+    pub fn new(bin: PathBuf, runs_dir: PathBuf, warm: Option<String>) -> Supervisors {
         Supervisors {
             bin,
             runs_dir,
             zygote: tokio::sync::Mutex::new(None),
             next_token: AtomicU64::new(1),
             waiting: Arc::default(),
+            warm,
         }
     }
 
@@ -138,7 +142,7 @@ impl Supervisors {
     pub async fn warm_up(&self) {
         let mut zygote = self.zygote.lock().await;
         if zygote.is_none() {
-            match self.spawn() {
+            match self.spawn().await {
                 Ok(z) => *zygote = Some(z),
                 Err(e) => tracing::warn!(error = %e, "cannot start the supervisor zygote"),
             }
@@ -181,7 +185,7 @@ impl Supervisors {
                 None => false,
             };
             if !alive {
-                *zygote = Some(self.spawn()?);
+                *zygote = Some(self.spawn().await?);
             }
             let (_, stdin) = zygote.as_mut().expect("just started");
             match stdin.write_all(line.as_bytes()).await {
@@ -203,13 +207,19 @@ impl Supervisors {
     }
 
     /// Starts a zygote and the task that routes its supervisors' reports.
-    fn spawn(&self) -> std::io::Result<(Child, ChildStdin)> {
+    async fn spawn(&self) -> std::io::Result<(Child, ChildStdin)> {
         let mut child = supervisor_command(&self.bin, &self.runs_dir)
             .spawn()
             .map_err(|e| {
                 std::io::Error::other(format!("cannot run {}: {e}", self.bin.display()))
             })?;
-        let stdin = child.stdin.take().expect("piped");
+        let mut stdin = child.stdin.take().expect("piped");
+        if let Some(spec) = &self.warm {
+            // Before any job's line. (serde_json escapes every newline.)
+            stdin
+                .write_all(format!("warm\t{spec}\n").as_bytes())
+                .await?;
+        }
         let stdout = child.stdout.take().expect("piped");
         let waiting = self.waiting.clone();
         // Ends when every supervisor of this zygote has closed its stdout.

@@ -54,6 +54,8 @@ pub(super) struct Warm {
     flags: Vec<String>,
     /// What of its environment its start-up read (`startup`).
     startup: Vec<CString>,
+    /// Whether it has forked a job.
+    used: bool,
 }
 
 /// Variables that change what the interpreter's start-up does, besides
@@ -177,6 +179,7 @@ impl Warm {
             program: spec.program.clone(),
             flags: flags.to_vec(),
             startup: startup(envp),
+            used: false,
         })
     }
 
@@ -286,16 +289,30 @@ pub(super) fn ended(pid: u32) {
     let _ = SERVER_PID.compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
 }
 
+/// A spare supervisor's warm interpreter, started ahead of its first job,
+/// for jobs of `spec` (JSON: a job's spec with no `env` of its own).
+pub(super) fn ahead(spec: &str) -> Option<Warm> {
+    let spec: Spec = serde_json::from_str(spec).ok()?;
+    let (flags, _) = script(&spec)?;
+    let envp = super::spawn::environment(&spec, "").ok()?;
+    Warm::start(&spec, flags, &envp).ok()
+}
+
 /// Starts the program of `spec` warm when it may be, keeping (or making)
 /// the supervisor's warm interpreter in `warm`; `None` when it must start
-/// cold.
+/// cold. One started ahead and not used by the first job goes with it.
 pub(super) fn spawn(
     warm: &mut Option<Warm>,
     spec: &Spec,
     gated: &Gated,
     envp: &[CString],
 ) -> Option<std::io::Result<Program>> {
-    let (flags, file) = script(spec)?;
+    let Some((flags, file)) = script(spec) else {
+        if warm.as_ref().is_some_and(|w| !w.used) {
+            *warm = None;
+        }
+        return None;
+    };
     let size: usize = envp.iter().map(|p| p.as_bytes().len() + 1).sum();
     if size > MAX_MESSAGE || customizes(&python_path(spec)) {
         return None;
@@ -311,7 +328,10 @@ pub(super) fn spawn(
         return None;
     }
     match server.spawn(spec, file, gated, envp) {
-        Ok(program) => Some(Ok(program)),
+        Ok(program) => {
+            warm.as_mut()?.used = true;
+            Some(Ok(program))
+        }
         Err(Some(e)) => Some(Err(e)),
         // Gone before it could be asked: cold this time, a new one next.
         Err(None) => {

@@ -45,6 +45,8 @@ const JOBS_PER_SUPERVISOR: u32 = 1000;
 /// - `<token> go`: open the gate; the program `exec`s.
 /// - `<token> drop`: close it; the program ends unstarted, leaving nothing
 ///   behind. So does a gate left `GATE_TTL`.
+/// - `warm\t<spec>` (`--warm-python`): a spare starts the warm interpreter
+///   of a Python job of `spec` ahead of its first job (`Pool::spare`).
 ///
 /// The supervisors report on the zygote's stdout, which the agent reads:
 /// `<token> pid <n>` (from the forked program), `<token> started` once it
@@ -111,7 +113,7 @@ pub(super) fn serve() -> ExitCode {
             match nix::poll::poll(&mut fds, timeout) {
                 Ok(0) => {
                     if pool.idle.is_empty() {
-                        if let Some(spare) = pool.fork() {
+                        if let Some(spare) = pool.spare() {
                             pool.idle.push(spare);
                         }
                     }
@@ -135,6 +137,10 @@ pub(super) fn serve() -> ExitCode {
         match input.read_line(&mut line) {
             Ok(0) | Err(_) => return ExitCode::SUCCESS,
             Ok(_) => {}
+        }
+        if let Some(spec) = line.trim_end_matches('\n').strip_prefix("warm\t") {
+            pool.warm = Some(spec.to_string());
+            continue;
         }
         let Some((token, what)) = line.trim_end_matches('\n').split_once(' ') else {
             continue;
@@ -178,6 +184,9 @@ struct Pool {
     idle: Vec<UnixStream>,
     /// Supervisors running a job, until they say `f`.
     busy: Vec<UnixStream>,
+    /// The spec of a Python job whose warm interpreter a spare starts
+    /// ahead of its first job (`warm\t<spec>`).
+    warm: Option<String>,
 }
 
 impl Pool {
@@ -188,7 +197,7 @@ impl Pool {
         loop {
             let (supervisor, fresh) = match self.idle.pop() {
                 Some(idle) => (idle, false),
-                None => (self.fork()?, true),
+                None => (self.fork(None)?, true),
             };
             // Made after any fork: no other supervisor holds its writing end.
             let (gate_out, gate_in) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
@@ -222,9 +231,20 @@ impl Pool {
         }
     }
 
+    /// Forks a spare supervisor, to wait for the next job. With `--warm-python`,
+    /// when it is the only supervisor (the zygote's first, or the first
+    /// after all went), it starts its warm interpreter now: the agent's
+    /// first Python job does not wait for it. One its first job does not
+    /// use goes with that job, so an agent that runs no Python keeps none.
+    fn spare(&mut self) -> Option<UnixStream> {
+        let warm = self.warm.clone().filter(|_| self.busy.is_empty());
+        self.fork(warm.as_deref())
+    }
+
     /// Forks a supervisor: in its own process group, stdin on /dev/null, it waits
-    /// on its socket for jobs (or for the zygote to go: it then exits).
-    fn fork(&mut self) -> Option<UnixStream> {
+    /// on its socket for jobs (or for the zygote to go: it then exits),
+    /// after starting the warm interpreter of a job of `warm`, if given.
+    fn fork(&mut self, warm: Option<&str>) -> Option<UnixStream> {
         let (ours, theirs) = UnixStream::pair().ok()?;
         // SAFETY: the zygote has one thread, so the child may run any code.
         match unsafe { nix::unistd::fork() } {
@@ -254,7 +274,7 @@ impl Pool {
                 if let Ok(null) = File::open("/dev/null") {
                     let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
                 }
-                let code = work(theirs);
+                let code = work(theirs, warm);
                 // Nothing is buffered (reports and complaints are written as
                 // they come): no exit handlers to run, no pages of theirs to copy.
                 // SAFETY: ends this process; nothing of it is left to run.
@@ -284,15 +304,16 @@ fn send_job(to: &UnixStream, line: &str, gate: OwnedFd) -> std::io::Result<()> {
 /// A supervisor's life: the jobs the zygote hands it, one at a time, until
 /// the zygote lets it go (its socket closes), it is told to stop, a job
 /// could not be recorded, or it has run `JOBS_PER_SUPERVISOR`; its exit code.
-fn work(zygote: UnixStream) -> u8 {
+fn work(zygote: UnixStream, warm: Option<&str>) -> u8 {
     let Ok(signals) = super::listen() else {
         return 2;
     };
     // A job's orphans come here, not to init: its end takes them too
     // (`signal_job`).
     let _ = nix::sys::prctl::set_child_subreaper(true);
-    // Started with its first Python job that may use one (`--warm-python`).
-    let mut warm = None;
+    // Started now for a spare, or with its first Python job that may use
+    // one (`--warm-python`).
+    let mut warm = warm.and_then(super::warm::ahead);
     for done in 1..=JOBS_PER_SUPERVISOR {
         let Some((job, gate)) = next_job(&zygote, &signals) else {
             return 0;

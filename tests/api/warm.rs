@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{alive, spawn_app_with, TestApp};
+use crate::helpers::{alive, eventually, processes_under, spawn_app_with, TestApp};
 
 async fn agent(warm: bool) -> TestApp {
     spawn_app_with(|c| c.warm_python = warm).await
@@ -159,5 +159,94 @@ async fn a_job_with_a_sitecustomize_on_its_path_starts_cold_and_runs_it() {
                        "working_dir": dir.path().to_str().unwrap() });
     let (_, out) = warm.post_json("/execute", body).await;
     assert_eq!(out["stdout"], "customized\njob\n", "{out}");
+    warm.stop().await;
+}
+
+/// The warm interpreters of `app`'s supervisors (they name its runs dir).
+fn interpreters(app: &TestApp) -> Vec<u32> {
+    let runs = std::fs::read_link(app.data_dir.path().join("runs")).unwrap();
+    let supervisors = processes_under(&runs);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            parent.is_some_and(|p| supervisors.contains(&p))
+                && String::from_utf8_lossy(&cmdline).contains("execd's warm Python")
+                && alive(i64::from(*pid))
+        })
+        .collect()
+}
+
+/// An idle agent has one warm interpreter started ahead, before any job:
+/// its first Python jobs are forked from that one (they share its hash
+/// seed), not from one started for them.
+#[tokio::test]
+async fn the_first_python_job_is_forked_from_an_interpreter_started_ahead() {
+    let warm = agent(true).await;
+    assert!(
+        eventually(Duration::from_secs(10), || interpreters(&warm).len() == 1).await,
+        "no interpreter started ahead: {:?}",
+        interpreters(&warm)
+    );
+    let ahead = interpreters(&warm);
+    let hash = json!({ "code": "print(hash('x'))", "language": "python" });
+    let (_, first) = warm.post_json("/execute", hash.clone()).await;
+    let (_, second) = warm.post_json("/execute", hash).await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert_eq!(first["stdout"], second["stdout"]);
+    assert_eq!(interpreters(&warm), ahead, "the one started ahead ran them");
+    warm.stop().await;
+
+    let cold = agent(false).await;
+    let (_, out) = cold
+        .post_json(
+            "/execute",
+            json!({ "code": "print(1)", "language": "python" }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "1\n", "{out}");
+    assert_eq!(interpreters(&cold), Vec::<u32>::new());
+    cold.stop().await;
+}
+
+/// The interpreter started ahead goes when the first job is not a Python
+/// one: an agent that runs no Python keeps none waiting. One started for a
+/// Python job stays.
+#[tokio::test]
+async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
+    let warm = agent(true).await;
+    assert!(eventually(Duration::from_secs(10), || interpreters(&warm).len() == 1).await);
+    for _ in 0..3 {
+        let (_, out) = warm
+            .post_json("/execute", json!({ "code": "echo hi", "language": "bash" }))
+            .await;
+        assert_eq!(out["stdout"], "hi\n", "{out}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || interpreters(&warm).is_empty()).await,
+        "still waiting: {:?}",
+        interpreters(&warm)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(interpreters(&warm), Vec::<u32>::new());
+    let (_, out) = warm
+        .post_json(
+            "/execute",
+            json!({ "code": "print(1)", "language": "python" }),
+        )
+        .await;
+    assert_eq!(out["stdout"], "1\n", "{out}");
+    let started = interpreters(&warm);
+    assert_eq!(started.len(), 1);
+    let (_, out) = warm
+        .post_json("/execute", json!({ "code": "echo hi", "language": "bash" }))
+        .await;
+    assert_eq!(out["stdout"], "hi\n", "{out}");
+    assert_eq!(interpreters(&warm), started);
     warm.stop().await;
 }
