@@ -37,6 +37,34 @@ pub async fn scale(ctx: &Ctx) -> Result<Outcome> {
     let startup = agent.startup;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_kib = agent::status_kib(agent.pid(), "VmRSS").unwrap_or(0);
+    // The agent's processes beside it at the same moment: the zygote, a
+    // spare supervisor and (`--warm-python`) its warm interpreter.
+    let mut below: Vec<(String, u32, u64)> = Vec::new();
+    for (pid, comm) in agent::descendants(agent.pid()) {
+        let kib = agent::status_kib(pid, "VmRSS").unwrap_or(0);
+        match below.iter_mut().find(|(c, _, _)| *c == comm) {
+            Some(entry) => {
+                entry.1 += 1;
+                entry.2 += kib;
+            }
+            None => below.push((comm, 1, kib)),
+        }
+    }
+    let below_kib: u64 = below.iter().map(|(_, _, kib)| kib).sum();
+    out.note(format!(
+        "idle, the processes under the agent (VmRSS each, shared pages counted in each): {}; \
+         with the agent {:.1} MB in all",
+        if below.is_empty() {
+            "none".to_string()
+        } else {
+            below
+                .iter()
+                .map(|(comm, n, kib)| format!("{comm} ×{n} {:.1} MB", *kib as f64 * 1024.0 / 1e6))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        (idle_kib + below_kib) as f64 * 1024.0 / 1e6
+    ));
 
     let url = format!("{}/execute/processes?limit=100", agent.api.base);
     let mut latency = histogram();
