@@ -11,49 +11,29 @@ directory with a `python3` link to /usr/bin/python3 picks Debian's).
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
+from byhand import TOKEN, start_agent
+
 BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/execd"
 PATH_FIRST = sys.argv[2] if len(sys.argv) > 2 else None
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def first_job(python_first):
     data = tempfile.mkdtemp(prefix="execd-first-")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ)
-    if PATH_FIRST:
-        env["PATH"] = PATH_FIRST + ":" + env["PATH"]
-    agent = subprocess.Popen(
-        [BIN, "--data-dir", data, "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    path = PATH_FIRST + ":" + os.environ["PATH"] if PATH_FIRST else None
+    agent, base = start_agent(BIN, data, [], path)
     try:
-        for _ in range(500):
-            try:
-                urllib.request.urlopen(base + "/health")
-                break
-            except OSError:
-                time.sleep(0.02)
-        token = open(os.path.join(data, "token")).read().strip()
-
         def run(code, language):
             request = urllib.request.Request(
                 base + "/execute",
                 data=json.dumps({"code": code, "language": language}).encode(),
-                headers={"Authorization": "Bearer " + token,
+                headers={"Authorization": "Bearer " + TOKEN,
                          "Content-Type": "application/json"})
             t = time.perf_counter()
             out = json.load(urllib.request.urlopen(request))

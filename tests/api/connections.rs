@@ -243,6 +243,20 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// An agent on `data` running the background bash job `code` (for up to
+/// 60 s), and its process id.
+async fn running(data: &std::path::Path, code: &str) -> (crate::crash::Agent, String) {
+    let agent = crate::crash::Agent::start(data, crate::crash::free_port(), &[]).await;
+    let out = agent
+        .post(
+            "/execute/background",
+            json!({ "code": code, "language": "bash", "timeout": 60 }),
+        )
+        .await;
+    let id = out["process_id"].as_str().unwrap().to_string();
+    (agent, id)
+}
+
 /// Live readers of a running job that prints nothing wait to be woken by
 /// its output, its end or the agent's stop: 200 of them asked the database
 /// twice every 50 ms each, half a core (1,000: 163 %), and slowed every
@@ -251,15 +265,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test]
 async fn idle_live_readers_of_a_silent_job_cost_next_to_nothing_and_still_see_its_output() {
     let data = tempfile::tempdir().unwrap();
-    let port = crate::crash::free_port();
-    let agent = crate::crash::Agent::start(data.path(), port, &[]).await;
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": "sleep 8; echo late", "language": "bash", "timeout": 30 }),
-        )
-        .await;
-    let id = out["process_id"].as_str().unwrap().to_string();
+    let (agent, id) = running(data.path(), "sleep 8; echo late").await;
     // What the agent spends on the running job with no reader.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = cpu_ticks(agent.pid());
@@ -308,15 +314,7 @@ async fn idle_live_readers_of_a_silent_job_cost_next_to_nothing_and_still_see_it
 #[tokio::test]
 async fn a_stop_lets_a_live_reader_of_a_silent_job_go_at_once() {
     let data = tempfile::tempdir().unwrap();
-    let port = crate::crash::free_port();
-    let agent = crate::crash::Agent::start(data.path(), port, &[]).await;
-    let out = agent
-        .post(
-            "/execute/background",
-            json!({ "code": "echo early; sleep 30", "language": "bash", "timeout": 60 }),
-        )
-        .await;
-    let id = out["process_id"].as_str().unwrap().to_string();
+    let (agent, id) = running(data.path(), "echo early; sleep 30").await;
     let mut reader = reqwest::Client::new()
         .get(format!(
             "{}/execute/processes/{id}/logs?follow=true",
@@ -359,7 +357,7 @@ async fn a_stop_lets_a_live_reader_of_a_silent_job_go_at_once() {
     );
     assert!(!rest.contains("event: end"), "{rest}");
     // The run went on; the next agent ends it.
-    let agent = crate::crash::Agent::start(data.path(), port, &[]).await;
+    let agent = crate::crash::Agent::start(data.path(), crate::crash::free_port(), &[]).await;
     agent.post(&format!("/execute/kill/{id}"), json!({})).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut p = agent.get(&format!("/execute/processes/{id}")).await;
