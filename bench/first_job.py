@@ -50,6 +50,7 @@ def first_job(python_first):
         spawned = db.execute(
             "SELECT (julianday(spawned_at) - julianday(created_at)) * 86400000 "
             "FROM executions WHERE language = 'python'").fetchone()[0]
+        db.close()
         return wall * 1e3, spawned
     finally:
         agent.terminate()

@@ -257,6 +257,25 @@ async fn running(data: &std::path::Path, code: &str) -> (crate::crash::Agent, St
     (agent, id)
 }
 
+/// A live reader of process `id`'s output (SSE), its answer's head read.
+async fn follow(
+    client: &reqwest::Client,
+    agent: &crate::crash::Agent,
+    id: &str,
+) -> reqwest::Response {
+    let response = client
+        .get(format!(
+            "{}/execute/processes/{id}/logs?follow=true",
+            agent.url
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
 /// Live readers of a running job that prints nothing wait to be woken by
 /// its output, its end or the agent's stop: 200 of them asked the database
 /// twice every 50 ms each, half a core (1,000: 163 %), and slowed every
@@ -274,17 +293,7 @@ async fn idle_live_readers_of_a_silent_job_cost_next_to_nothing_and_still_see_it
     let client = reqwest::Client::new();
     let mut readers = Vec::new();
     for _ in 0..200 {
-        let response = client
-            .get(format!(
-                "{}/execute/processes/{id}/logs?follow=true",
-                agent.url
-            ))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        readers.push(response);
+        readers.push(follow(&client, &agent, &id).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = cpu_ticks(agent.pid());
@@ -315,16 +324,7 @@ async fn idle_live_readers_of_a_silent_job_cost_next_to_nothing_and_still_see_it
 async fn a_stop_lets_a_live_reader_of_a_silent_job_go_at_once() {
     let data = tempfile::tempdir().unwrap();
     let (agent, id) = running(data.path(), "echo early; sleep 30").await;
-    let mut reader = reqwest::Client::new()
-        .get(format!(
-            "{}/execute/processes/{id}/logs?follow=true",
-            agent.url
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reader.status(), 200);
+    let mut reader = follow(&reqwest::Client::new(), &agent, &id).await;
     // Its output read, the reader waits on a silent job.
     let mut body = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
