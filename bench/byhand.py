@@ -10,19 +10,21 @@ import urllib.request
 TOKEN = "tok"
 
 
-def start_agent(binary, data_dir, flags, path=None):
+def start_agent(binary, data_dir, flags, path=None, log="warn", stderr=None):
     """Starts `binary serve` on a free loopback port with `flags` (and PATH
-    `path`, if given); returns the process and its base URL once healthy."""
+    `path`, if given; its log filtered by `log`, into `stderr` if given);
+    returns the process and its base URL once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, EXECD_LOG="warn")
+    env = dict(os.environ, EXECD_LOG=log)
     if path is not None:
         env["PATH"] = path
     agent = subprocess.Popen(
         [binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir,
          "--token", TOKEN, *flags],
         env=env,
+        stderr=stderr,
     )
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):
