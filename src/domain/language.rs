@@ -169,9 +169,14 @@ fn resolve(language: Language) -> Option<Interpreter> {
     // Run as found, and kept as the interpreter says it is: a virtualenv's
     // `python3` is a link to the base interpreter, and only the venv's own
     // path makes it the venv's (its packages). A shim (pyenv, nvm, asdf)
-    // prints the real interpreter behind it.
+    // prints the real interpreter behind it. The interpreter itself is not
+    // asked: it would print the path it was found at (node took 90-120 ms
+    // to say so, most of the agent's start-up).
     let mut path = found;
-    if let Some(args) = language.self_path_args() {
+    if let Some(args) = language
+        .self_path_args()
+        .filter(|_| !is_the_interpreter(&path, language))
+    {
         let real = Command::new(&path).args(args).output().ok()?;
         if !real.status.success() {
             return None;
@@ -220,6 +225,26 @@ fn resolve(language: Language) -> Option<Interpreter> {
     })
 }
 
+/// Whether `path` is the interpreter itself rather than a shim in front of
+/// it: an ELF executable whose own name, links followed, is the
+/// language's (`python3.11` for `python3`). A shim is a script (pyenv,
+/// asdf) or a link to a program of another name (volta, mise), and tells
+/// where the interpreter is only when run.
+fn is_the_interpreter(path: &Path, language: Language) -> bool {
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let named = real
+        .file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| language.candidates().iter().any(|c| name.starts_with(c)));
+    let mut magic = [0u8; 4];
+    let elf = std::fs::File::open(&real)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
+        .is_ok_and(|()| magic == *b"\x7fELF");
+    named && elf
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +267,29 @@ mod tests {
             assert_eq!(Language::from_alias(alias), Some(language), "{alias}");
         }
         assert_eq!(Language::from_alias("cobol"), None);
+    }
+
+    #[test]
+    fn only_an_interpreter_by_its_own_name_is_taken_as_it_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        // A script, as pyenv's and asdf's shims are.
+        std::fs::write(at("script"), "#!/bin/sh\nexec python3 \"$@\"\n").unwrap();
+        std::os::unix::fs::symlink(at("script"), at("python3")).unwrap();
+        assert!(!is_the_interpreter(&at("python3"), Language::Python));
+        // A program of another name, as volta's and mise's shims are.
+        let other = which::which("true").unwrap();
+        std::os::unix::fs::symlink(&other, at("node")).unwrap();
+        assert!(!is_the_interpreter(&at("node"), Language::Javascript));
+        // The interpreter itself, through a link of its own (a venv's).
+        let real = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .unwrap();
+        let real = String::from_utf8(real.stdout).unwrap();
+        std::os::unix::fs::symlink(real.trim(), at("venv-python3")).unwrap();
+        assert!(is_the_interpreter(&at("venv-python3"), Language::Python));
+        assert!(!is_the_interpreter(&at("missing"), Language::Python));
     }
 
     #[test]

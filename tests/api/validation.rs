@@ -370,6 +370,61 @@ async fn a_virtualenv_first_on_path_is_the_python_jobs_run() {
     agent.terminate();
 }
 
+/// A shim first on PATH (a script, as pyenv's and asdf's are) is run once
+/// at start to say where the interpreter behind it is; jobs run that
+/// interpreter, not the shim.
+#[tokio::test]
+async fn a_shim_first_on_path_is_resolved_to_the_interpreter_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    let shims = dir.path().join("shims");
+    std::fs::create_dir(&shims).unwrap();
+    let runs = dir.path().join("runs");
+    let shim = shims.join("python3");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\necho run >> '{}'\nexec '{real}' \"$@\"\n",
+            runs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", shims.display(), std::env::var("PATH").unwrap());
+    let port = crate::crash::free_port();
+    let agent = crate::crash::Agent::start_with(&dir.path().join("data"), port, &[], |c| {
+        c.env("PATH", &path);
+    })
+    .await;
+    let info = agent.get("/info").await;
+    let python = info["languages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "python")
+        .unwrap()
+        .clone();
+    assert_eq!(python["path"], real, "{python}");
+    let at_start = std::fs::read_to_string(&runs).unwrap().lines().count();
+    assert!(at_start >= 1, "the shim was asked at start");
+    for _ in 0..2 {
+        let out = agent
+            .post(
+                "/execute",
+                json!({ "code": "import sys; print(sys.executable)" }),
+            )
+            .await;
+        assert_eq!(out["stdout"], format!("{real}\n"), "{out}");
+    }
+    let after = std::fs::read_to_string(&runs).unwrap().lines().count();
+    assert_eq!(after, at_start, "jobs ran through the shim");
+    agent.terminate();
+}
+
 #[tokio::test]
 async fn malformed_bodies_and_unknown_routes_get_the_json_error_body() {
     let app = spawn_app_with(|c| {
