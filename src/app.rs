@@ -90,9 +90,9 @@ pub async fn serve(
     create_dir(&workdir)?;
     let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
     let auth = resolve_auth(&config, listener.local_addr().ok())?;
-    let languages = tokio::task::spawn_blocking(Languages::detect)
-        .await
-        .unwrap_or_default();
+    // Interpreters are found while the database opens: a shim can take a
+    // few hundred milliseconds to say where its interpreter is.
+    let languages = tokio::task::spawn_blocking(Languages::detect);
     // Past this point a failed start releases the runs dir (a link and a
     // directory in memory, if made now).
     let runs_dir =
@@ -118,6 +118,7 @@ pub async fn serve(
             return Err(e.into());
         }
     };
+    let languages = languages.await.unwrap_or_default();
     let owner = format!("boot_{}", ulid::Ulid::new().to_string().to_lowercase());
     let deliverer = Deliverer::new(
         db.clone(),
