@@ -10,10 +10,11 @@ import urllib.request
 TOKEN = "tok"
 
 
-def start_agent(binary, data_dir, flags, path=None, log="warn", stderr=None):
+def start_agent(binary, data_dir, flags, path=None, log="warn", stderr=None, poll=0.02):
     """Starts `binary serve` on a free loopback port with `flags` (and PATH
     `path`, if given; its log filtered by `log`, into `stderr` if given);
-    returns the process and its base URL once healthy."""
+    returns the process and its base URL once healthy (asked every `poll`
+    seconds, 4 s at most)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -27,12 +28,12 @@ def start_agent(binary, data_dir, flags, path=None, log="warn", stderr=None):
         stderr=stderr,
     )
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(int(4 / poll)):
         try:
             urllib.request.urlopen(base + "/health")
             break
         except OSError:
-            time.sleep(0.02)
+            time.sleep(poll)
     return agent, base
 
 

@@ -14,39 +14,24 @@ PATH finds: run through pyenv's shim, that is pyenv's interpreter itself
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-from byhand import TOKEN
+from byhand import TOKEN, start_agent
 
 FRESH = int(os.environ.get("FRESH", "5"))
 
 
 def cold_start(binary, path):
     data = tempfile.mkdtemp(prefix="execd-cold-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, EXECD_LOG="warn")
     if path:
-        env["PATH"] = path + ":" + env["PATH"]
-    base = f"http://127.0.0.1:{port}"
+        path = path + ":" + os.environ["PATH"]
     started = time.perf_counter()
-    agent = subprocess.Popen(
-        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--token", TOKEN],
-        env=env)
+    agent, base = start_agent(binary, data, [], path, poll=0.002)
     try:
-        for _ in range(5000):
-            try:
-                urllib.request.urlopen(base + "/health")
-                break
-            except OSError:
-                time.sleep(0.002)
         healthy = time.perf_counter()
         request = urllib.request.Request(
             base + "/execute",

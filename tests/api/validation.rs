@@ -321,6 +321,29 @@ async fn a_language_that_is_not_installed_is_a_400() {
     agent.terminate();
 }
 
+/// An agent (its data under `dir`) with `first` first on its PATH, and its
+/// Python interpreter as `/info` shows it.
+async fn with_first_on_path(
+    dir: &std::path::Path,
+    first: &std::path::Path,
+) -> (crate::crash::Agent, Value) {
+    let path = format!("{}:{}", first.display(), std::env::var("PATH").unwrap());
+    let port = crate::crash::free_port();
+    let agent = crate::crash::Agent::start_with(&dir.join("data"), port, &[], |c| {
+        c.env("PATH", &path);
+    })
+    .await;
+    let info = agent.get("/info").await;
+    let python = info["languages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "python")
+        .unwrap()
+        .clone();
+    (agent, python)
+}
+
 #[tokio::test]
 async fn a_virtualenv_first_on_path_is_the_python_jobs_run() {
     // A venv's python3 is a link to its base interpreter: run through that
@@ -336,23 +359,7 @@ async fn a_virtualenv_first_on_path_is_the_python_jobs_run() {
     let lib = std::fs::read_dir(venv.join("lib")).unwrap().next().unwrap();
     let site = lib.unwrap().path().join("site-packages");
     std::fs::write(site.join("venvonly.py"), "X = 42\n").unwrap();
-    let path = format!(
-        "{}:{}",
-        venv.join("bin").display(),
-        std::env::var("PATH").unwrap()
-    );
-    let port = crate::crash::free_port();
-    let agent = crate::crash::Agent::start_with(&dir.path().join("data"), port, &[], |c| {
-        c.env("PATH", &path);
-    })
-    .await;
-    let info = agent.get("/info").await;
-    let python = info["languages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "python")
-        .unwrap();
+    let (agent, python) = with_first_on_path(dir.path(), &venv.join("bin")).await;
     assert!(
         python["path"]
             .as_str()
@@ -394,20 +401,7 @@ async fn a_shim_first_on_path_is_resolved_to_the_interpreter_behind_it() {
     )
     .unwrap();
     std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", shims.display(), std::env::var("PATH").unwrap());
-    let port = crate::crash::free_port();
-    let agent = crate::crash::Agent::start_with(&dir.path().join("data"), port, &[], |c| {
-        c.env("PATH", &path);
-    })
-    .await;
-    let info = agent.get("/info").await;
-    let python = info["languages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "python")
-        .unwrap()
-        .clone();
+    let (agent, python) = with_first_on_path(dir.path(), &shims).await;
     assert_eq!(python["path"], real, "{python}");
     let at_start = std::fs::read_to_string(&runs).unwrap().lines().count();
     assert!(at_start >= 1, "the shim was asked at start");
