@@ -323,13 +323,13 @@ pub(super) fn spawn(
     if warm.is_none() {
         *warm = Warm::start(spec, flags, envp).ok();
     }
-    let server = warm.as_ref()?;
+    let server = warm.as_mut()?;
     if !server.fits(spec, flags, envp) {
         return None;
     }
     match server.spawn(spec, file, gated, envp) {
         Ok(program) => {
-            warm.as_mut()?.used = true;
+            server.used = true;
             Some(Ok(program))
         }
         Err(Some(e)) => Some(Err(e)),

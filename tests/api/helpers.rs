@@ -257,13 +257,17 @@ pub async fn eventually(within: Duration, condition: impl Fn() -> bool) -> bool 
 /// Live processes whose command line mentions `dir` (the zygote and the
 /// supervisors name the runs dir; programs their code file there).
 pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
+    processes_naming(&dir.to_string_lossy())
+}
+
+/// Live processes whose command line mentions `needle`.
+pub fn processes_naming(needle: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
                 .unwrap_or(false)
                 && alive(i64::from(*pid))
         })
@@ -325,9 +329,14 @@ pub fn background_submission(workdir: &std::path::Path) -> execd::domain::Submis
 
 /// The supervisor of the running program `pid`: its parent.
 pub fn supervisor_of_program(pid: i64) -> i32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    parent_of(pid).expect("the program runs")
+}
+
+/// The parent of the live process `pid`.
+pub fn parent_of(pid: i64) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"));
-    ppid.unwrap().trim().parse().unwrap()
+    ppid?.trim().parse().ok()
 }
 
 /// A WebSocket to `/execute/stream` of the agent at `url` (`http://…`),

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{alive, eventually, processes_under, spawn_app_with, TestApp};
+use crate::helpers::{
+    alive, eventually, parent_of, processes_naming, processes_under, spawn_app_with, TestApp,
+};
 
 async fn agent(warm: bool) -> TestApp {
     spawn_app_with(|c| c.warm_python = warm).await
@@ -166,20 +168,18 @@ async fn a_job_with_a_sitecustomize_on_its_path_starts_cold_and_runs_it() {
 fn interpreters(app: &TestApp) -> Vec<u32> {
     let runs = std::fs::read_link(app.data_dir.path().join("runs")).unwrap();
     let supervisors = processes_under(&runs);
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let parent = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            parent.is_some_and(|p| supervisors.contains(&p))
-                && String::from_utf8_lossy(&cmdline).contains("execd's warm Python")
-                && alive(i64::from(*pid))
-        })
+    processes_naming("execd's warm Python")
+        .into_iter()
+        .filter(|pid| parent_of(i64::from(*pid)).is_some_and(|p| supervisors.contains(&(p as u32))))
         .collect()
+}
+
+/// `code` in `language` run by `app`, as `/execute` answers.
+async fn run(app: &TestApp, language: &str, code: &str) -> Value {
+    let (_, out) = app
+        .post_json("/execute", json!({ "code": code, "language": language }))
+        .await;
+    out
 }
 
 /// An idle agent has one warm interpreter started ahead, before any job:
@@ -194,21 +194,15 @@ async fn the_first_python_job_is_forked_from_an_interpreter_started_ahead() {
         interpreters(&warm)
     );
     let ahead = interpreters(&warm);
-    let hash = json!({ "code": "print(hash('x'))", "language": "python" });
-    let (_, first) = warm.post_json("/execute", hash.clone()).await;
-    let (_, second) = warm.post_json("/execute", hash).await;
+    let first = run(&warm, "python", "print(hash('x'))").await;
+    let second = run(&warm, "python", "print(hash('x'))").await;
     assert_eq!(first["status"], "completed", "{first}");
     assert_eq!(first["stdout"], second["stdout"]);
     assert_eq!(interpreters(&warm), ahead, "the one started ahead ran them");
     warm.stop().await;
 
     let cold = agent(false).await;
-    let (_, out) = cold
-        .post_json(
-            "/execute",
-            json!({ "code": "print(1)", "language": "python" }),
-        )
-        .await;
+    let out = run(&cold, "python", "print(1)").await;
     assert_eq!(out["stdout"], "1\n", "{out}");
     assert_eq!(interpreters(&cold), Vec::<u32>::new());
     cold.stop().await;
@@ -222,9 +216,7 @@ async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
     let warm = agent(true).await;
     assert!(eventually(Duration::from_secs(10), || interpreters(&warm).len() == 1).await);
     for _ in 0..3 {
-        let (_, out) = warm
-            .post_json("/execute", json!({ "code": "echo hi", "language": "bash" }))
-            .await;
+        let out = run(&warm, "bash", "echo hi").await;
         assert_eq!(out["stdout"], "hi\n", "{out}");
     }
     assert!(
@@ -234,18 +226,11 @@ async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(interpreters(&warm), Vec::<u32>::new());
-    let (_, out) = warm
-        .post_json(
-            "/execute",
-            json!({ "code": "print(1)", "language": "python" }),
-        )
-        .await;
+    let out = run(&warm, "python", "print(1)").await;
     assert_eq!(out["stdout"], "1\n", "{out}");
     let started = interpreters(&warm);
     assert_eq!(started.len(), 1);
-    let (_, out) = warm
-        .post_json("/execute", json!({ "code": "echo hi", "language": "bash" }))
-        .await;
+    let out = run(&warm, "bash", "echo hi").await;
     assert_eq!(out["stdout"], "hi\n", "{out}");
     assert_eq!(interpreters(&warm), started);
     warm.stop().await;
