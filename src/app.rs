@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::Db;
 use crate::delivery::{Deliverer, DeliveryConfig};
-use crate::domain::{Lane, Languages, Limits};
+use crate::domain::{Lane, Language, Languages, Limits};
 use crate::http::{self, AppState, Auth};
 use crate::runner::{Runner, RunnerConfig, RunsDir};
 
@@ -91,8 +91,19 @@ pub async fn serve(
     let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
     let auth = resolve_auth(&config, listener.local_addr().ok())?;
     // Interpreters are found while the database opens: a shim can take a
-    // few hundred milliseconds to say where its interpreter is.
-    let languages = tokio::task::spawn_blocking(Languages::detect);
+    // few hundred milliseconds to say where its interpreter is. Python's is
+    // told as soon as found, for the warm interpreter to start meanwhile.
+    let (python_found, python) = tokio::sync::oneshot::channel();
+    let python_found = std::sync::Mutex::new(Some(python_found));
+    let languages = tokio::task::spawn_blocking(move || {
+        Languages::detect_then(|found| {
+            if found.language == Language::Python {
+                if let Some(tell) = python_found.lock().unwrap().take() {
+                    let _ = tell.send(found.clone());
+                }
+            }
+        })
+    });
     // Past this point a failed start releases the runs dir (a link and a
     // directory in memory, if made now).
     let runs_dir =
@@ -106,6 +117,37 @@ pub async fn serve(
             }
         })?;
 
+    let supervisor_bin = match &config.supervisor_bin {
+        Some(path) => path.clone(),
+        None => match std::env::current_exe() {
+            Ok(path) => path,
+            Err(source) => {
+                runs_dir.release();
+                return Err(StartError::Dir {
+                    path: "the execd binary".into(),
+                    source,
+                });
+            }
+        },
+    };
+    // The zygote, and with `--warm-python` the warm interpreter, start
+    // while the database opens: a first job sent as soon as `/health`
+    // answers finds the interpreter (tens of milliseconds to start) nearer
+    // ready. A failed start drops them, and the zygote ends with its stdin.
+    let supervisors = tokio::spawn({
+        let (bin, runs, warm) = (
+            supervisor_bin.clone(),
+            runs_dir.path.clone(),
+            config.warm_python,
+        );
+        async move {
+            let python = match warm {
+                true => python.await.ok(),
+                false => None,
+            };
+            crate::runner::start_supervisors(bin, runs, python.as_ref()).await
+        }
+    });
     let stop_writer = CancellationToken::new();
     if let Err(e) = keep_db_private(&config.db_path()) {
         runs_dir.release();
@@ -133,13 +175,9 @@ pub async fn serve(
         },
     );
     let stop = CancellationToken::new();
-    let supervisor_bin = match &config.supervisor_bin {
-        Some(path) => path.clone(),
-        None => std::env::current_exe().map_err(|source| StartError::Dir {
-            path: "the execd binary".into(),
-            source,
-        })?,
-    };
+    let supervisors = supervisors
+        .await
+        .expect("starting the zygote does not panic");
     let runner = Runner::new(
         db.clone(),
         RunnerConfig {
@@ -159,6 +197,7 @@ pub async fn serve(
             callback_output_bytes: config.callback_output_bytes,
             warm_python: config.warm_python,
         },
+        supervisors,
         deliverer.clone(),
         stop.clone(),
     );

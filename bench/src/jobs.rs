@@ -533,6 +533,9 @@ fn supervisor_path(bin: &Path, runs: &Path, n: usize) -> Result<(String, f64)> {
         .with_context(|| format!("starting {} supervise", bin.display()))?;
     let mut to = zygote.stdin.take().context("zygote stdin")?;
     let mut from = BufReader::new(zygote.stdout.take().context("zygote stdout")?);
+    // The agent's first line: no interpreter started ahead (a zygote forks
+    // no spare before it).
+    writeln!(to, "warm\t")?;
     // Its spare supervisor forked, as between an idle agent's jobs.
     std::thread::sleep(Duration::from_millis(100));
     let mut line = String::new();

@@ -139,10 +139,26 @@ impl Languages {
     /// Finds every language's interpreter on PATH, in parallel (a shim can
     /// take a few hundred milliseconds to answer).
     pub fn detect() -> Languages {
+        Languages::detect_then(|_| ())
+    }
+
+    /// As `detect`, telling `tell` of each interpreter as soon as its own
+    /// probe ends (the agent starts the warm Python interpreter while the
+    /// slower probes still run).
+    pub fn detect_then(tell: impl Fn(&Interpreter) + Sync) -> Languages {
+        let tell = &tell;
         let found = std::thread::scope(|scope| {
             let probes: Vec<_> = Language::ALL
                 .into_iter()
-                .map(|language| scope.spawn(move || resolve(language)))
+                .map(|language| {
+                    scope.spawn(move || {
+                        let interpreter = resolve(language);
+                        if let Some(interpreter) = &interpreter {
+                            tell(interpreter);
+                        }
+                        interpreter
+                    })
+                })
                 .collect();
             probes
                 .into_iter()

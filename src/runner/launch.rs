@@ -16,7 +16,7 @@ use super::zygote::{Supervisors, Watch};
 use super::RunnerConfig;
 use crate::db::executions::{Claimed, Run};
 use crate::db::{self, Writer};
-use crate::domain::Language;
+use crate::domain::{Interpreter, Language};
 use crate::supervisor::files::{RunDir, Spec};
 
 /// How long a supervisor may take to start the program and say so.
@@ -97,20 +97,31 @@ fn decide(gate: &Gate, open: bool) -> bool {
     *gate.borrow() == Some(true)
 }
 
+/// The zygote that forks each job's supervisor, started now: at the
+/// agent's start, as soon as Python's interpreter is found (with
+/// `python`, the zygote's spares start its warm interpreter ahead of their
+/// first job), while the database opens and slower probes still run.
+pub async fn start_supervisors(
+    bin: PathBuf,
+    runs_dir: PathBuf,
+    python: Option<&Interpreter>,
+) -> Supervisors {
+    let supervisors = Supervisors::new(bin, runs_dir, python.and_then(warm_ahead));
+    supervisors.warm_up().await;
+    supervisors
+}
+
 impl Launcher {
-    pub fn new(config: RunnerConfig) -> Arc<Launcher> {
+    pub fn new(config: RunnerConfig, supervisors: Supervisors) -> Arc<Launcher> {
         Arc::new(Launcher {
-            supervisors: Supervisors::new(
-                config.supervisor_bin.clone(),
-                config.runs_dir.clone(),
-                warm_ahead(&config),
-            ),
+            supervisors,
             config,
             prepared: Mutex::default(),
         })
     }
 
-    /// Starts the zygote ahead of the first job.
+    /// Starts the zygote ahead of the first job, if it could not be at the
+    /// agent's start (`start_supervisors`).
     pub async fn warm_up(&self) {
         self.supervisors.warm_up().await;
     }
@@ -372,14 +383,10 @@ impl Launcher {
     }
 }
 
-/// With `--warm-python`, the spec (JSON) of a Python job with no `env` of
-/// its own, whose warm interpreter the zygote's spares start ahead of their
-/// first job: one forked for a job starts as this one does.
-fn warm_ahead(config: &RunnerConfig) -> Option<String> {
-    if !config.warm_python {
-        return None;
-    }
-    let interpreter = config.languages.get(Language::Python)?;
+/// The spec (JSON) of a Python job with no `env` of its own, run by
+/// `interpreter`, whose warm interpreter the zygote's spares start ahead of
+/// their first job: one forked for a job starts as this one does.
+fn warm_ahead(interpreter: &Interpreter) -> Option<String> {
     let (program, args) = Language::Python.command(&interpreter.path, Path::new("/dev/null"));
     let spec = Spec {
         program,

@@ -32,10 +32,11 @@ use crate::delivery::{self, Deliverer};
 use crate::domain::{seconds_between, Lane, Languages, Status};
 use crate::supervisor::files::RunDir;
 use job::{Attached, Followed};
-pub use launch::Launcher;
 use launch::NotStarted;
+pub use launch::{start_supervisors, Launcher};
 use registry::{Registry, Running, StopReason};
 pub use runs_dir::RunsDir;
+pub use zygote::Supervisors;
 
 /// What the runner needs to know, fixed at start.
 #[derive(Clone, Debug)]
@@ -144,13 +145,16 @@ pub enum RunnerError {
 }
 
 impl Runner {
+    /// A runner whose jobs' supervisors `supervisors` forks (see
+    /// `start_supervisors`).
     pub fn new(
         db: Db,
         config: RunnerConfig,
+        supervisors: Supervisors,
         deliverer: Arc<Deliverer>,
         stopping: CancellationToken,
     ) -> Arc<Runner> {
-        let launcher = Launcher::new(config.clone());
+        let launcher = Launcher::new(config.clone(), supervisors);
         Arc::new(Runner {
             db,
             deliverer,

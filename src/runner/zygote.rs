@@ -89,8 +89,9 @@ pub struct Supervisors {
     next_token: AtomicU64,
     /// Jobs whose supervisor may still report, by token.
     waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
-    /// Told each zygote first (`warm\t<spec>`): the spec of a Python job
-    /// whose warm interpreter its spares start ahead (`--warm-python`).
+    /// Told each zygote first (`warm\t<spec>`, empty without): the spec of
+    /// a Python job whose warm interpreter its spares start ahead
+    /// (`--warm-python`).
     warm: Option<String>,
 }
 
@@ -214,12 +215,13 @@ impl Supervisors {
                 std::io::Error::other(format!("cannot run {}: {e}", self.bin.display()))
             })?;
         let mut stdin = child.stdin.take().expect("piped");
-        if let Some(spec) = &self.warm {
-            // Before any job's line. (serde_json escapes every newline.)
-            stdin
-                .write_all(format!("warm\t{spec}\n").as_bytes())
-                .await?;
-        }
+        // Before any job's line, and always: the zygote forks no spare
+        // until it knows whether that spare starts an interpreter ahead.
+        // (serde_json escapes every newline.)
+        let spec = self.warm.as_deref().unwrap_or_default();
+        stdin
+            .write_all(format!("warm\t{spec}\n").as_bytes())
+            .await?;
         let stdout = child.stdout.take().expect("piped");
         let waiting = self.waiting.clone();
         // Ends when every supervisor of this zygote has closed its stdout.

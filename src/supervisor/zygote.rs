@@ -45,8 +45,9 @@ const JOBS_PER_SUPERVISOR: u32 = 1000;
 /// - `<token> go`: open the gate; the program `exec`s.
 /// - `<token> drop`: close it; the program ends unstarted, leaving nothing
 ///   behind. So does a gate left `GATE_TTL`.
-/// - `warm\t<spec>` (`--warm-python`): a spare starts the warm interpreter
-///   of a Python job of `spec` ahead of its first job (`Pool::spare`).
+/// - `warm\t<spec>`, the first line: with `--warm-python`, a spare starts
+///   the warm interpreter of a Python job of `spec` ahead of its first job
+///   (`Pool::spare`); an empty spec, none. No spare is forked before it.
 ///
 /// The supervisors report on the zygote's stdout, which the agent reads:
 /// `<token> pid <n>` (from the forked program), `<token> started` once it
@@ -97,8 +98,9 @@ pub(super) fn serve() -> ExitCode {
                 .map(|(_, opened)| (*opened + GATE_TTL).saturating_duration_since(now))
                 .min();
             // None waiting: a spare is forked once the agent has been quiet
-            // a while, not while the job just handed over is starting.
-            let wake = if pool.idle.is_empty() {
+            // a while, not while the job just handed over is starting; and
+            // not before the agent said what it starts ahead.
+            let wake = if pool.idle.is_empty() && pool.told {
                 Some(next_expiry.map_or(SPARE_AFTER, |left| left.min(SPARE_AFTER)))
             } else {
                 next_expiry
@@ -112,7 +114,7 @@ pub(super) fn serve() -> ExitCode {
                 .collect();
             match nix::poll::poll(&mut fds, timeout) {
                 Ok(0) => {
-                    if pool.idle.is_empty() {
+                    if pool.idle.is_empty() && pool.told {
                         if let Some(spare) = pool.spare() {
                             pool.idle.push(spare);
                         }
@@ -139,7 +141,8 @@ pub(super) fn serve() -> ExitCode {
             Ok(_) => {}
         }
         if let Some(spec) = line.trim_end_matches('\n').strip_prefix("warm\t") {
-            pool.warm = Some(spec.to_string());
+            pool.warm = Some(spec.to_string()).filter(|spec| !spec.is_empty());
+            pool.told = true;
             continue;
         }
         let Some((token, what)) = line.trim_end_matches('\n').split_once(' ') else {
@@ -187,6 +190,8 @@ struct Pool {
     /// The spec of a Python job whose warm interpreter a spare starts
     /// ahead of its first job (`warm\t<spec>`).
     warm: Option<String>,
+    /// Whether the agent's first line (`warm\t…`) was read.
+    told: bool,
 }
 
 impl Pool {

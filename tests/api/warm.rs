@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    alive, eventually, parent_of, processes_naming, processes_under, spawn_app_with, TestApp,
+    alive, eventually, hold_write_lock, parent_of, processes_naming, processes_under,
+    spawn_app_with, TestApp,
 };
 
 async fn agent(warm: bool) -> TestApp {
@@ -234,4 +235,74 @@ async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
     assert_eq!(out["stdout"], "hi\n", "{out}");
     assert_eq!(interpreters(&warm), started);
     warm.stop().await;
+}
+
+/// Live processes started with `mark` in their environment.
+fn marked(mark: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| String::from_utf8_lossy(&env).contains(mark))
+                && alive(i64::from(*pid))
+        })
+        .collect()
+}
+
+/// The interpreter is started ahead while the database opens (here it
+/// waits for an operator's lock), not once it is open: a first job sent as
+/// soon as the agent answers finds it nearer ready. And a start that then
+/// fails leaves neither it nor the zygote running.
+#[tokio::test]
+async fn the_interpreter_starts_while_the_database_opens_and_goes_with_a_failed_start() {
+    let data = tempfile::tempdir().unwrap();
+    // Held past the agent's busy timeout (5 s): its start fails.
+    let mut lock = hold_write_lock(&data.path().join("execd.db"), 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mark = format!("WARM_START_MARK={}", ulid::Ulid::new());
+    let (name, value) = mark.split_once('=').unwrap();
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env(name, value)
+        .env_remove("EXECD_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let warm = || {
+        marked(&mark).into_iter().any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("execd's warm Python"))
+        })
+    };
+    let started_ahead = eventually(Duration::from_secs(4), warm).await;
+    let mut exited = None;
+    for _ in 0..500 {
+        exited = agent.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if exited.is_none() {
+        agent.kill().unwrap();
+    }
+    let output = agent.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        started_ahead,
+        "no interpreter while the database opened: {said}"
+    );
+    assert!(!output.status.success(), "the start went on: {said}");
+    assert!(said.contains("locked"), "{said}");
+    assert!(
+        eventually(Duration::from_secs(5), || marked(&mark).is_empty()).await,
+        "left running: {:?}",
+        marked(&mark)
+    );
+    tokio::task::spawn_blocking(move || lock.wait().unwrap())
+        .await
+        .unwrap();
 }

@@ -40,11 +40,14 @@ impl Zygote {
                 }
             }
         });
-        Zygote {
+        let mut zygote = Zygote {
             stdin: child.stdin.take(),
             child,
             reports,
-        }
+        };
+        // The agent's first line: no interpreter started ahead.
+        zygote.say("warm\t");
+        zygote
     }
 
     fn say(&mut self, line: &str) {
