@@ -262,13 +262,18 @@ pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
 
 /// Live processes whose command line mentions `needle`.
 pub fn processes_naming(needle: &str) -> Vec<u32> {
+    processes_with("cmdline", needle)
+}
+
+/// Live processes whose `/proc/<pid>/<file>` (`cmdline`, `environ`)
+/// holds `needle`.
+pub fn processes_with(file: &str, needle: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
+            std::fs::read(format!("/proc/{pid}/{file}"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
                 && alive(i64::from(*pid))
         })
         .collect()

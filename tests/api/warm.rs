@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     alive, eventually, hold_write_lock, parent_of, processes_naming, processes_under,
-    spawn_app_with, TestApp,
+    processes_with, spawn_app_with, TestApp,
 };
 
 async fn agent(warm: bool) -> TestApp {
@@ -237,19 +237,6 @@ async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
     warm.stop().await;
 }
 
-/// Live processes started with `mark` in their environment.
-fn marked(mark: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| String::from_utf8_lossy(&env).contains(mark))
-                && alive(i64::from(*pid))
-        })
-        .collect()
-}
-
 /// The interpreter is started ahead while the database opens (here it
 /// waits for an operator's lock), not once it is open: a first job sent as
 /// soon as the agent answers finds it nearer ready. And a start that then
@@ -271,11 +258,11 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_a_failed_
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Started with the mark in their environment, as the agent was.
+    let marked = || processes_with("environ", &mark);
     let warm = || {
-        marked(&mark).into_iter().any(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("execd's warm Python"))
-        })
+        let interpreters = processes_naming("execd's warm Python");
+        marked().iter().any(|pid| interpreters.contains(pid))
     };
     let started_ahead = eventually(Duration::from_secs(4), warm).await;
     let mut exited = None;
@@ -298,9 +285,9 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_a_failed_
     assert!(!output.status.success(), "the start went on: {said}");
     assert!(said.contains("locked"), "{said}");
     assert!(
-        eventually(Duration::from_secs(5), || marked(&mark).is_empty()).await,
+        eventually(Duration::from_secs(5), || marked().is_empty()).await,
         "left running: {:?}",
-        marked(&mark)
+        marked()
     );
     tokio::task::spawn_blocking(move || lock.wait().unwrap())
         .await
