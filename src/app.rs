@@ -135,11 +135,7 @@ pub async fn serve(
     // answers finds the interpreter (tens of milliseconds to start) nearer
     // ready. A failed start drops them, and the zygote ends with its stdin.
     let supervisors = tokio::spawn({
-        let (bin, runs, warm) = (
-            supervisor_bin.clone(),
-            runs_dir.path.clone(),
-            config.warm_python,
-        );
+        let (bin, runs, warm) = (supervisor_bin, runs_dir.path.clone(), config.warm_python);
         async move {
             let python = match warm {
                 true => python.await.ok(),
@@ -185,7 +181,6 @@ pub async fn serve(
             languages: languages.clone(),
             runs_dir: runs_dir.path.clone(),
             runs_dir_private: config.runs_dir.is_none(),
-            supervisor_bin,
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace(),
             poll_interval: config.poll_interval(),

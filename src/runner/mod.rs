@@ -49,8 +49,6 @@ pub struct RunnerConfig {
     /// may be shared): its sweep then also removes the directories of
     /// executions the database does not know.
     pub runs_dir_private: bool,
-    /// The `execd` binary that runs `execd supervise` for each job.
-    pub supervisor_bin: PathBuf,
     pub max_output_bytes: u64,
     pub kill_grace: Duration,
     pub poll_interval: Duration,
