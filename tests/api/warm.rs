@@ -239,13 +239,12 @@ async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
 
 /// The interpreter is started ahead while the database opens (here it
 /// waits for an operator's lock), not once it is open: a first job sent as
-/// soon as the agent answers finds it nearer ready. And a start that then
-/// fails leaves neither it nor the zygote running.
+/// soon as the agent answers finds it nearer ready. It goes with an agent
+/// killed in that wait, as with one killed later.
 #[tokio::test]
-async fn the_interpreter_starts_while_the_database_opens_and_goes_with_a_failed_start() {
+async fn the_interpreter_starts_while_the_database_opens_and_goes_with_an_agent_killed_meanwhile() {
     let data = tempfile::tempdir().unwrap();
-    // Held past the agent's busy timeout (5 s): its start fails.
-    let mut lock = hold_write_lock(&data.path().join("execd.db"), 8);
+    let mut lock = hold_write_lock(&data.path().join("execd.db"), 6);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mark = format!("WARM_START_MARK={}", ulid::Ulid::new());
     let (name, value) = mark.split_once('=').unwrap();
@@ -255,7 +254,7 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_a_failed_
         .env(name, value)
         .env_remove("EXECD_TOKEN")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // Started with the mark in their environment, as the agent was.
@@ -265,25 +264,15 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_a_failed_
         marked().iter().any(|pid| interpreters.contains(pid))
     };
     let started_ahead = eventually(Duration::from_secs(4), warm).await;
-    let mut exited = None;
-    for _ in 0..500 {
-        exited = agent.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let lock_held = lock.try_wait().unwrap().is_none();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Its runs directory in memory, which the next start here would sweep.
+    if let Ok(runs) = std::fs::read_link(data.path().join("runs")) {
+        let _ = std::fs::remove_dir_all(runs);
     }
-    if exited.is_none() {
-        agent.kill().unwrap();
-    }
-    let output = agent.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        started_ahead,
-        "no interpreter while the database opened: {said}"
-    );
-    assert!(!output.status.success(), "the start went on: {said}");
-    assert!(said.contains("locked"), "{said}");
+    assert!(started_ahead, "no interpreter while the database waited");
+    assert!(lock_held, "the lock was let go before the interpreter ran");
     assert!(
         eventually(Duration::from_secs(5), || marked().is_empty()).await,
         "left running: {:?}",
