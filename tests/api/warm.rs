@@ -246,19 +246,18 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_an_agent_
     let data = tempfile::tempdir().unwrap();
     let mut lock = hold_write_lock(&data.path().join("execd.db"), 6);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mark = format!("WARM_START_MARK={}", ulid::Ulid::new());
-    let (name, value) = mark.split_once('=').unwrap();
+    let mark = ulid::Ulid::new().to_string();
     let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
-        .env(name, value)
+        .env("WARM_START_MARK", &mark)
         .env_remove("EXECD_TOKEN")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // Started with the mark in their environment, as the agent was.
-    let marked = || processes_with("environ", &mark);
+    let marked = || processes_with("environ", &format!("WARM_START_MARK={mark}"));
     let warm = || {
         let interpreters = processes_naming("execd's warm Python");
         marked().iter().any(|pid| interpreters.contains(pid))
