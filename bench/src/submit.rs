@@ -133,11 +133,13 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
         agent::cpu_seconds(pid).unwrap_or_default().0,
         agent::own_cpu_seconds(),
     );
+    let writer0 = agent.api.writer_totals().await.ok();
     tokio::time::sleep_until(until.into()).await;
     let (agent_cpu1, own_cpu1) = (
         agent::cpu_seconds(pid).unwrap_or_default().0,
         agent::own_cpu_seconds(),
     );
+    let writer1 = agent.api.writer_totals().await.ok();
 
     let mut latency = histogram();
     let (mut accepted, mut errors, mut first_error) = (0, 0, None);
@@ -194,6 +196,21 @@ pub async fn submissions(ctx: &Ctx) -> Result<Outcome> {
         own_cpu / window.as_secs_f64(),
         rss_kib / 1024
     ));
+    // Where a submission waits once handled: the writer's batches, and
+    // the WAL's syncs beside it (each answers every commit before it).
+    if let (Some(w0), Some(w1)) = (writer0, writer1) {
+        let w = w1 - w0;
+        out.note(format!(
+            "the writer over the window: {:.0} group commits of {:.1} writes on average, busy {:.0}% of the window \
+             ({:.2} ms a commit); {:.0} WAL syncs, {:.2} ms each on average",
+            w.commits,
+            w.writes / w.commits.max(1.0),
+            w.busy * 100.0 / window.as_secs_f64(),
+            w.busy * 1e3 / w.commits.max(1.0),
+            w.syncs,
+            w.syncing * 1e3 / w.syncs.max(1.0),
+        ));
+    }
     out.note(format!(
         "the WAL file after the window: {:.1} MiB (the most the WAL held: it is reused from its start, not shrunk)",
         wal_bytes as f64 / (1 << 20) as f64

@@ -3,6 +3,7 @@
 //! Writes take a `&mut SqliteConnection` and are run by the writer inside its
 //! group commit; reads take the read-only pool.
 
+use futures::future::BoxFuture;
 use sqlx::{SqliteConnection, SqlitePool};
 
 use super::output::{self, Chunk, Counts};
@@ -71,6 +72,174 @@ pub struct ClaimAs<'a> {
     pub now: &'a str,
 }
 
+/// What a submission's row stores, ready to bind.
+struct Values<'a> {
+    id: &'a str,
+    process_id: &'a str,
+    lane: &'a str,
+    name: Option<&'a str>,
+    run: Run,
+    created_at: &'a str,
+    callback_url: Option<&'a str>,
+    callback_headers: Option<String>,
+    callback_secret: Option<&'a str>,
+    key: Option<&'a str>,
+    hash: Option<&'a str>,
+    max_attempts: i64,
+}
+
+impl<'a> Values<'a> {
+    fn of(
+        id: &'a ExecutionId,
+        process_id: &'a ProcessId,
+        submission: &'a Submission,
+        idempotency: Option<&'a Idempotency>,
+        created_at: &'a str,
+    ) -> Self {
+        let callback = submission.callback.as_ref();
+        Values {
+            id: id.as_str(),
+            process_id: process_id.as_str(),
+            lane: submission.lane.as_str(),
+            name: submission.name.as_deref(),
+            run: Run::of(submission),
+            created_at,
+            callback_url: callback.map(|c| c.url.as_str()),
+            callback_headers: callback
+                .map(|c| serde_json::to_string(&c.headers).expect("strings serialize")),
+            callback_secret: callback.and_then(|c| c.secret.as_deref()),
+            key: idempotency.map(|i| i.key.as_str()),
+            hash: idempotency.map(|i| i.request_hash.as_str()),
+            max_attempts: i64::from(submission.max_attempts),
+        }
+    }
+}
+
+/// Rows in one statement of `insert_queued` at most: a statement is
+/// prepared, and kept, for each number of rows up to this (a burst of 64
+/// connections' submissions, scenario 1 of BENCHMARKS.md, gives a group
+/// commit 20–60).
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// Stores `rows` as queued in one `INSERT` (the ids of the rows it stored),
+/// leaving out a row whose idempotency key is stored already.
+async fn insert_rows(
+    conn: &mut SqliteConnection,
+    rows: &[Values<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut insert = sqlx::QueryBuilder::new(
+        "INSERT INTO executions
+           (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
+            created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
+            max_attempts) ",
+    );
+    insert.push_values(rows, |mut row, v| {
+        row.push_bind(v.id)
+            .push_bind(v.process_id)
+            .push_bind(v.lane)
+            .push_bind(v.name)
+            .push_bind(v.run.language.as_str())
+            .push_bind(v.run.code.as_str())
+            .push_bind(v.run.args.as_deref())
+            .push_bind(v.run.working_dir.as_str())
+            .push_bind(v.run.env.as_str())
+            .push_bind(v.run.timeout_ms)
+            .push_bind(v.created_at)
+            .push_bind(v.callback_url)
+            .push_bind(v.callback_headers.as_deref())
+            .push_bind(v.callback_secret)
+            .push_bind(v.key)
+            .push_bind(v.hash)
+            .push_bind(v.max_attempts);
+    });
+    insert.push(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
+    insert
+        .build_query_scalar::<String>()
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// How `row` was stored, given whether `insert_rows` stored it.
+async fn inserted(
+    conn: &mut SqliteConnection,
+    row: &Values<'_>,
+    stored: bool,
+) -> Result<Inserted, sqlx::Error> {
+    if stored {
+        return Ok(Inserted::New(None));
+    }
+    let existing = sqlx::query!(
+        r#"SELECT id AS "id!", request_hash FROM executions WHERE idempotency_key = ?"#,
+        row.key
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Inserted::Existing {
+        id: existing.id,
+        same_request: existing.request_hash.as_deref() == row.hash,
+    })
+}
+
+/// A submission to store as queued with others (`insert_queued`).
+pub struct Queued {
+    pub id: ExecutionId,
+    pub process_id: ProcessId,
+    pub submission: Submission,
+    pub idempotency: Option<Idempotency>,
+    pub created_at: String,
+}
+
+/// Stores submissions as queued, one statement for up to
+/// `ROWS_PER_STATEMENT` of them, and says how each was stored, in order:
+/// for many submissions arriving at once, where each statement is a round
+/// trip to SQLite's thread. A statement that fails is undone by SQLite; its rows are then
+/// tried one by one, so a row fails alone.
+pub fn insert_queued(
+    conn: &mut SqliteConnection,
+    queued: Vec<Queued>,
+) -> BoxFuture<'_, Vec<Result<Inserted, sqlx::Error>>> {
+    Box::pin(async move {
+        let rows: Vec<Values> = queued
+            .iter()
+            .map(|q| {
+                Values::of(
+                    &q.id,
+                    &q.process_id,
+                    &q.submission,
+                    q.idempotency.as_ref(),
+                    &q.created_at,
+                )
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(rows.len());
+        let mut rest = &rows[..];
+        while !rest.is_empty() {
+            let size = rest.len().min(ROWS_PER_STATEMENT);
+            let (chunk, after) = rest.split_at(size);
+            rest = after;
+            match insert_rows(conn, chunk).await {
+                Ok(stored) => {
+                    for row in chunk {
+                        let new = stored.iter().any(|id| id == row.id);
+                        outcomes.push(inserted(conn, row, new).await);
+                    }
+                }
+                Err(e) if size == 1 => outcomes.push(Err(e)),
+                Err(_) => {
+                    for row in chunk {
+                        let outcome = match insert_rows(conn, std::slice::from_ref(row)).await {
+                            Ok(stored) => inserted(conn, row, !stored.is_empty()).await,
+                            Err(e) => Err(e),
+                        };
+                        outcomes.push(outcome);
+                    }
+                }
+            }
+        }
+        outcomes
+    })
+}
+
 /// Stores a submission as queued, in one statement. With `claim_as`, and
 /// no queued row in its lane (so that this one is the oldest, and the
 /// claim takes it), it is stored claimed instead, as `claim` would leave it:
@@ -80,7 +249,7 @@ pub struct ClaimAs<'a> {
 /// Two statements with the same row: the one that may claim returns what
 /// it did, and costs a submission without a free slot about a tenth of the
 /// durable submission rate (scenario 1 of BENCHMARKS.md), so that one has
-/// the plain insert.
+/// the plain insert (`insert_queued`'s, for one row).
 #[tracing::instrument(skip_all, fields(execution_id = %id))]
 pub async fn insert(
     conn: &mut SqliteConnection,
@@ -91,58 +260,20 @@ pub async fn insert(
     created_at: &str,
     claim_as: Option<ClaimAs<'_>>,
 ) -> Result<Inserted, sqlx::Error> {
-    let run = Run::of(submission);
-    let callback = submission.callback.as_ref();
-    let callback_headers =
-        callback.map(|c| serde_json::to_string(&c.headers).expect("strings serialize"));
-    let id_str = id.as_str();
-    let process_id = process_id.as_str();
-    let lane = submission.lane.as_str();
-    let callback_url = callback.map(|c| c.url.as_str());
-    let callback_secret = callback.and_then(|c| c.secret.as_deref());
-    let key = idempotency.map(|i| i.key.as_str());
-    let hash = idempotency.map(|i| i.request_hash.as_str());
-    let max_attempts = i64::from(submission.max_attempts);
-    let stored = match claim_as {
-        None => sqlx::query!(
-            r#"INSERT INTO executions
-                 (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
-                  created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
-                  max_attempts)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (idempotency_key) DO NOTHING"#,
-            id_str,
-            process_id,
-            lane,
-            submission.name,
-            run.language,
-            run.code,
-            run.args,
-            run.working_dir,
-            run.env,
-            run.timeout_ms,
-            created_at,
-            callback_url,
-            callback_headers,
-            callback_secret,
-            key,
-            hash,
-            max_attempts,
-        )
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-        .eq(&1)
-        .then_some(Inserted::New(None)),
-        // A VALUES insert, not `INSERT … SELECT`: one that reads the table
-        // it writes has SQLite copy what it selects into a temporary table.
-        // `INDEXED BY` the queue's partial index: the bundled SQLite picks
-        // it by itself, but SQLite 3.40's planner (the `sqlite3` CLI here)
-        // takes `(status, seq)` and reads every queued row of every lane
-        // (43 ms a look with 200,000 queued in another lane, against under
-        // a millisecond). Named, no version's planner can choose otherwise.
-        Some(ClaimAs { owner, now }) => sqlx::query!(
-            r#"INSERT INTO executions
+    let v = Values::of(id, process_id, submission, idempotency, created_at);
+    let Some(ClaimAs { owner, now }) = claim_as else {
+        let stored = insert_rows(conn, std::slice::from_ref(&v)).await?;
+        return inserted(conn, &v, !stored.is_empty()).await;
+    };
+    // A VALUES insert, not `INSERT … SELECT`: one that reads the table
+    // it writes has SQLite copy what it selects into a temporary table.
+    // `INDEXED BY` the queue's partial index: the bundled SQLite picks
+    // it by itself, but SQLite 3.40's planner (the `sqlite3` CLI here)
+    // takes `(status, seq)` and reads every queued row of every lane
+    // (43 ms a look with 200,000 queued in another lane, against under
+    // a millisecond). Named, no version's planner can choose otherwise.
+    let stored = sqlx::query!(
+        r#"INSERT INTO executions
                  (id, process_id, lane, name, language, code, args, working_dir, env, timeout_ms,
                   created_at, callback_url, callback_headers, callback_secret, idempotency_key, request_hash,
                   max_attempts, status, owner, attempt, started_at)
@@ -157,56 +288,44 @@ pub async fn insert(
                       THEN ?19 END)
                ON CONFLICT (idempotency_key) DO NOTHING
                RETURNING seq AS "seq!", status AS "status!", attempt AS "attempt!""#,
-            id_str,
-            process_id,
-            lane,
-            submission.name,
-            run.language,
-            run.code,
-            run.args,
-            run.working_dir,
-            run.env,
-            run.timeout_ms,
-            created_at,
-            callback_url,
-            callback_headers,
-            callback_secret,
-            key,
-            hash,
-            max_attempts,
-            owner,
-            now,
-        )
-        .fetch_optional(&mut *conn)
-        .await?
-        .map(|row| {
-            Inserted::New((row.status == "running").then(|| {
-                Box::new(Claimed {
-                    seq: row.seq,
-                    id: id_str.to_string(),
-                    lane: lane.to_string(),
-                    process_id: process_id.to_string(),
-                    run,
-                    attempt: row.attempt,
-                    max_attempts,
-                    started_at: now.to_string(),
-                })
-            }))
-        }),
-    };
-    if let Some(inserted) = stored {
-        return Ok(inserted);
-    }
-    let existing = sqlx::query!(
-        r#"SELECT id AS "id!", request_hash FROM executions WHERE idempotency_key = ?"#,
-        key
+        v.id,
+        v.process_id,
+        v.lane,
+        v.name,
+        v.run.language,
+        v.run.code,
+        v.run.args,
+        v.run.working_dir,
+        v.run.env,
+        v.run.timeout_ms,
+        v.created_at,
+        v.callback_url,
+        v.callback_headers,
+        v.callback_secret,
+        v.key,
+        v.hash,
+        v.max_attempts,
+        owner,
+        now,
     )
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(Inserted::Existing {
-        id: existing.id,
-        same_request: existing.request_hash.as_deref() == hash,
-    })
+    let Some(row) = stored else {
+        return inserted(conn, &v, false).await;
+    };
+    let claimed = (row.status == "running").then(|| {
+        Box::new(Claimed {
+            seq: row.seq,
+            id: v.id.to_string(),
+            lane: v.lane.to_string(),
+            process_id: v.process_id.to_string(),
+            run: v.run,
+            attempt: row.attempt,
+            max_attempts: v.max_attempts,
+            started_at: now.to_string(),
+        })
+    });
+    Ok(Inserted::New(claimed))
 }
 
 /// A row claimed by a runner: what it needs to run the program.

@@ -39,7 +39,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
-pub use writer::{WriteError, WriteFn, Writer};
+pub use writer::{Merged, MergedFn, WriteError, WriteFn, Writer};
 
 /// The migrations in `migrations/`, embedded in the binary and run at start.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -49,6 +49,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Db {
     pub writer: Writer,
     pub readers: SqlitePool,
+    /// Submissions stored as queued, many to a statement.
+    pub queued: Merged<executions::Queued, executions::Inserted>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +168,9 @@ impl Db {
                 "wal_autocheckpoint",
                 writer::WRITER_CHECKPOINT_PAGES.to_string(),
             )
+            // Its own statements, and one insert for each number of rows
+            // `executions::insert_queued` puts in one.
+            .statement_cache_capacity(256)
             .connect()
             .await
             .map_err(connect_err)?;
@@ -179,7 +184,12 @@ impl Db {
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let (writer, task) = Writer::start(conn, checkpoints, wal.into(), shutdown);
-        Ok((Db { writer, readers }, task))
+        let db = Db {
+            writer,
+            readers,
+            queued: Merged::new(executions::insert_queued),
+        };
+        Ok((db, task))
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::processes::whole_output;
 use super::{timestamp_now, ApiError, AppState, JsonBody};
-use crate::db::executions::{self, Idempotency, Inserted, Run};
+use crate::db::executions::{self, Idempotency, Inserted, Queued, Run};
 use crate::db::{self};
 use crate::domain::{
     new_ids, seconds_between, CommandIn, ExecuteIn, Lane, Program, Status, Submission,
@@ -182,65 +182,83 @@ pub(super) async fn submit(
     let permit = state.runner.try_permit(lane);
     let claiming = permit.is_some();
     let launcher = state.runner.launcher();
-    if claiming {
-        launcher.prepare_ahead(&fresh.execution_id, Run::of(&submission));
-    }
-    let runner = state.runner.clone();
-    let writer = state.db.writer.clone();
-    let ours = fresh.execution_id.clone();
-    // Without a claim the insert is the only write: no savepoint needed.
-    let inserted = state
-        .db
-        .writer
-        .write_as(claiming, move |c| {
-            Box::pin(async move {
-                let now = db::now();
-                let claim_as = permit.as_ref().map(|_| executions::ClaimAs {
-                    owner: runner.owner(),
-                    now: &now,
-                });
-                let mut inserted = executions::insert(
-                    c,
-                    &id,
-                    &process_id,
-                    &submission,
-                    idempotency.as_ref(),
-                    &created_at,
-                    claim_as,
-                )
-                .await?;
-                let mut started = None;
-                if let (Inserted::New(claimed), Some(permit)) = (&mut inserted, permit) {
-                    // Stored claimed (its lane had no queued row), or else the
-                    // lane's oldest queued row is claimed.
-                    let jobs = match claimed.take() {
-                        Some(job) => vec![*job],
-                        None => executions::claim(c, lane, 1, runner.owner(), &now).await?,
-                    };
-                    let launcher = runner.launcher();
-                    launcher.prelaunch(&jobs, &writer);
-                    // The claim takes the lane's oldest queued row: when that
-                    // was not this one, this one waits for the claim loop.
-                    let mine = jobs.first().is_some_and(|j| j.id == ours);
-                    if !mine {
-                        launcher.forget(&ours);
-                    }
-                    if mine {
-                        started = jobs.first().map(|j| j.started_at.clone());
-                    }
-                    writer.after_commit(move || {
-                        if let Some(job) = jobs.into_iter().next() {
-                            runner.launch(lane, job, permit);
+    let inserted = match permit {
+        // Without a slot the insert is the only write, and shares its
+        // statement with the other submissions arriving meanwhile.
+        None => {
+            let queued = Queued {
+                id,
+                process_id,
+                submission,
+                idempotency,
+                created_at,
+            };
+            state
+                .db
+                .writer
+                .write_merged(&state.db.queued, queued)
+                .await
+                .map(|inserted| (inserted, None))
+        }
+        Some(permit) => {
+            launcher.prepare_ahead(&fresh.execution_id, Run::of(&submission));
+            let runner = state.runner.clone();
+            let writer = state.db.writer.clone();
+            let ours = fresh.execution_id.clone();
+            state
+                .db
+                .writer
+                .write(move |c| {
+                    Box::pin(async move {
+                        let now = db::now();
+                        let claim_as = executions::ClaimAs {
+                            owner: runner.owner(),
+                            now: &now,
+                        };
+                        let mut inserted = executions::insert(
+                            c,
+                            &id,
+                            &process_id,
+                            &submission,
+                            idempotency.as_ref(),
+                            &created_at,
+                            Some(claim_as),
+                        )
+                        .await?;
+                        let mut started = None;
+                        if let Inserted::New(claimed) = &mut inserted {
+                            // Stored claimed (its lane had no queued row), or else the
+                            // lane's oldest queued row is claimed.
+                            let jobs = match claimed.take() {
+                                Some(job) => vec![*job],
+                                None => executions::claim(c, lane, 1, runner.owner(), &now).await?,
+                            };
+                            let launcher = runner.launcher();
+                            launcher.prelaunch(&jobs, &writer);
+                            // The claim takes the lane's oldest queued row: when that
+                            // was not this one, this one waits for the claim loop.
+                            let mine = jobs.first().is_some_and(|j| j.id == ours);
+                            if !mine {
+                                launcher.forget(&ours);
+                            }
+                            if mine {
+                                started = jobs.first().map(|j| j.started_at.clone());
+                            }
+                            writer.after_commit(move || {
+                                if let Some(job) = jobs.into_iter().next() {
+                                    runner.launch(lane, job, permit);
+                                }
+                                if !mine {
+                                    runner.wake(lane);
+                                }
+                            });
                         }
-                        if !mine {
-                            runner.wake(lane);
-                        }
-                    });
-                }
-                Ok((inserted, started))
-            })
-        })
-        .await;
+                        Ok((inserted, started))
+                    })
+                })
+                .await
+        }
+    };
     if claiming && !matches!(inserted, Ok((Inserted::New(_), _))) {
         // Not stored, or a replay of another execution: this id never runs.
         launcher.abandon(&fresh.execution_id);

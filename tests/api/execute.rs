@@ -613,3 +613,128 @@ async fn info_shows_the_limits_as_configured() {
     );
     app.stop().await;
 }
+
+/// Sends `n` async submissions at once, as many clients would; each is
+/// `body(i)`, with `Idempotency-Key` `key(i)` if any. Gives each one's
+/// status and answer, in order.
+async fn burst(
+    app: &TestApp,
+    n: usize,
+    body: impl Fn(usize) -> Value,
+    key: impl Fn(usize) -> Option<&'static str>,
+) -> Vec<(u16, Value)> {
+    let sends = (0..n).map(|i| {
+        let mut request = app
+            .client
+            .post(app.path("/execute/async"))
+            .bearer_auth(TOKEN)
+            .json(&body(i));
+        if let Some(key) = key(i) {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    });
+    futures::future::join_all(sends).await
+}
+
+/// Submissions that find no free slot share their insert with the others
+/// arriving meanwhile: each still gets a row of its own, and a key sent
+/// many times in the same burst makes one execution, which every repeat
+/// of the same request is answered with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_queued_submissions_stores_each_once_and_one_execution_per_key() {
+    let app = spawn_app_with(|c| c.async_concurrency = 0).await;
+    let body = |i: usize| {
+        let code = if i % 4 == 0 {
+            "echo same".to_string()
+        } else {
+            format!("echo {i}")
+        };
+        json!({ "code": code, "language": "bash", "callback_url": "http://127.0.0.1:9/hook" })
+    };
+    let key = |i: usize| (i % 4 == 0).then_some("same-key");
+    let answers = burst(&app, 200, body, key).await;
+    let mut fresh = std::collections::HashSet::new();
+    let mut keyed = std::collections::HashSet::new();
+    for (i, (status, out)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "submission {i}: {out}");
+        assert_eq!(out["status"], "queued", "submission {i}: {out}");
+        let id = out["execution_id"].as_str().unwrap().to_string();
+        match key(i) {
+            Some(_) => keyed.insert(id),
+            None => fresh.insert(id),
+        };
+    }
+    assert_eq!(
+        fresh.len(),
+        150,
+        "each unkeyed submission its own execution"
+    );
+    assert_eq!(keyed.len(), 1, "one execution for the key: {keyed:?}");
+    let stored = sqlite3(
+        &app.db_path(),
+        "SELECT count(*), count(DISTINCT code), sum(idempotency_key IS NOT NULL) FROM executions WHERE status = 'queued'",
+    );
+    assert_eq!(stored.trim(), "151|151|1");
+    let keyed = keyed.into_iter().next().unwrap();
+    let (status, out) = app.get_json(&format!("/execute/processes/{keyed}")).await;
+    assert_eq!(
+        (status, out["status"].as_str()),
+        (200, Some("queued")),
+        "{out}"
+    );
+    app.stop().await;
+}
+
+/// A submission the database refuses (here an operator's trigger) fails
+/// alone, with the error body and nothing stored, while those that shared
+/// its insert are stored and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submission_the_database_refuses_fails_alone_among_those_stored_with_it() {
+    let app = spawn_app_with(|c| c.async_concurrency = 0).await;
+    sqlite3(
+        &app.db_path(),
+        "CREATE TRIGGER refuse BEFORE INSERT ON executions WHEN NEW.name = 'refused' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the operator'); END;",
+    );
+    let body = |i: usize| {
+        let name = if i % 25 == 7 {
+            "refused".to_string()
+        } else {
+            format!("job-{i}")
+        };
+        json!({ "code": "true", "language": "bash", "name": name, "callback_url": "http://127.0.0.1:9/hook" })
+    };
+    let answers = burst(&app, 100, body, |_| None).await;
+    for (i, (status, out)) in answers.iter().enumerate() {
+        if i % 25 == 7 {
+            assert_eq!(*status, 503, "submission {i}: {out}");
+            assert_eq!(out["code"], "DATABASE_UNAVAILABLE", "{out}");
+        } else {
+            assert_eq!(*status, 200, "submission {i}: {out}");
+        }
+    }
+    let stored = sqlite3(
+        &app.db_path(),
+        "SELECT count(*), count(DISTINCT name), sum(name = 'refused') FROM executions",
+    );
+    assert_eq!(stored.trim(), "96|96|0");
+    // The agent goes on storing once the operator drops the trigger.
+    sqlite3(&app.db_path(), "DROP TRIGGER refuse");
+    let answers = burst(
+        &app,
+        4,
+        |_| json!({ "code": "true", "language": "bash", "name": "refused", "callback_url": "http://127.0.0.1:9/hook" }),
+        |_| None,
+    )
+    .await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    app.stop().await;
+}

@@ -385,3 +385,73 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
         "the WAL grew to {largest} bytes under 48 MiB of writes"
     );
 }
+
+/// How many items each call of `put_many` was given.
+static CALLS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// A merged write's statements: one insert for all the keys it is given.
+fn put_many<'c>(
+    c: &'c mut sqlx::SqliteConnection,
+    keys: Vec<&'static str>,
+) -> futures::future::BoxFuture<'c, Vec<Result<usize, sqlx::Error>>> {
+    Box::pin(async move {
+        CALLS.lock().unwrap().push(keys.len());
+        let mut insert = sqlx::QueryBuilder::new("INSERT INTO scratch (k) ");
+        insert.push_values(&keys, |mut row, k| {
+            row.push_bind(*k);
+        });
+        let result = insert.build().execute(&mut *c).await;
+        (0..keys.len())
+            .map(|i| match &result {
+                Ok(_) => Ok(i),
+                Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+            })
+            .collect()
+    })
+}
+
+#[tokio::test]
+async fn merged_writes_arriving_while_the_writer_is_busy_share_one_call_and_each_hears_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    let merged = execd::db::Merged::new(put_many);
+    const KEYS: [&str; 5] = ["m1", "m2", "m3", "m4", "m5"];
+    let (first, answers) = tokio::join!(
+        put(&db, "first", false, Duration::from_millis(200)),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            futures::future::join_all(KEYS.map(|k| db.writer.write_merged(&merged, k))).await
+        },
+    );
+    assert!(first);
+    let answers: Vec<usize> = answers.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        answers,
+        [0, 1, 2, 3, 4],
+        "each caller hears its own item's outcome"
+    );
+    assert_eq!(*CALLS.lock().unwrap(), [5], "one call for the five");
+    assert_eq!(stored(&db).await, ["first", "m1", "m2", "m3", "m4", "m5"]);
+}
+
+#[tokio::test]
+async fn a_merged_write_after_the_writer_stopped_is_answered_not_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let (db, writer) = Db::open(&dir.path().join("execd.db"), stop.clone())
+        .await
+        .unwrap();
+    stop.cancel();
+    writer.await.unwrap();
+    let merged = execd::db::Merged::new(put_many);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        db.writer.write_merged(&merged, "late"),
+    )
+    .await
+    .expect("answered, not left waiting");
+    assert!(
+        matches!(answer, Err(execd::db::WriteError::NotDone)),
+        "{answer:?}"
+    );
+}
