@@ -116,6 +116,9 @@ struct Hooks {
     commit: Vec<Hook>,
     /// Run after the sync, before the callers are answered.
     sync: Vec<Hook>,
+    /// Writes done by the batch's merged jobs beyond one each (for the
+    /// writes-per-commit metric, which counts every caller's write).
+    merged: usize,
 }
 
 /// A committed batch, for the sync thread: its hooks, then its callers.
@@ -337,7 +340,7 @@ impl Writer {
         };
         if first {
             let take = MergedTake(Some(merged.inner.clone()));
-            let job = merged_job(merged.inner.run, take);
+            let job = merged_job(merged.inner.run, take, self.hooks.clone());
             match self.jobs.try_send(job) {
                 Ok(()) => {}
                 // Queued by a task of its own, so that this caller giving up
@@ -356,7 +359,11 @@ impl Writer {
 
 /// The write job of `Writer::write_merged`: takes the items waiting as it
 /// runs, and answers each with its outcome after the sync.
-fn merged_job<I, O>(statements: MergedFn<I, O>, mut take: MergedTake<I, O>) -> Job
+fn merged_job<I, O>(
+    statements: MergedFn<I, O>,
+    mut take: MergedTake<I, O>,
+    hooks: Arc<Mutex<Hooks>>,
+) -> Job
 where
     I: Send + 'static,
     O: Send + 'static,
@@ -367,6 +374,7 @@ where
                 return (true, Box::new(|_| {}) as Reply);
             };
             let (items, senders): (Vec<I>, Vec<_>) = waiting.into_iter().unzip();
+            hooks.lock().unwrap().merged += items.len().saturating_sub(1);
             let outcomes = statements(conn, items).await;
             let reply: Reply = Box::new(move |commit| {
                 for (sender, outcome) in senders.into_iter().zip(outcomes) {
@@ -543,7 +551,7 @@ async fn commit_batch(
         }
     };
     let metrics = crate::metrics::get();
-    metrics.db_batch_size.observe(size as f64);
+    metrics.db_batch_size.observe((size + asked.merged) as f64);
     metrics
         .db_commit_seconds
         .observe(started.elapsed().as_secs_f64());

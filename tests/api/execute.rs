@@ -642,9 +642,9 @@ async fn burst(
 }
 
 /// Submissions that find no free slot share their insert with the others
-/// arriving meanwhile: each still gets a row of its own, and a key sent
-/// many times in the same burst makes one execution, which every repeat
-/// of the same request is answered with.
+/// arriving meanwhile: each still gets a row of its own and counts as a
+/// write in the metrics, and a key sent many times in the same burst makes
+/// one execution, which every repeat of the same request is answered with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_queued_submissions_stores_each_once_and_one_execution_per_key() {
     let app = spawn_app_with(|c| c.async_concurrency = 0).await;
@@ -657,7 +657,26 @@ async fn a_burst_of_queued_submissions_stores_each_once_and_one_execution_per_ke
         json!({ "code": code, "language": "bash", "callback_url": "http://127.0.0.1:9/hook" })
     };
     let key = |i: usize| (i % 4 == 0).then_some("same-key");
+    let writes = || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("execd_db_write_batch_size_sum ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    let before = writes().await;
+    // An operator's `sqlite3` holds the write lock meanwhile, so that the
+    // whole burst waits for one write.
+    let mut lock = hold_write_lock(&app.db_path(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let answers = burst(&app, 200, body, key).await;
+    assert!(lock.wait().unwrap().success());
+    // Each submission counts as a write, merged or not.
+    let written = writes().await - before;
+    assert!(written >= 200.0, "writes counted: {written}");
     let mut fresh = std::collections::HashSet::new();
     let mut keyed = std::collections::HashSet::new();
     for (i, (status, out)) in answers.iter().enumerate() {
