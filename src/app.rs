@@ -60,6 +60,14 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let started = Instant::now();
     config.validate()?;
+    // Polled once now, so that a signal's handlers are in place from here
+    // on: a stop asked for while the database waits for an operator's lock
+    // ends that wait cleanly (it killed the agent outright before).
+    let mut shutdown = Box::pin(shutdown);
+    if futures::poll!(shutdown.as_mut()).is_ready() {
+        tracing::info!("stopped before starting");
+        return Ok(());
+    }
     if let Some((from, to)) = crate::runner::raise_open_files().filter(|(from, to)| from < to) {
         tracing::info!(from, to, "open-file limit raised (programs keep the first)");
     }
@@ -149,7 +157,17 @@ pub async fn serve(
         runs_dir.release();
         return Err(e);
     }
-    let (db, writer_task) = match Db::open(&config.db_path(), stop_writer.clone()).await {
+    let db_path = config.db_path();
+    let opened = tokio::select! {
+        opened = Db::open(&db_path, stop_writer.clone()) => opened,
+        () = shutdown.as_mut() => {
+            tracing::info!("stopped while waiting for the database; nothing was started");
+            supervisors.abort();
+            runs_dir.release();
+            return Ok(());
+        }
+    };
+    let (db, writer_task) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             runs_dir.release();

@@ -107,8 +107,8 @@ impl Db {
     /// and starts the writer task, which stops when `shutdown` is cancelled and
     /// every queued write is done. While another process (an operator's
     /// `sqlite3`) holds the database's lock, it waits, saying so every busy
-    /// timeout: a restart must not fail for a lock held a while. (A signal
-    /// stops the wait: the agent's handlers are not installed yet.)
+    /// timeout: a restart must not fail for a lock held a while. (Dropping
+    /// the future ends the wait: the agent does so when asked to stop.)
     pub async fn open(
         path: &Path,
         shutdown: CancellationToken,

@@ -281,3 +281,67 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_an_agent_
         .await
         .unwrap();
 }
+
+/// SIGTERM while the database waits for an operator's lock stops the agent
+/// cleanly: it exits 0 at once, not when the lock goes, its zygote and warm
+/// interpreter go with it, and it leaves no runs directory in memory.
+#[tokio::test]
+async fn sigterm_while_the_database_waits_for_a_lock_stops_the_agent_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let mut lock = hold_write_lock(&data.path().join("execd.db"), 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mark = ulid::Ulid::new().to_string();
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("WARM_START_MARK", &mark)
+        .env_remove("EXECD_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marked = || processes_with("environ", &format!("WARM_START_MARK={mark}"));
+    let warm = || {
+        let interpreters = processes_naming("execd's warm Python");
+        marked().iter().any(|pid| interpreters.contains(pid))
+    };
+    // Waiting for the lock by then: the interpreter starts meanwhile.
+    let waiting = eventually(Duration::from_secs(4), warm).await;
+    let runs = std::fs::read_link(data.path().join("runs"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut exited = None;
+    for _ in 0..60 {
+        exited = agent.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lock_held = lock.try_wait().unwrap().is_none();
+    if exited.is_none() {
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+    }
+    let runs_left = runs.as_ref().is_ok_and(|dir| dir.exists());
+    if let Ok(dir) = &runs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert!(waiting, "the agent was not waiting for the database");
+    let exited = exited.expect("the agent still ran 3 s after SIGTERM");
+    assert!(lock_held, "the lock went before the agent stopped");
+    assert_eq!(exited.code(), Some(0), "{exited:?}");
+    assert!(runs.is_ok(), "no runs link was made");
+    assert!(!runs_left, "its runs directory was left: {runs:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || marked().is_empty()).await,
+        "left running: {:?}",
+        marked()
+    );
+    tokio::task::spawn_blocking(move || lock.wait().unwrap())
+        .await
+        .unwrap();
+}
