@@ -237,49 +237,85 @@ async fn an_agent_that_runs_no_python_keeps_no_interpreter_waiting() {
     warm.stop().await;
 }
 
+/// An agent started while an operator's `sqlite3` holds the database's
+/// lock (for `secs` seconds), its processes marked in their environment.
+struct LockedStart {
+    data: tempfile::TempDir,
+    lock: std::process::Child,
+    agent: std::process::Child,
+    mark: String,
+}
+
+impl LockedStart {
+    async fn new(secs: u32) -> LockedStart {
+        let data = tempfile::tempdir().unwrap();
+        let lock = hold_write_lock(&data.path().join("execd.db"), secs);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mark = ulid::Ulid::new().to_string();
+        let agent = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .env("WARM_START_MARK", &mark)
+            .env_remove("EXECD_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        LockedStart {
+            data,
+            lock,
+            agent,
+            mark,
+        }
+    }
+
+    /// Processes started with the mark in their environment, as the agent was.
+    fn marked(&self) -> Vec<u32> {
+        processes_with("environ", &format!("WARM_START_MARK={}", self.mark))
+    }
+
+    /// Whether the agent's warm interpreter runs.
+    fn warm(&self) -> bool {
+        let interpreters = processes_naming("execd's warm Python");
+        self.marked().iter().any(|pid| interpreters.contains(pid))
+    }
+
+    fn lock_held(&mut self) -> bool {
+        self.lock.try_wait().unwrap().is_none()
+    }
+
+    /// Once the agent is gone: nothing marked may be left running.
+    async fn nothing_left(self) {
+        assert!(
+            eventually(Duration::from_secs(5), || self.marked().is_empty()).await,
+            "left running: {:?}",
+            self.marked()
+        );
+        let mut lock = self.lock;
+        tokio::task::spawn_blocking(move || lock.wait().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
 /// The interpreter is started ahead while the database opens (here it
 /// waits for an operator's lock), not once it is open: a first job sent as
 /// soon as the agent answers finds it nearer ready. It goes with an agent
 /// killed in that wait, as with one killed later.
 #[tokio::test]
 async fn the_interpreter_starts_while_the_database_opens_and_goes_with_an_agent_killed_meanwhile() {
-    let data = tempfile::tempdir().unwrap();
-    let mut lock = hold_write_lock(&data.path().join("execd.db"), 6);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mark = ulid::Ulid::new().to_string();
-    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data.path())
-        .env("WARM_START_MARK", &mark)
-        .env_remove("EXECD_TOKEN")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Started with the mark in their environment, as the agent was.
-    let marked = || processes_with("environ", &format!("WARM_START_MARK={mark}"));
-    let warm = || {
-        let interpreters = processes_naming("execd's warm Python");
-        marked().iter().any(|pid| interpreters.contains(pid))
-    };
-    let started_ahead = eventually(Duration::from_secs(4), warm).await;
-    let lock_held = lock.try_wait().unwrap().is_none();
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    let mut start = LockedStart::new(6).await;
+    let started_ahead = eventually(Duration::from_secs(4), || start.warm()).await;
+    let lock_held = start.lock_held();
+    start.agent.kill().unwrap();
+    start.agent.wait().unwrap();
     // Its runs directory in memory, which the next start here would sweep.
-    if let Ok(runs) = std::fs::read_link(data.path().join("runs")) {
+    if let Ok(runs) = std::fs::read_link(start.data.path().join("runs")) {
         let _ = std::fs::remove_dir_all(runs);
     }
     assert!(started_ahead, "no interpreter while the database waited");
     assert!(lock_held, "the lock was let go before the interpreter ran");
-    assert!(
-        eventually(Duration::from_secs(5), || marked().is_empty()).await,
-        "left running: {:?}",
-        marked()
-    );
-    tokio::task::spawn_blocking(move || lock.wait().unwrap())
-        .await
-        .unwrap();
+    start.nothing_left().await;
 }
 
 /// SIGTERM while the database waits for an operator's lock stops the agent
@@ -287,44 +323,27 @@ async fn the_interpreter_starts_while_the_database_opens_and_goes_with_an_agent_
 /// interpreter go with it, and it leaves no runs directory in memory.
 #[tokio::test]
 async fn sigterm_while_the_database_waits_for_a_lock_stops_the_agent_cleanly() {
-    let data = tempfile::tempdir().unwrap();
-    let mut lock = hold_write_lock(&data.path().join("execd.db"), 8);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mark = ulid::Ulid::new().to_string();
-    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data.path())
-        .env("WARM_START_MARK", &mark)
-        .env_remove("EXECD_TOKEN")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let marked = || processes_with("environ", &format!("WARM_START_MARK={mark}"));
-    let warm = || {
-        let interpreters = processes_naming("execd's warm Python");
-        marked().iter().any(|pid| interpreters.contains(pid))
-    };
+    let mut start = LockedStart::new(8).await;
     // Waiting for the lock by then: the interpreter starts meanwhile.
-    let waiting = eventually(Duration::from_secs(4), warm).await;
-    let runs = std::fs::read_link(data.path().join("runs"));
+    let waiting = eventually(Duration::from_secs(4), || start.warm()).await;
+    let runs = std::fs::read_link(start.data.path().join("runs"));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::unistd::Pid::from_raw(start.agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
     let mut exited = None;
     for _ in 0..60 {
-        exited = agent.try_wait().unwrap();
+        exited = start.agent.try_wait().unwrap();
         if exited.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lock_held = lock.try_wait().unwrap().is_none();
+    let lock_held = start.lock_held();
     if exited.is_none() {
-        agent.kill().unwrap();
-        agent.wait().unwrap();
+        start.agent.kill().unwrap();
+        start.agent.wait().unwrap();
     }
     let runs_left = runs.as_ref().is_ok_and(|dir| dir.exists());
     if let Ok(dir) = &runs {
@@ -336,12 +355,5 @@ async fn sigterm_while_the_database_waits_for_a_lock_stops_the_agent_cleanly() {
     assert_eq!(exited.code(), Some(0), "{exited:?}");
     assert!(runs.is_ok(), "no runs link was made");
     assert!(!runs_left, "its runs directory was left: {runs:?}");
-    assert!(
-        eventually(Duration::from_secs(5), || marked().is_empty()).await,
-        "left running: {:?}",
-        marked()
-    );
-    tokio::task::spawn_blocking(move || lock.wait().unwrap())
-        .await
-        .unwrap();
+    start.nothing_left().await;
 }
