@@ -6,7 +6,9 @@ past the cap; a file on tmpfs (/dev/shm) and one on the data disk (/tmp).
 
     python3 bench/pipe_floor.py [ROUNDS]
 
-Each line is one round, in ms from the fork to the child reaped. The
+It first says how large a pipe may be made here (`pipe-max-size`, and
+whether asking for twice that is refused). Each line after is one round,
+in ms from the fork to the child reaped. The
 program is scenario 4's: 3,200 writes of 64 KiB. The difference between
 /dev/null and the 1 MiB pipe is what any capture through a pipe costs
 (the copy into the pipe's pages), whoever reads it.
@@ -66,6 +68,21 @@ def to_file(path):
     return elapsed
 
 
+def larger_pipe():
+    """Whether a pipe twice `pipe-max-size` can be had, or why not."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(r, F_SETPIPE_SZ, 2 * most)
+        return "granted"
+    except OSError as e:
+        return f"refused ({os.strerror(e.errno)})"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+most = int(open("/proc/sys/fs/pipe-max-size").read())
+print(f"pipe-max-size {most} B; a pipe of {2 * most} B: {larger_pipe()}", flush=True)
 for _ in range(rounds):
     figures = {
         "/dev/null": to_fd(lambda: os.open("/dev/null", os.O_WRONLY)),

@@ -180,6 +180,15 @@ async fn inserted(
     })
 }
 
+/// Stores one row as queued (`insert_rows` for one), and says how.
+async fn insert_one(
+    conn: &mut SqliteConnection,
+    row: &Values<'_>,
+) -> Result<Inserted, sqlx::Error> {
+    let stored = insert_rows(conn, std::slice::from_ref(row)).await?;
+    inserted(conn, row, !stored.is_empty()).await
+}
+
 /// A submission to store as queued with others (`insert_queued`).
 pub struct Queued {
     pub id: ExecutionId,
@@ -192,8 +201,8 @@ pub struct Queued {
 /// Stores submissions as queued, one statement for up to
 /// `ROWS_PER_STATEMENT` of them, and says how each was stored, in order:
 /// for many submissions arriving at once, where each statement is a round
-/// trip to SQLite's thread. A statement that fails is undone by SQLite; its rows are then
-/// tried one by one, so a row fails alone.
+/// trip to SQLite's thread. A statement that fails is undone by SQLite;
+/// its rows are then tried one by one, so a row fails alone.
 pub fn insert_queued(
     conn: &mut SqliteConnection,
     queued: Vec<Queued>,
@@ -227,11 +236,7 @@ pub fn insert_queued(
                 Err(e) if size == 1 => outcomes.push(Err(e)),
                 Err(_) => {
                     for row in chunk {
-                        let outcome = match insert_rows(conn, std::slice::from_ref(row)).await {
-                            Ok(stored) => inserted(conn, row, !stored.is_empty()).await,
-                            Err(e) => Err(e),
-                        };
-                        outcomes.push(outcome);
+                        outcomes.push(insert_one(conn, row).await);
                     }
                 }
             }
@@ -262,8 +267,7 @@ pub async fn insert(
 ) -> Result<Inserted, sqlx::Error> {
     let v = Values::of(id, process_id, submission, idempotency, created_at);
     let Some(ClaimAs { owner, now }) = claim_as else {
-        let stored = insert_rows(conn, std::slice::from_ref(&v)).await?;
-        return inserted(conn, &v, !stored.is_empty()).await;
+        return insert_one(conn, &v).await;
     };
     // A VALUES insert, not `INSERT … SELECT`: one that reads the table
     // it writes has SQLite copy what it selects into a temporary table.

@@ -235,12 +235,7 @@ impl Writer {
                 let result = f(conn).await;
                 let ok = result.is_ok();
                 let reply: Reply = Box::new(move |commit| {
-                    let outcome = match (result, commit) {
-                        (Ok(value), Ok(())) => Ok(value),
-                        (Err(e), _) => Err(WriteError::from(e)),
-                        (Ok(_), Err(e)) => Err(e),
-                    };
-                    let _ = reply_tx.send(outcome);
+                    let _ = reply_tx.send(settle(result, &commit));
                 });
                 (ok, reply)
             })
@@ -252,6 +247,19 @@ impl Writer {
         };
         self.jobs.send(job).await.map_err(|_| WriteError::NotDone)?;
         reply_rx.await.map_err(|_| WriteError::NotDone)?
+    }
+}
+
+/// What a caller hears: its statements' result, unless the batch's commit
+/// failed.
+fn settle<T>(
+    result: Result<T, sqlx::Error>,
+    commit: &Result<(), WriteError>,
+) -> Result<T, WriteError> {
+    match (result, commit) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Err(e), _) => Err(WriteError::from(e)),
+        (Ok(_), Err(e)) => Err(e.clone()),
     }
 }
 
@@ -339,8 +347,7 @@ impl Writer {
             waiting.len() == 1
         };
         if first {
-            let take = MergedTake(Some(merged.inner.clone()));
-            let job = merged_job(merged.inner.run, take, self.hooks.clone());
+            let job = merged_job(MergedTake(Some(merged.inner.clone())), self.hooks.clone());
             match self.jobs.try_send(job) {
                 Ok(()) => {}
                 // Queued by a task of its own, so that this caller giving up
@@ -359,31 +366,21 @@ impl Writer {
 
 /// The write job of `Writer::write_merged`: takes the items waiting as it
 /// runs, and answers each with its outcome after the sync.
-fn merged_job<I, O>(
-    statements: MergedFn<I, O>,
-    mut take: MergedTake<I, O>,
-    hooks: Arc<Mutex<Hooks>>,
-) -> Job
+fn merged_job<I, O>(mut take: MergedTake<I, O>, hooks: Arc<Mutex<Hooks>>) -> Job
 where
     I: Send + 'static,
     O: Send + 'static,
 {
+    let statements = take.0.as_ref().expect("taken only when run").run;
     let run: Run = Box::new(move |conn| {
         Box::pin(async move {
-            let Some(waiting) = take.take() else {
-                return (true, Box::new(|_| {}) as Reply);
-            };
+            let waiting = take.take().expect("a job runs once");
             let (items, senders): (Vec<I>, Vec<_>) = waiting.into_iter().unzip();
             hooks.lock().unwrap().merged += items.len().saturating_sub(1);
             let outcomes = statements(conn, items).await;
             let reply: Reply = Box::new(move |commit| {
                 for (sender, outcome) in senders.into_iter().zip(outcomes) {
-                    let outcome = match (outcome, &commit) {
-                        (Ok(value), Ok(())) => Ok(value),
-                        (Err(e), _) => Err(WriteError::from(e)),
-                        (Ok(_), Err(e)) => Err(e.clone()),
-                    };
-                    let _ = sender.send(outcome);
+                    let _ = sender.send(settle(outcome, &commit));
                 }
             });
             // Each item that failed left nothing: nothing to roll back.
