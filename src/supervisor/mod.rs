@@ -378,8 +378,7 @@ fn descendants(root: u32) -> Vec<u32> {
                 continue;
             };
             for child in list.split_whitespace().filter_map(|c| c.parse().ok()) {
-                // The warm interpreter (and the fork it is making) is no job's.
-                if child != warm::server_pid() && !found.contains(&child) {
+                if !warm::not_a_job(child) && !found.contains(&child) {
                     found.push(child);
                     next.push(child);
                 }

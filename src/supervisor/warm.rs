@@ -12,6 +12,12 @@
 //! subreaper), so waiting, timeouts, kills and the run directory are the
 //! cold program's. What differs is what the one start-up shares: the hash
 //! seed, and the modules the interpreter and this server had imported.
+//!
+//! The copy is forked ahead, before its job comes (a spare, forked again
+//! each time one takes a job), so a job's start waits for no fork: two
+//! forks of an interpreter, 1–3 ms on the project's machine. The spare is
+//! this supervisor's child while it waits, and no part of any job: its
+//! forking parent says its pid on the socket first (`not_a_job`).
 
 use std::ffi::{CString, OsString};
 use std::io::{IoSlice, Read};
@@ -19,7 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use nix::libc;
 use nix::sys::socket::{
@@ -37,12 +43,47 @@ const SERVER: &str = include_str!("warm_python.py");
 /// more starts cold.
 const MAX_MESSAGE: usize = 64 << 10;
 
-/// The pid of this supervisor's warm interpreter, if it has one: it is no
-/// part of any job (`descendants` passes it by).
+/// The pid of this supervisor's warm interpreter, if it has one.
 static SERVER_PID: AtomicU32 = AtomicU32::new(0);
 
-pub(super) fn server_pid() -> u32 {
-    SERVER_PID.load(Ordering::Relaxed)
+/// The supervisor's end of its warm interpreter's socket (-1: none), on
+/// which the spares' pids come.
+static SERVER_SOCKET: AtomicI32 = AtomicI32::new(-1);
+
+/// The spare waiting for the next job, once its pid came (0: none known).
+static SPARE_PID: AtomicU32 = AtomicU32::new(0);
+
+/// The last spare that took a job: its pid may still come after the job
+/// was sent, from a spare that was still being forked.
+static TAKEN_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether `pid`, a child of this supervisor, is no part of any job: its
+/// warm interpreter (and, below it, the spare it is forking), or the spare
+/// waiting for the next job (`descendants` passes them by).
+pub(super) fn not_a_job(pid: u32) -> bool {
+    if pid == SERVER_PID.load(Ordering::Relaxed) {
+        return true;
+    }
+    heard_of_spares();
+    pid == SPARE_PID.load(Ordering::Relaxed)
+}
+
+/// Reads the spares' pids that came since the last look; the latest is the
+/// one waiting (each came before its spare was this supervisor's child).
+fn heard_of_spares() {
+    let socket = SERVER_SOCKET.load(Ordering::Relaxed);
+    if socket < 0 {
+        return;
+    }
+    let mut said = [0u8; 16];
+    while let Ok(n @ 1..) = nix::sys::socket::recv(socket, &mut said, MsgFlags::MSG_DONTWAIT) {
+        let spare = std::str::from_utf8(&said[..n])
+            .ok()
+            .and_then(|p| p.parse().ok());
+        if let Some(spare) = spare.filter(|&p| p != TAKEN_PID.load(Ordering::Relaxed)) {
+            SPARE_PID.store(spare, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A supervisor's warm interpreter.
@@ -173,6 +214,8 @@ impl Warm {
         let child = command.spawn()?;
         drop(theirs);
         SERVER_PID.store(child.id(), Ordering::Relaxed);
+        SERVER_SOCKET.store(ours.as_raw_fd(), Ordering::Relaxed);
+        SPARE_PID.store(0, Ordering::Relaxed);
         Ok(Warm {
             pid: child.id(),
             jobs: ours,
@@ -236,6 +279,8 @@ impl Warm {
             gated.gate,
             started_w.as_raw_fd(),
         ];
+        // The spare's pid, if it came, read before this job goes to it.
+        heard_of_spares();
         sendmsg::<()>(
             self.jobs.as_raw_fd(),
             &[IoSlice::new(&message)],
@@ -244,6 +289,8 @@ impl Warm {
             None,
         )
         .map_err(|_| None)?;
+        // The spare takes it: no longer spared by `not_a_job`.
+        SPARE_PID.store(0, Ordering::Relaxed);
         drop((null, out_w, err_w, started_w));
         // As the cold start blocks in its `clone` until the `exec`: the
         // fork's word once past its gate, or why it did not get there.
@@ -254,11 +301,14 @@ impl Warm {
         let error = |errno: i32| Err(Some(std::io::Error::from_raw_os_error(errno)));
         match said.split_first() {
             Some((b'r', pid)) => match std::str::from_utf8(pid).ok().and_then(|p| p.parse().ok()) {
-                Some(pid) => Ok(Program {
-                    pid,
-                    stdout: out_r,
-                    stderr: err_r,
-                }),
+                Some(pid) => {
+                    TAKEN_PID.store(pid, Ordering::Relaxed);
+                    Ok(Program {
+                        pid,
+                        stdout: out_r,
+                        stderr: err_r,
+                    })
+                }
                 None => error(libc::EPROTO),
             },
             Some((b'c', _)) => error(libc::ECANCELED),
@@ -279,14 +329,22 @@ impl Warm {
 
 impl Drop for Warm {
     fn drop(&mut self) {
-        // Its socket closes with us, and it exits; `reap` takes it.
+        // Its socket closes with us, and it and its spare exit; `reap`
+        // takes the spare.
         ended(self.pid);
+        let _ = SERVER_SOCKET.compare_exchange(
+            self.jobs.as_raw_fd(),
+            -1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 
-/// Forgets the warm interpreter `pid` once it has ended (reaped).
+/// Forgets the warm interpreter or spare `pid` once it has ended (reaped).
 pub(super) fn ended(pid: u32) {
     let _ = SERVER_PID.compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
+    let _ = SPARE_PID.compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
 }
 
 /// A spare supervisor's warm interpreter, started ahead of its first job,

@@ -1,23 +1,67 @@
 # execd's warm Python (see src/supervisor/warm.rs): an interpreter started
 # once per supervisor, that forks a started copy of itself for each job
-# instead of starting the interpreter again. The supervisor sends a job on
-# fd 3 (a SOCK_SEQPACKET socket): NUL-separated fields (its pid, the working
-# directory, the code's file, the pid report's prefix, then the job's
-# environment as NAME=value), and six descriptors (stdin, stdout, stderr,
-# the pid report, the gate, the start report). The copy that runs the job is
-# a grandchild: its parent exits at once, so the job comes to the
-# supervisor (a child subreaper) as the cold program would be, its child.
+# instead of starting the interpreter again. The copy is forked ahead, a
+# spare waiting for the next job, so that a job's start waits for no fork.
+# The spare is a grandchild: its parent exits at once, so it (and the job it
+# becomes) comes to the supervisor (a child subreaper) as the cold program
+# would be, its child; the parent first tells the supervisor its pid on fd 3
+# (a SOCK_SEQPACKET socket), since the spare is no part of any job. The
+# supervisor sends a job on fd 3, which the spare alone reads: NUL-separated
+# fields (its pid, the working directory, the code's file, the pid report's
+# prefix, then the job's environment as NAME=value), and six descriptors
+# (stdin, stdout, stderr, the pid report, the gate, the start report). The
+# spare says on a pipe of its own that it took one, and this server forks
+# the next.
 import os, sys, gc, _socket, ctypes
 
 
 def serve():
     libc = ctypes.CDLL(None, use_errno=True)
     jobs = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, 3)
+    supervisor = os.getppid()
     # What each fork would otherwise set up for itself, in pages of its own:
     # the compiler's first use, and a foreign call.
     compile(b"print(1)\n", "warm.py", "exec", dont_inherit=True)
     libc.prctl(2, ctypes.byref(ctypes.c_int()))  # PR_GET_PDEATHSIG
     gc.freeze()
+    while True:
+        taken, took = os.pipe()
+        if os.fork() == 0:
+            os.close(taken)
+            pid = os.fork()
+            if pid != 0:
+                try:
+                    jobs.send(b"%d" % pid)
+                except OSError:
+                    pass
+                os._exit(0)
+            spare(libc, jobs, supervisor, took)
+        os.close(took)
+        try:
+            os.wait()
+        except ChildProcessError:
+            pass
+        said = os.read(taken, 1)
+        os.close(taken)
+        # A spare that went without a job: the supervisor closed the socket
+        # (it has no more use for this server), or something killed it.
+        # Either way this server ends; the supervisor starts another if it
+        # needs one.
+        if not said:
+            os._exit(0)
+
+
+def spare(libc, jobs, supervisor, took):
+    """The copy forked ahead: the supervisor's child once its forking parent
+    is gone (a few microseconds), it waits for a job and becomes it."""
+    for _ in range(100000):
+        if os.getppid() == supervisor:
+            break
+        os.sched_yield()
+    # Killed with the supervisor, as the cold program is.
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != supervisor:
+        os._exit(127)
     while True:
         msg, ancillary, _, _ = jobs.recvmsg(1 << 20, _socket.CMSG_SPACE(6 * 4))
         if not msg:
@@ -27,29 +71,19 @@ def serve():
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 fds += [int.from_bytes(data[i:i + 4], sys.byteorder)
                         for i in range(0, len(data) - len(data) % 4, 4)]
-        if len(fds) == 6 and os.fork() == 0:
-            if os.fork() != 0:
-                os._exit(0)
-            jobs.close()
-            job(libc, msg.split(b"\0"), fds)
+        if len(fds) == 6:
+            break
         for fd in fds:
             os.close(fd)
-        try:
-            os.wait()
-        except ChildProcessError:
-            pass
+    os.write(took, b"t")
+    os.close(took)
+    jobs.close()
+    job(msg.split(b"\0"), fds)
 
 
-def job(libc, fields, fds):
+def job(fields, fds):
     supervisor, cwd, script, prefix, env = int(fields[0]), fields[1], fields[2], fields[3], fields[4:]
     null, out, err, report, gate, started = fds
-    # Ours once the forking parent is gone (a few microseconds).
-    for _ in range(100000):
-        if os.getppid() == supervisor:
-            break
-        os.sched_yield()
-    # Killed with the supervisor, as the cold program is.
-    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != supervisor:
         os._exit(127)
     os.dup2(null, 0)

@@ -165,13 +165,26 @@ async fn a_job_with_a_sitecustomize_on_its_path_starts_cold_and_runs_it() {
     warm.stop().await;
 }
 
-/// The warm interpreters of `app`'s supervisors (they name its runs dir).
+/// The warm interpreters of `app`'s supervisors (they name its runs dir),
+/// each the leader of its process group.
 fn interpreters(app: &TestApp) -> Vec<u32> {
+    warm_processes(app, true)
+}
+
+/// The copies of them forked ahead, waiting for a job in their
+/// interpreter's process group.
+fn spares(app: &TestApp) -> Vec<u32> {
+    warm_processes(app, false)
+}
+
+fn warm_processes(app: &TestApp, leaders: bool) -> Vec<u32> {
     let runs = std::fs::read_link(app.data_dir.path().join("runs")).unwrap();
     let supervisors = processes_under(&runs);
+    let group = |pid: u32| nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32)));
     processes_naming("execd's warm Python")
         .into_iter()
         .filter(|pid| parent_of(i64::from(*pid)).is_some_and(|p| supervisors.contains(&(p as u32))))
+        .filter(|&pid| group(pid).is_ok_and(|g| (g.as_raw() as u32 == pid) == leaders))
         .collect()
 }
 
@@ -207,6 +220,51 @@ async fn the_first_python_job_is_forked_from_an_interpreter_started_ahead() {
     assert_eq!(out["stdout"], "1\n", "{out}");
     assert_eq!(interpreters(&cold), Vec::<u32>::new());
     cold.stop().await;
+}
+
+/// A Python job runs in the copy of the interpreter forked ahead of it,
+/// which waited as a spare: its start waits for no fork. Once it is taken,
+/// the next spare is forked, and the job's end (which kills whatever the
+/// job left below the supervisor) leaves it be.
+#[tokio::test]
+async fn a_python_job_runs_in_the_copy_forked_ahead_and_the_next_is_forked_for_the_next_job() {
+    let warm = agent(true).await;
+    assert!(
+        eventually(Duration::from_secs(10), || spares(&warm).len() == 1).await,
+        "no spare forked ahead: {:?}",
+        spares(&warm)
+    );
+    let interpreter = interpreters(&warm);
+    let mut spare = spares(&warm);
+    for _ in 0..3 {
+        let out = run(&warm, "python", "import os\nprint(os.getpid())").await;
+        assert_eq!(out["stdout"], format!("{}\n", spare[0]), "{out}");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let next = spares(&warm);
+                next.len() == 1 && next != spare
+            })
+            .await,
+            "no next spare: {:?}",
+            spares(&warm)
+        );
+        spare = spares(&warm);
+        assert_eq!(interpreters(&warm), interpreter);
+    }
+    // A job that leaves a child behind: the child goes at the job's end,
+    // the spare stays, and runs the next job.
+    let code = "import subprocess\np = subprocess.Popen(['sleep', '30'], start_new_session=True)\nprint(p.pid)";
+    let out = run(&warm, "python", code).await;
+    let child: i64 = out["stdout"].as_str().unwrap().trim().parse().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(child)).await,
+        "the job's child outlived it"
+    );
+    let spare = spares(&warm);
+    assert_eq!(spare.len(), 1, "{spare:?}");
+    let out = run(&warm, "python", "import os\nprint(os.getpid())").await;
+    assert_eq!(out["stdout"], format!("{}\n", spare[0]), "{out}");
+    warm.stop().await;
 }
 
 /// The interpreter started ahead goes when the first job is not a Python
