@@ -196,17 +196,26 @@ async fn run(app: &TestApp, language: &str, code: &str) -> Value {
     out
 }
 
+/// A warm agent once its interpreter started ahead, and that one's spare
+/// copy, wait for a job.
+async fn warm_and_ready() -> TestApp {
+    let warm = agent(true).await;
+    let ready = || interpreters(&warm).len() == 1 && spares(&warm).len() == 1;
+    assert!(
+        eventually(Duration::from_secs(10), ready).await,
+        "not started ahead: interpreters {:?}, spares {:?}",
+        interpreters(&warm),
+        spares(&warm)
+    );
+    warm
+}
+
 /// An idle agent has one warm interpreter started ahead, before any job:
 /// its first Python jobs are forked from that one (they share its hash
 /// seed), not from one started for them.
 #[tokio::test]
 async fn the_first_python_job_is_forked_from_an_interpreter_started_ahead() {
-    let warm = agent(true).await;
-    assert!(
-        eventually(Duration::from_secs(10), || interpreters(&warm).len() == 1).await,
-        "no interpreter started ahead: {:?}",
-        interpreters(&warm)
-    );
+    let warm = warm_and_ready().await;
     let ahead = interpreters(&warm);
     let first = run(&warm, "python", "print(hash('x'))").await;
     let second = run(&warm, "python", "print(hash('x'))").await;
@@ -228,12 +237,7 @@ async fn the_first_python_job_is_forked_from_an_interpreter_started_ahead() {
 /// job left below the supervisor) leaves it be.
 #[tokio::test]
 async fn a_python_job_runs_in_the_copy_forked_ahead_and_the_next_is_forked_for_the_next_job() {
-    let warm = agent(true).await;
-    assert!(
-        eventually(Duration::from_secs(10), || spares(&warm).len() == 1).await,
-        "no spare forked ahead: {:?}",
-        spares(&warm)
-    );
+    let warm = warm_and_ready().await;
     let interpreter = interpreters(&warm);
     let mut spare = spares(&warm);
     for _ in 0..3 {
