@@ -239,8 +239,9 @@ impl Warm {
         SERVER_PID.load(Ordering::Relaxed) == self.pid
     }
 
-    /// Forks the program of `spec` on the code's `file` (environment
-    /// `envp`), as `spawn::spawn` starts it: stdin on /dev/null and its
+    /// Starts the program of `spec` on the code's `file` (environment
+    /// `envp`) in the spare copy (forked ahead; the next spare, if it was
+    /// still being forked), as `spawn::spawn` starts it: stdin on /dev/null and its
     /// output on two new pipes, in a process group of its own; it reports
     /// its pid and waits at the gate. `Err(None)`: the interpreter could not
     /// be asked (it is gone), and nothing ran.
