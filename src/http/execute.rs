@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::processes::whole_output;
 use super::{timestamp_now, ApiError, AppState, JsonBody};
@@ -181,87 +182,27 @@ pub(super) async fn submit(
     // from the moment it has a slot.
     let permit = state.runner.try_permit(lane);
     let claiming = permit.is_some();
-    let launcher = state.runner.launcher();
+    let queued = Queued {
+        id,
+        process_id,
+        submission,
+        idempotency,
+        created_at,
+    };
     let inserted = match permit {
         // Without a slot the insert is the only write, and shares its
         // statement with the other submissions arriving meanwhile.
-        None => {
-            let queued = Queued {
-                id,
-                process_id,
-                submission,
-                idempotency,
-                created_at,
-            };
-            state
-                .db
-                .writer
-                .write_merged(&state.db.queued, queued)
-                .await
-                .map(|inserted| (inserted, None))
-        }
-        Some(permit) => {
-            launcher.prepare_ahead(&fresh.execution_id, Run::of(&submission));
-            let runner = state.runner.clone();
-            let writer = state.db.writer.clone();
-            let ours = fresh.execution_id.clone();
-            state
-                .db
-                .writer
-                .write(move |c| {
-                    Box::pin(async move {
-                        let now = db::now();
-                        let claim_as = executions::ClaimAs {
-                            owner: runner.owner(),
-                            now: &now,
-                        };
-                        let mut inserted = executions::insert(
-                            c,
-                            &id,
-                            &process_id,
-                            &submission,
-                            idempotency.as_ref(),
-                            &created_at,
-                            Some(claim_as),
-                        )
-                        .await?;
-                        let mut started = None;
-                        if let Inserted::New(claimed) = &mut inserted {
-                            // Stored claimed (its lane had no queued row), or else the
-                            // lane's oldest queued row is claimed.
-                            let jobs = match claimed.take() {
-                                Some(job) => vec![*job],
-                                None => executions::claim(c, lane, 1, runner.owner(), &now).await?,
-                            };
-                            let launcher = runner.launcher();
-                            launcher.prelaunch(&jobs, &writer);
-                            // The claim takes the lane's oldest queued row: when that
-                            // was not this one, this one waits for the claim loop.
-                            let mine = jobs.first().is_some_and(|j| j.id == ours);
-                            if !mine {
-                                launcher.forget(&ours);
-                            }
-                            if mine {
-                                started = jobs.first().map(|j| j.started_at.clone());
-                            }
-                            writer.after_commit(move || {
-                                if let Some(job) = jobs.into_iter().next() {
-                                    runner.launch(lane, job, permit);
-                                }
-                                if !mine {
-                                    runner.wake(lane);
-                                }
-                            });
-                        }
-                        Ok((inserted, started))
-                    })
-                })
-                .await
-        }
+        None => state
+            .db
+            .writer
+            .write_merged(&state.db.queued, queued)
+            .await
+            .map(|inserted| (inserted, None)),
+        Some(permit) => store_claiming(state, queued, permit).await,
     };
     if claiming && !matches!(inserted, Ok((Inserted::New(_), _))) {
         // Not stored, or a replay of another execution: this id never runs.
-        launcher.abandon(&fresh.execution_id);
+        state.runner.launcher().abandon(&fresh.execution_id);
     }
     let (inserted, started_at) = inserted?;
     let id = match inserted {
@@ -301,6 +242,75 @@ pub(super) async fn submit(
         callback_url: row.callback_url,
         command: row.command,
     })
+}
+
+/// Stores `queued` with its lane's free slot: claimed in the insert's
+/// transaction (this one, or the lane's oldest queued row when one waits),
+/// its program started once that commits. Also returns when this one was
+/// claimed, if it was.
+async fn store_claiming(
+    state: &AppState,
+    queued: Queued,
+    permit: OwnedSemaphorePermit,
+) -> Result<(Inserted, Option<String>), db::WriteError> {
+    let ours = queued.id.to_string();
+    let lane = queued.submission.lane;
+    let runner = state.runner.clone();
+    runner
+        .launcher()
+        .prepare_ahead(&ours, Run::of(&queued.submission));
+    let writer = state.db.writer.clone();
+    state
+        .db
+        .writer
+        .write(move |c| {
+            Box::pin(async move {
+                let now = db::now();
+                let claim_as = executions::ClaimAs {
+                    owner: runner.owner(),
+                    now: &now,
+                };
+                let q = &queued;
+                let mut inserted = executions::insert(
+                    c,
+                    &q.id,
+                    &q.process_id,
+                    &q.submission,
+                    q.idempotency.as_ref(),
+                    &q.created_at,
+                    Some(claim_as),
+                )
+                .await?;
+                let Inserted::New(claimed) = &mut inserted else {
+                    return Ok((inserted, None));
+                };
+                // Stored claimed (its lane had no queued row), or else the
+                // lane's oldest queued row is claimed.
+                let jobs = match claimed.take() {
+                    Some(job) => vec![*job],
+                    None => executions::claim(c, lane, 1, runner.owner(), &now).await?,
+                };
+                let launcher = runner.launcher();
+                launcher.prelaunch(&jobs, &writer);
+                // The claim takes the lane's oldest queued row: when that
+                // was not this one, this one waits for the claim loop.
+                let mine = jobs.first().is_some_and(|j| j.id == ours);
+                if !mine {
+                    launcher.forget(&ours);
+                }
+                let started = jobs.first().filter(|_| mine).map(|j| j.started_at.clone());
+                writer.after_commit(move || {
+                    if let Some(job) = jobs.into_iter().next() {
+                        runner.launch(lane, job, permit);
+                    }
+                    if !mine {
+                        runner.wake(lane);
+                    }
+                });
+                Ok((inserted, started))
+            })
+        })
+        .await
 }
 
 /// Whether a sync run started within `--sync-start-within`.
